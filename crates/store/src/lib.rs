@@ -1,0 +1,123 @@
+//! The registry's storage: one [`Store`] trait and its SQLite implementation.
+//!
+//! Callers (the CA, the admin API, the listeners) see only the trait, so a PostgreSQL
+//! implementation can follow without touching them. Every state change appends an
+//! [`Event`] in the same transaction; the event table cannot be updated or deleted.
+//!
+//! The SQLite implementation runs in WAL mode with `synchronous = FULL` and funnels all
+//! writes through one writer thread that commits them in groups: a caller's write is
+//! acknowledged only after the transaction holding it is durable, and concurrent
+//! enrollments share one fsync instead of queueing for one each.
+//!
+//! This crate does not sign, verify or decide policy; it stores what it is told.
+
+mod model;
+mod sqlite;
+
+pub use model::{
+    Actor, CertificateRecord, Device, Event, EventFilter, Group, NewCertificate, NewDevice,
+    NewToken, RevokedEntry, TokenCheck,
+};
+pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+
+use async_trait::async_trait;
+use portcullis_core::{DeviceId, DeviceState, Serial, TokenHash};
+use time::OffsetDateTime;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The named thing does not exist.
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// What kind of record.
+        what: &'static str,
+        /// Its key.
+        id: String,
+    },
+    /// A record with that key already exists.
+    #[error("{what} {id} already exists")]
+    AlreadyExists {
+        /// What kind of record.
+        what: &'static str,
+        /// Its key.
+        id: String,
+    },
+    /// The enrollment token was refused; nothing was written.
+    #[error("enrollment token refused: {0}")]
+    Token(TokenCheck),
+    /// The requested state change is not allowed from the current state.
+    #[error("device {id} is {from}; cannot {action}")]
+    InvalidTransition {
+        /// The device.
+        id: DeviceId,
+        /// Its current state.
+        from: DeviceState,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// The database failed.
+    #[error("database error")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store was shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The registry's storage. Implementations must make each method atomic.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Registers a device (creating its group if needed) with its first enrollment token.
+    async fn create_device(&self, device: NewDevice, token: NewToken, actor: Actor) -> Result<Device>;
+
+    /// One device.
+    async fn device(&self, id: &DeviceId) -> Result<Option<Device>>;
+
+    /// All devices, ordered by id.
+    async fn devices(&self) -> Result<Vec<Device>>;
+
+    /// All groups with their device counts.
+    async fn groups(&self) -> Result<Vec<Group>>;
+
+    /// Adds another enrollment token for an existing, non-revoked device.
+    async fn add_token(&self, device: &DeviceId, token: NewToken, actor: Actor) -> Result<()>;
+
+    /// Checks a presented token without consuming it.
+    async fn check_token(&self, device: &DeviceId, hash: &TokenHash, now: OffsetDateTime) -> Result<TokenCheck>;
+
+    /// Atomically consumes the token and records the certificate issued with it.
+    /// Fails with [`Error::Token`] (and writes nothing) if the token is no longer usable.
+    async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<()>;
+
+    /// Records a certificate issued on re-enrollment by an authenticated device.
+    async fn record_certificate(&self, cert: NewCertificate, actor: Actor) -> Result<()>;
+
+    /// One certificate with the live state of its device.
+    async fn certificate(&self, serial: &Serial) -> Result<Option<(CertificateRecord, DeviceState)>>;
+
+    /// Certificates, newest first, optionally of one device.
+    async fn certificates(&self, device: Option<&DeviceId>) -> Result<Vec<CertificateRecord>>;
+
+    /// Moves a device to `to`. Revoking also revokes all of its valid certificates in the
+    /// same transaction. Returns the updated device.
+    async fn set_device_state(
+        &self,
+        id: &DeviceId,
+        to: DeviceState,
+        reason: Option<String>,
+        actor: Actor,
+    ) -> Result<Device>;
+
+    /// Revoked certificates that have not yet expired, for the CRL.
+    async fn revoked(&self, now: OffsetDateTime) -> Result<Vec<RevokedEntry>>;
+
+    /// Increments and returns the CRL number (RFC 5280 5.2.3: monotonically increasing).
+    async fn next_crl_number(&self) -> Result<u64>;
+
+    /// Events, oldest first.
+    async fn events(&self, filter: EventFilter) -> Result<Vec<Event>>;
+}

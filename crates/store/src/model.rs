@@ -1,0 +1,194 @@
+use std::fmt;
+
+use portcullis_core::{CertState, DeviceId, DeviceState, Fingerprint, GroupName, Serial, TokenHash};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// Who made a change, as recorded in the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// The operator, through the admin API or CLI.
+    Operator(String),
+    /// A device acting with its own credentials.
+    Device(DeviceId),
+    /// Portcullis itself.
+    System,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Operator(who) => write!(f, "operator:{who}"),
+            Self::Device(id) => write!(f, "device:{id}"),
+            Self::System => f.write_str("system"),
+        }
+    }
+}
+
+/// A device to register.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its group.
+    pub group: GroupName,
+}
+
+/// A one-time enrollment token to store (as its hash).
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// SHA-256 of the token.
+    pub hash: TokenHash,
+    /// When it stops working.
+    pub expires_at: OffsetDateTime,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Device {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its group.
+    pub group: GroupName,
+    /// Its live state.
+    pub state: DeviceState,
+    /// Why it is in that state, when the operator said.
+    pub state_reason: Option<String>,
+    /// When it was registered.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When its state last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Number of certificates ever issued to it.
+    pub certificates: u64,
+    /// `not_after` of its newest valid certificate, if any.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub cert_not_after: Option<OffsetDateTime>,
+}
+
+/// A group and how many devices it holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    /// Its name.
+    pub name: GroupName,
+    /// Its device count.
+    pub devices: u64,
+}
+
+/// The outcome of checking a presented enrollment token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenCheck {
+    /// The token belongs to this device and may be used.
+    Valid,
+    /// No token of this device has that hash (wrong token, or another device's).
+    Unknown,
+    /// The token was already used.
+    Used,
+    /// The token expired.
+    Expired,
+}
+
+impl fmt::Display for TokenCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Valid => "valid",
+            Self::Unknown => "unknown token",
+            Self::Used => "token already used",
+            Self::Expired => "token expired",
+        })
+    }
+}
+
+/// A freshly issued certificate to record.
+#[derive(Debug, Clone)]
+pub struct NewCertificate {
+    /// Its serial.
+    pub serial: Serial,
+    /// The device it was issued to.
+    pub device: DeviceId,
+    /// SHA-256 of its DER.
+    pub fingerprint: Fingerprint,
+    /// SHA-256 of its SubjectPublicKeyInfo, to spot one key on two devices.
+    pub spki_sha256: String,
+    /// Validity start.
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    pub not_after: OffsetDateTime,
+    /// `enroll` or `reenroll`.
+    pub issued_via: &'static str,
+    /// The certificate itself.
+    pub der: Vec<u8>,
+}
+
+/// A stored certificate.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateRecord {
+    /// Its serial.
+    pub serial: Serial,
+    /// Its device.
+    pub device: DeviceId,
+    /// SHA-256 of its DER.
+    pub fingerprint: Fingerprint,
+    /// SHA-256 of its public key.
+    pub spki_sha256: String,
+    /// Validity start.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Valid or revoked.
+    pub state: CertState,
+    /// When it was revoked.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Why.
+    pub revocation_reason: Option<String>,
+    /// `enroll` or `reenroll`.
+    pub issued_via: String,
+    /// The certificate itself.
+    #[serde(skip)]
+    pub der: Vec<u8>,
+}
+
+/// One entry of the CRL.
+#[derive(Debug, Clone)]
+pub struct RevokedEntry {
+    /// Serial of the revoked certificate.
+    pub serial: Serial,
+    /// When.
+    pub revoked_at: OffsetDateTime,
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this device's.
+    pub device: Option<DeviceId>,
+    /// Only those with an id above this.
+    pub after_id: Option<i64>,
+    /// At most this many (default 1000).
+    pub limit: Option<u32>,
+}
+
+/// One entry of the append-only event log.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Monotonic id.
+    pub id: i64,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who.
+    pub actor: String,
+    /// What, e.g. `device.created`, `certificate.issued`, `device.revoked`.
+    pub kind: String,
+    /// The device concerned.
+    pub device: Option<String>,
+    /// The certificate concerned.
+    pub serial: Option<String>,
+    /// Details (never secrets).
+    pub detail: serde_json::Value,
+}

@@ -1,0 +1,697 @@
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+
+use async_trait::async_trait;
+use portcullis_core::{CertState, DeviceId, DeviceState, Fingerprint, GroupName, Serial, TokenHash};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use crate::{
+    Actor, CertificateRecord, Device, Error, Event, EventFilter, Group, NewCertificate, NewDevice,
+    NewToken, Result, RevokedEntry, Store, TokenCheck,
+};
+
+/// Migrations, applied in order; `PRAGMA user_version` holds how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE groups (
+    name        TEXT PRIMARY KEY,
+    created_at  INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE devices (
+    id            TEXT PRIMARY KEY,
+    group_name    TEXT NOT NULL REFERENCES groups(name),
+    state         TEXT NOT NULL CHECK (state IN ('active', 'suspended', 'revoked')),
+    state_reason  TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE enrollment_tokens (
+    hash        BLOB PRIMARY KEY,
+    device_id   TEXT NOT NULL REFERENCES devices(id),
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    used_for    TEXT
+) STRICT;
+CREATE INDEX enrollment_tokens_device ON enrollment_tokens(device_id);
+
+CREATE TABLE certificates (
+    serial             TEXT PRIMARY KEY,
+    device_id          TEXT NOT NULL REFERENCES devices(id),
+    fingerprint        TEXT NOT NULL UNIQUE,
+    spki_sha256        TEXT NOT NULL,
+    not_before         INTEGER NOT NULL,
+    not_after          INTEGER NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('valid', 'revoked')),
+    revoked_at         INTEGER,
+    revocation_reason  TEXT,
+    issued_via         TEXT NOT NULL,
+    der                BLOB NOT NULL,
+    created_at         INTEGER NOT NULL
+) STRICT;
+CREATE INDEX certificates_device ON certificates(device_id);
+CREATE INDEX certificates_spki ON certificates(spki_sha256);
+
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    device_id  TEXT,
+    serial     TEXT,
+    detail     TEXT NOT NULL
+) STRICT;
+CREATE INDEX events_device ON events(device_id);
+CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+
+CREATE TABLE crl (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    number  INTEGER NOT NULL
+) STRICT;
+INSERT INTO crl (id, number) VALUES (1, 0);
+"#];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 512;
+const READERS: usize = 4;
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Backend(Box::new(e))
+}
+
+fn ts(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+fn from_ts(s: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(s).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// SQLite implementation of [`Store`]: one file in the data dir, WAL, group commit.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+    }
+}
+
+fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<usize> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let current = usize::try_from(current).unwrap_or(usize::MAX);
+    if current > MIGRATIONS.len() {
+        return Err(Error::Backend(
+            format!("database schema version {current} is newer than this build ({})", MIGRATIONS.len()).into(),
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(MIGRATIONS.len())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mut conn = open_conn(&path).map_err(backend)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(backend)?;
+        Ok(Self {
+            inner: Arc::new(Inner { path, writer: Mutex::new(Some(tx)), readers: Mutex::new(Vec::new()) }),
+        })
+    }
+
+    /// The schema version of the open database.
+    pub async fn schema_version(&self) -> Result<usize> {
+        self.read(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize)).await
+    }
+
+    /// Runs `f` inside the next group-committed transaction; resolves once it is durable.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |conn: &Connection| -> Reply {
+            let out = savepoint(conn, f);
+            Box::new(move |committed: Result<(), String>| {
+                let out = match committed {
+                    Ok(()) => out,
+                    Err(e) => Err(Error::Backend(e.into())),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        {
+            let guard = self.inner.writer.lock().map_err(|_| Error::Closed)?;
+            let sender = guard.as_ref().ok_or(Error::Closed)?;
+            sender.send(job).map_err(|_| Error::Closed)?;
+        }
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Runs `f` on a pooled read connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.readers.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => open_conn(&inner.path).map_err(backend)?,
+            };
+            let out = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock() {
+                if pool.len() < READERS {
+                    pool.push(conn);
+                }
+            }
+            out
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        backend(e)
+    }
+}
+
+fn savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Dropping the jobs unblocks their callers with `Error::Closed`.
+            tracing::error!(error = %e, jobs = batch.len(), "store: cannot begin transaction");
+            continue;
+        }
+        let replies: Vec<Reply> = batch.into_iter().map(|job| job(&conn)).collect();
+        let committed = conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::error!(error = %e, "store: commit failed");
+            e.to_string()
+        });
+        for reply in replies {
+            reply(committed.clone());
+        }
+    }
+}
+
+fn event(
+    conn: &Connection,
+    at: OffsetDateTime,
+    actor: &Actor,
+    kind: &str,
+    device: Option<&DeviceId>,
+    serial: Option<&Serial>,
+    detail: serde_json::Value,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO events (at, actor, kind, device_id, serial, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        ts(at),
+        actor.to_string(),
+        kind,
+        device.map(DeviceId::as_str),
+        serial.map(Serial::as_str),
+        detail.to_string()
+    ])?;
+    Ok(())
+}
+
+const DEVICE_SELECT: &str = "SELECT d.id, d.group_name, d.state, d.state_reason, d.created_at, d.updated_at,
+        (SELECT COUNT(*) FROM certificates c WHERE c.device_id = d.id),
+        (SELECT MAX(c.not_after) FROM certificates c WHERE c.device_id = d.id AND c.state = 'valid')
+     FROM devices d";
+
+fn corrupt(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("corrupt {what} in database: {value:?}").into(),
+    )
+}
+
+fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
+    let id: String = r.get(0)?;
+    let group: String = r.get(1)?;
+    let state: String = r.get(2)?;
+    Ok(Device {
+        id: DeviceId::try_new(id.clone()).map_err(|_| corrupt("device id", &id))?,
+        group: GroupName::try_new(group.clone()).map_err(|_| corrupt("group", &group))?,
+        state: state.parse().map_err(|_| corrupt("state", &state))?,
+        state_reason: r.get(3)?,
+        created_at: from_ts(r.get(4)?),
+        updated_at: from_ts(r.get(5)?),
+        certificates: r.get::<_, i64>(6)? as u64,
+        cert_not_after: r.get::<_, Option<i64>>(7)?.map(from_ts),
+    })
+}
+
+const CERT_SELECT: &str = "SELECT serial, device_id, fingerprint, spki_sha256, not_before, not_after, state,
+        revoked_at, revocation_reason, issued_via, der FROM certificates";
+
+fn cert_row(r: &Row<'_>) -> rusqlite::Result<CertificateRecord> {
+    let serial: String = r.get(0)?;
+    let device: String = r.get(1)?;
+    let state: String = r.get(6)?;
+    Ok(CertificateRecord {
+        serial: Serial::parse(&serial).ok_or_else(|| corrupt("serial", &serial))?,
+        device: DeviceId::try_new(device.clone()).map_err(|_| corrupt("device id", &device))?,
+        fingerprint: Fingerprint::from_hex(r.get::<_, String>(2)?),
+        spki_sha256: r.get(3)?,
+        not_before: from_ts(r.get(4)?),
+        not_after: from_ts(r.get(5)?),
+        state: state.parse::<CertState>().map_err(|_| corrupt("certificate state", &state))?,
+        revoked_at: r.get::<_, Option<i64>>(7)?.map(from_ts),
+        revocation_reason: r.get(8)?,
+        issued_via: r.get(9)?,
+        der: r.get(10)?,
+    })
+}
+
+fn load_device(conn: &Connection, id: &DeviceId) -> Result<Option<Device>> {
+    Ok(conn
+        .prepare_cached(&format!("{DEVICE_SELECT} WHERE d.id = ?1"))?
+        .query_row([id.as_str()], device_row)
+        .optional()?)
+}
+
+fn token_state(conn: &Connection, device: &DeviceId, hash: &TokenHash, now: OffsetDateTime) -> Result<TokenCheck> {
+    let row: Option<(String, i64, Option<i64>)> = conn
+        .prepare_cached("SELECT device_id, expires_at, used_at FROM enrollment_tokens WHERE hash = ?1")?
+        .query_row([hash.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(match row {
+        // Another device's token is indistinguishable from a wrong one.
+        None => TokenCheck::Unknown,
+        Some((owner, _, _)) if owner != device.as_str() => TokenCheck::Unknown,
+        Some((_, _, Some(_))) => TokenCheck::Used,
+        Some((_, expires, None)) if expires <= ts(now) => TokenCheck::Expired,
+        Some(_) => TokenCheck::Valid,
+    })
+}
+
+fn insert_cert(conn: &Connection, c: &NewCertificate, now: OffsetDateTime) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO certificates (serial, device_id, fingerprint, spki_sha256, not_before, not_after,
+            state, issued_via, der, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'valid', ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        c.serial.as_str(),
+        c.device.as_str(),
+        c.fingerprint.as_str(),
+        c.spki_sha256,
+        ts(c.not_before),
+        ts(c.not_after),
+        c.issued_via,
+        c.der,
+        ts(now)
+    ])
+    .map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Error::AlreadyExists { what: "certificate", id: c.serial.to_string() }
+        }
+        e => backend(e),
+    })?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_device(&self, device: NewDevice, token: NewToken, actor: Actor) -> Result<Device> {
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            if load_device(c, &device.id)?.is_some() {
+                return Err(Error::AlreadyExists { what: "device", id: device.id.to_string() });
+            }
+            c.prepare_cached("INSERT OR IGNORE INTO groups (name, created_at) VALUES (?1, ?2)")?
+                .execute(params![device.group.as_str(), ts(now)])?;
+            c.prepare_cached(
+                "INSERT INTO devices (id, group_name, state, created_at, updated_at) VALUES (?1, ?2, 'active', ?3, ?3)",
+            )?
+            .execute(params![device.id.as_str(), device.group.as_str(), ts(now)])?;
+            c.prepare_cached(
+                "INSERT INTO enrollment_tokens (hash, device_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![token.hash.as_bytes(), device.id.as_str(), ts(now), ts(token.expires_at)])?;
+            event(
+                c,
+                now,
+                &actor,
+                "device.created",
+                Some(&device.id),
+                None,
+                serde_json::json!({ "group": device.group, "token_expires_at": ts(token.expires_at) }),
+            )?;
+            load_device(c, &device.id)?.ok_or(Error::NotFound { what: "device", id: device.id.to_string() })
+        })
+        .await
+    }
+
+    async fn device(&self, id: &DeviceId) -> Result<Option<Device>> {
+        let id = id.clone();
+        self.read(move |c| load_device(c, &id)).await
+    }
+
+    async fn devices(&self) -> Result<Vec<Device>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("{DEVICE_SELECT} ORDER BY d.id"))?;
+            let rows = stmt.query_map([], device_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn groups(&self) -> Result<Vec<Group>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT g.name, (SELECT COUNT(*) FROM devices d WHERE d.group_name = g.name) FROM groups g ORDER BY g.name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let name: String = r.get(0)?;
+                Ok(Group {
+                    name: GroupName::try_new(name.clone()).map_err(|_| corrupt("group", &name))?,
+                    devices: r.get::<_, i64>(1)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn add_token(&self, device: &DeviceId, token: NewToken, actor: Actor) -> Result<()> {
+        let device = device.clone();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            let d = load_device(c, &device)?.ok_or(Error::NotFound { what: "device", id: device.to_string() })?;
+            if d.state == DeviceState::Revoked {
+                return Err(Error::InvalidTransition { id: device, from: d.state, action: "issue an enrollment token" });
+            }
+            c.prepare_cached(
+                "INSERT INTO enrollment_tokens (hash, device_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![token.hash.as_bytes(), device.as_str(), ts(now), ts(token.expires_at)])?;
+            event(
+                c,
+                now,
+                &actor,
+                "token.created",
+                Some(&device),
+                None,
+                serde_json::json!({ "expires_at": ts(token.expires_at) }),
+            )
+        })
+        .await
+    }
+
+    async fn check_token(&self, device: &DeviceId, hash: &TokenHash, now: OffsetDateTime) -> Result<TokenCheck> {
+        let (device, hash) = (device.clone(), hash.clone());
+        self.read(move |c| token_state(c, &device, &hash, now)).await
+    }
+
+    async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<()> {
+        let hash = hash.clone();
+        self.write(move |c| {
+            match token_state(c, &cert.device, &hash, now)? {
+                TokenCheck::Valid => {}
+                other => return Err(Error::Token(other)),
+            }
+            let d = load_device(c, &cert.device)?
+                .ok_or(Error::NotFound { what: "device", id: cert.device.to_string() })?;
+            if d.state != DeviceState::Active {
+                return Err(Error::InvalidTransition { id: d.id, from: d.state, action: "enroll" });
+            }
+            c.prepare_cached("UPDATE enrollment_tokens SET used_at = ?1, used_for = ?2 WHERE hash = ?3 AND used_at IS NULL")?
+                .execute(params![ts(now), cert.serial.as_str(), hash.as_bytes()])?;
+            insert_cert(c, &cert, now)?;
+            event(
+                c,
+                now,
+                &Actor::Device(cert.device.clone()),
+                "certificate.issued",
+                Some(&cert.device),
+                Some(&cert.serial),
+                serde_json::json!({
+                    "via": cert.issued_via,
+                    "fingerprint": cert.fingerprint,
+                    "not_after": ts(cert.not_after),
+                }),
+            )
+        })
+        .await
+    }
+
+    async fn record_certificate(&self, cert: NewCertificate, actor: Actor) -> Result<()> {
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            let d = load_device(c, &cert.device)?
+                .ok_or(Error::NotFound { what: "device", id: cert.device.to_string() })?;
+            if d.state != DeviceState::Active {
+                return Err(Error::InvalidTransition { id: d.id, from: d.state, action: "re-enroll" });
+            }
+            insert_cert(c, &cert, now)?;
+            event(
+                c,
+                now,
+                &actor,
+                "certificate.issued",
+                Some(&cert.device),
+                Some(&cert.serial),
+                serde_json::json!({
+                    "via": cert.issued_via,
+                    "fingerprint": cert.fingerprint,
+                    "not_after": ts(cert.not_after),
+                }),
+            )
+        })
+        .await
+    }
+
+    async fn certificate(&self, serial: &Serial) -> Result<Option<(CertificateRecord, DeviceState)>> {
+        let serial = serial.clone();
+        self.read(move |c| {
+            let cert = c
+                .prepare_cached(&format!("{CERT_SELECT} WHERE serial = ?1"))?
+                .query_row([serial.as_str()], cert_row)
+                .optional()?;
+            let Some(cert) = cert else { return Ok(None) };
+            let state: String = c
+                .prepare_cached("SELECT state FROM devices WHERE id = ?1")?
+                .query_row([cert.device.as_str()], |r| r.get(0))?;
+            let state = state.parse().map_err(|_| corrupt("state", &state))?;
+            Ok(Some((cert, state)))
+        })
+        .await
+    }
+
+    async fn certificates(&self, device: Option<&DeviceId>) -> Result<Vec<CertificateRecord>> {
+        let device = device.cloned();
+        self.read(move |c| {
+            let rows = match &device {
+                Some(d) => {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "{CERT_SELECT} WHERE device_id = ?1 ORDER BY created_at DESC, serial"
+                    ))?;
+                    stmt.query_map([d.as_str()], cert_row)?.collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                None => {
+                    let mut stmt =
+                        c.prepare_cached(&format!("{CERT_SELECT} ORDER BY created_at DESC, serial"))?;
+                    stmt.query_map([], cert_row)?.collect::<rusqlite::Result<Vec<_>>>()?
+                }
+            };
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn set_device_state(
+        &self,
+        id: &DeviceId,
+        to: DeviceState,
+        reason: Option<String>,
+        actor: Actor,
+    ) -> Result<Device> {
+        let id = id.clone();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            let d = load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })?;
+            let action = match to {
+                DeviceState::Active => "resume",
+                DeviceState::Suspended => "suspend",
+                DeviceState::Revoked => "revoke",
+            };
+            let allowed = match (d.state, to) {
+                (DeviceState::Revoked, _) => false,
+                (DeviceState::Active, DeviceState::Active) => false,
+                (DeviceState::Suspended, DeviceState::Suspended) => false,
+                _ => true,
+            };
+            if !allowed {
+                return Err(Error::InvalidTransition { id, from: d.state, action });
+            }
+            c.prepare_cached("UPDATE devices SET state = ?1, state_reason = ?2, updated_at = ?3 WHERE id = ?4")?
+                .execute(params![to.as_str(), reason, ts(now), id.as_str()])?;
+            let mut revoked = Vec::new();
+            if to == DeviceState::Revoked {
+                let mut stmt = c.prepare_cached(
+                    "UPDATE certificates SET state = 'revoked', revoked_at = ?1, revocation_reason = ?2
+                     WHERE device_id = ?3 AND state = 'valid' RETURNING serial",
+                )?;
+                revoked = stmt
+                    .query_map(params![ts(now), reason, id.as_str()], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                // Unused tokens die with the device.
+                c.prepare_cached(
+                    "UPDATE enrollment_tokens SET expires_at = ?1 WHERE device_id = ?2 AND used_at IS NULL AND expires_at > ?1",
+                )?
+                .execute(params![ts(now), id.as_str()])?;
+            }
+            event(
+                c,
+                now,
+                &actor,
+                &format!("device.{}", match to {
+                    DeviceState::Active => "resumed",
+                    DeviceState::Suspended => "suspended",
+                    DeviceState::Revoked => "revoked",
+                }),
+                Some(&id),
+                None,
+                serde_json::json!({ "from": d.state, "reason": reason, "revoked_serials": revoked }),
+            )?;
+            load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })
+        })
+        .await
+    }
+
+    async fn revoked(&self, now: OffsetDateTime) -> Result<Vec<RevokedEntry>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT serial, revoked_at FROM certificates WHERE state = 'revoked' AND not_after > ?1 ORDER BY revoked_at, serial",
+            )?;
+            let rows = stmt.query_map([ts(now)], |r| {
+                let s: String = r.get(0)?;
+                Ok(RevokedEntry {
+                    serial: Serial::parse(&s).ok_or_else(|| corrupt("serial", &s))?,
+                    revoked_at: from_ts(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn next_crl_number(&self) -> Result<u64> {
+        self.write(|c| {
+            let n: i64 = c
+                .prepare_cached("UPDATE crl SET number = number + 1 WHERE id = 1 RETURNING number")?
+                .query_row([], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn events(&self, filter: EventFilter) -> Result<Vec<Event>> {
+        self.read(move |c| {
+            let limit = filter.limit.unwrap_or(1000).min(10_000);
+            let mut stmt = c.prepare_cached(
+                "SELECT id, at, actor, kind, device_id, serial, detail FROM events
+                 WHERE (?1 IS NULL OR device_id = ?1) AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![filter.device.as_ref().map(DeviceId::as_str), filter.after_id.unwrap_or(0), limit],
+                |r| {
+                    let detail: String = r.get(6)?;
+                    Ok(Event {
+                        id: r.get(0)?,
+                        at: from_ts(r.get(1)?),
+                        actor: r.get(2)?,
+                        kind: r.get(3)?,
+                        device: r.get(4)?,
+                        serial: r.get(5)?,
+                        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests;
