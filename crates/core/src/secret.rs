@@ -69,11 +69,9 @@ pub struct Serial(String);
 impl Serial {
     /// From the big-endian bytes of a serial number.
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        let trimmed: &[u8] = match bytes.iter().position(|b| *b != 0) {
-            Some(i) => &bytes[i..],
-            None => &[0],
-        };
-        Self(hex(trimmed))
+        let h = hex(bytes);
+        let t = h.trim_start_matches('0');
+        Self(if t.is_empty() { "0".to_owned() } else { t.to_owned() })
     }
 
     /// Parses hex (any case, optional `0x` or `:` separators), as an operator might paste it.

@@ -1,0 +1,372 @@
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use portcullis_core::{DeviceId, DeviceState, Fingerprint, GroupName, Serial, Token, TrustDomain};
+use portcullis_store::{Actor, CertificateRecord, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck};
+use time::OffsetDateTime;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use crate::ca::{Ca, CaError, IssuedCert};
+use crate::csr::{self, CsrError};
+use crate::tls::PeerCertificate;
+
+/// How the CA issues.
+#[derive(Debug, Clone)]
+pub struct IssuancePolicy {
+    /// Lifetime of device certificates (default 30 days).
+    pub device_cert_lifetime: Duration,
+    /// Default lifetime of enrollment tokens (default 24 hours).
+    pub token_ttl: Duration,
+    /// `nextUpdate - thisUpdate` of published CRLs (default 7 days).
+    pub crl_validity: Duration,
+}
+
+impl Default for IssuancePolicy {
+    fn default() -> Self {
+        Self {
+            device_cert_lifetime: Duration::from_secs(30 * 86400),
+            token_ttl: Duration::from_secs(86400),
+            crl_validity: Duration::from_secs(7 * 86400),
+        }
+    }
+}
+
+/// Why a client certificate does not authenticate a device. Each variant is a decision
+/// a caller can report precisely.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No client certificate was presented.
+    #[error("a client certificate is required")]
+    NoCertificate,
+    /// The chain does not verify against this CA.
+    #[error("client certificate not accepted: {0}")]
+    Untrusted(String),
+    /// The certificate verified but names no device of this trust domain.
+    #[error("client certificate does not name a device of this trust domain")]
+    NotADevice,
+    /// The certificate is not in the registry.
+    #[error("client certificate {0} is not known to the registry")]
+    UnknownCertificate(Serial),
+    /// It expired since the connection was opened.
+    #[error("client certificate expired at {not_after}")]
+    Expired {
+        /// When it expired.
+        not_after: OffsetDateTime,
+    },
+    /// The certificate was revoked.
+    #[error("certificate {0} has been revoked")]
+    CertificateRevoked(Serial),
+    /// The device is suspended.
+    #[error("device {0} is suspended")]
+    DeviceSuspended(DeviceId),
+    /// The device is revoked.
+    #[error("device {0} has been revoked")]
+    DeviceRevoked(DeviceId),
+    /// The registry could not be read; fail closed.
+    #[error("registry unavailable")]
+    Store(#[from] portcullis_store::Error),
+}
+
+impl AuthError {
+    /// True if the client is known but not allowed (403) rather than unauthenticated (401).
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Self::CertificateRevoked(_) | Self::DeviceSuspended(_) | Self::DeviceRevoked(_))
+    }
+}
+
+/// A device proven by its client certificate and found active in the live registry.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedDevice {
+    /// Its id.
+    pub id: DeviceId,
+    /// Serial of the certificate it presented.
+    pub serial: Serial,
+    /// Fingerprint of that certificate.
+    pub fingerprint: Fingerprint,
+    /// When that certificate expires.
+    pub not_after: OffsetDateTime,
+}
+
+/// Failures of registry and enrollment operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The CSR was refused.
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    /// Unknown device or wrong token; deliberately indistinguishable.
+    #[error("invalid device id or enrollment token")]
+    BadCredentials,
+    /// The token was used before.
+    #[error("enrollment token has already been used")]
+    TokenUsed,
+    /// The token expired.
+    #[error("enrollment token has expired")]
+    TokenExpired,
+    /// The device may not receive certificates in its state.
+    #[error("device {id} is {state}")]
+    DeviceNotActive {
+        /// The device.
+        id: DeviceId,
+        /// Its state.
+        state: DeviceState,
+    },
+    /// Client certificate authentication failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A name was invalid.
+    #[error(transparent)]
+    InvalidName(#[from] portcullis_core::InvalidName),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(portcullis_store::Error),
+    /// Signing failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+impl From<portcullis_store::Error> for Error {
+    fn from(e: portcullis_store::Error) -> Self {
+        match e {
+            portcullis_store::Error::Token(TokenCheck::Used) => Self::TokenUsed,
+            portcullis_store::Error::Token(TokenCheck::Expired) => Self::TokenExpired,
+            portcullis_store::Error::Token(_) => Self::BadCredentials,
+            portcullis_store::Error::InvalidTransition { id, from, action }
+                if action == "enroll" || action == "re-enroll" =>
+            {
+                Self::DeviceNotActive { id, state: from }
+            }
+            e => Self::Store(e),
+        }
+    }
+}
+
+/// A newly registered device and its one-time token (shown once, stored hashed).
+#[derive(Debug)]
+pub struct Registered {
+    /// The device.
+    pub device: Device,
+    /// Its enrollment token.
+    pub token: Token,
+    /// When the token expires.
+    pub token_expires_at: OffsetDateTime,
+}
+
+/// The CA bound to the registry: every identity decision goes through here.
+#[derive(Debug)]
+pub struct Authority {
+    ca: Ca,
+    store: Arc<dyn Store>,
+    policy: IssuancePolicy,
+    crl: RwLock<Arc<Vec<u8>>>,
+}
+
+impl Authority {
+    /// Binds `ca` to `store` and signs a first CRL.
+    pub async fn new(ca: Ca, store: Arc<dyn Store>, policy: IssuancePolicy) -> Result<Self, Error> {
+        let a = Self { ca, store, policy, crl: RwLock::new(Arc::new(Vec::new())) };
+        a.refresh_crl().await?;
+        Ok(a)
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The registry store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The issuance policy.
+    pub fn policy(&self) -> &IssuancePolicy {
+        &self.policy
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.ca.trust_domain()
+    }
+
+    fn expiry(&self, ttl: Option<Duration>) -> OffsetDateTime {
+        let ttl = ttl.unwrap_or(self.policy.token_ttl);
+        OffsetDateTime::now_utc() + time::Duration::try_from(ttl).unwrap_or(time::Duration::days(1))
+    }
+
+    /// Registers a device and returns its first enrollment token.
+    pub async fn register(
+        &self,
+        id: DeviceId,
+        group: Option<GroupName>,
+        token_ttl: Option<Duration>,
+        actor: Actor,
+    ) -> Result<Registered, Error> {
+        let token = Token::generate("pct");
+        let expires_at = self.expiry(token_ttl);
+        let device = self
+            .store
+            .create_device(
+                NewDevice { id, group: group.unwrap_or_else(GroupName::default_group) },
+                NewToken { hash: token.hash(), expires_at },
+                actor,
+            )
+            .await?;
+        Ok(Registered { device, token, token_expires_at: expires_at })
+    }
+
+    /// Issues another enrollment token for a device (e.g. after losing its key).
+    pub async fn new_token(
+        &self,
+        id: &DeviceId,
+        ttl: Option<Duration>,
+        actor: Actor,
+    ) -> Result<(Token, OffsetDateTime), Error> {
+        let token = Token::generate("pct");
+        let expires_at = self.expiry(ttl);
+        self.store.add_token(id, NewToken { hash: token.hash(), expires_at }, actor).await?;
+        Ok((token, expires_at))
+    }
+
+    /// EST simpleenroll: authenticates `device:token`, validates the CSR, issues and
+    /// durably records the certificate. Nothing is issued unless every check passes.
+    pub async fn enroll(&self, device: &str, token: &Token, body: &[u8]) -> Result<IssuedCert, Error> {
+        let id = DeviceId::try_new(device).map_err(|_| Error::BadCredentials)?;
+        let now = OffsetDateTime::now_utc();
+        let hash = token.hash();
+        let Some(record) = self.store.device(&id).await? else {
+            return Err(Error::BadCredentials);
+        };
+        match self.store.check_token(&id, &hash, now).await? {
+            TokenCheck::Valid => {}
+            other => return Err(portcullis_store::Error::Token(other).into()),
+        }
+        if record.state != DeviceState::Active {
+            return Err(Error::DeviceNotActive { id, state: record.state });
+        }
+        let csr = csr::parse_est_body(body)?;
+        let issued = self.ca.issue_device(&id, &csr, self.policy.device_cert_lifetime)?;
+        // The token is consumed in the same transaction that records the certificate; a
+        // concurrent use of the same token loses here and its certificate is discarded
+        // unseen.
+        self.store.enroll(&hash, self.new_certificate(&id, &issued, "enroll"), now).await?;
+        tracing::info!(device = %id, serial = %issued.serial, key = %csr.key_kind(), "enrolled");
+        Ok(issued)
+    }
+
+    /// EST simplereenroll: a fresh certificate for an authenticated, active device.
+    pub async fn reenroll(&self, device: &AuthenticatedDevice, body: &[u8]) -> Result<IssuedCert, Error> {
+        let csr = csr::parse_est_body(body)?;
+        let issued = self.ca.issue_device(&device.id, &csr, self.policy.device_cert_lifetime)?;
+        self.store
+            .record_certificate(
+                self.new_certificate(&device.id, &issued, "reenroll"),
+                Actor::Device(device.id.clone()),
+            )
+            .await?;
+        tracing::info!(device = %device.id, serial = %issued.serial, previous = %device.serial, "re-enrolled");
+        Ok(issued)
+    }
+
+    fn new_certificate(&self, id: &DeviceId, c: &IssuedCert, via: &'static str) -> NewCertificate {
+        NewCertificate {
+            serial: c.serial.clone(),
+            device: id.clone(),
+            fingerprint: c.fingerprint.clone(),
+            spki_sha256: c.spki_sha256.clone(),
+            not_before: c.not_before,
+            not_after: c.not_after,
+            issued_via: via,
+            der: c.der.clone(),
+        }
+    }
+
+    /// Authenticates a connection's client certificate against the CA and the *live*
+    /// registry. Call per request: a resumed or long-lived connection must not outlive a
+    /// revocation.
+    pub async fn authenticate(&self, peer: Option<&PeerCertificate>) -> Result<AuthenticatedDevice, AuthError> {
+        let peer = peer.ok_or(AuthError::NoCertificate)?;
+        peer.verified.clone().map_err(AuthError::Untrusted)?;
+        let leaf = peer.chain.first().ok_or(AuthError::NoCertificate)?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
+            .map_err(|e| AuthError::Untrusted(e.to_string()))?;
+        let serial = Serial::from_bytes(cert.raw_serial());
+        let named = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|g| match g {
+                    GeneralName::URI(u) => self.trust_domain().device_from_uri(u),
+                    _ => None,
+                })
+            })
+            .ok_or(AuthError::NotADevice)?;
+        let (record, state): (CertificateRecord, DeviceState) =
+            self.store.certificate(&serial).await?.ok_or_else(|| AuthError::UnknownCertificate(serial.clone()))?;
+        let fingerprint = Fingerprint::of(leaf);
+        if record.device != named || record.fingerprint != fingerprint {
+            return Err(AuthError::UnknownCertificate(serial));
+        }
+        match state {
+            DeviceState::Active => {}
+            DeviceState::Suspended => return Err(AuthError::DeviceSuspended(named)),
+            DeviceState::Revoked => return Err(AuthError::DeviceRevoked(named)),
+        }
+        if record.state == portcullis_core::CertState::Revoked {
+            return Err(AuthError::CertificateRevoked(serial));
+        }
+        if record.not_after <= OffsetDateTime::now_utc() {
+            return Err(AuthError::Expired { not_after: record.not_after });
+        }
+        Ok(AuthenticatedDevice { id: named, serial, fingerprint, not_after: record.not_after })
+    }
+
+    /// Suspends, resumes or revokes a device. Revocation re-signs the CRL before returning.
+    pub async fn set_state(
+        &self,
+        id: &DeviceId,
+        to: DeviceState,
+        reason: Option<String>,
+        actor: Actor,
+    ) -> Result<Device, Error> {
+        let device = self.store.set_device_state(id, to, reason, actor).await?;
+        tracing::info!(device = %id, state = %to, "device state changed");
+        if to == DeviceState::Revoked {
+            self.refresh_crl().await?;
+        }
+        Ok(device)
+    }
+
+    /// Re-signs the CRL from the registry.
+    pub async fn refresh_crl(&self) -> Result<(), Error> {
+        let revoked = self.store.revoked(OffsetDateTime::now_utc()).await?;
+        let number = self.store.next_crl_number().await?;
+        let der = self.ca.crl(&revoked, number, self.policy.crl_validity)?;
+        if let Ok(mut slot) = self.crl.write() {
+            *slot = Arc::new(der);
+        }
+        tracing::debug!(number, entries = revoked.len(), "signed CRL");
+        Ok(())
+    }
+
+    /// The current CRL, DER.
+    pub fn crl_der(&self) -> Arc<Vec<u8>> {
+        self.crl.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The current CRL, PEM.
+    pub fn crl_pem(&self) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.crl_der().as_slice());
+        let mut out = String::from("-----BEGIN X509 CRL-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END X509 CRL-----\n");
+        out
+    }
+}

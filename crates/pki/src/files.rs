@@ -1,0 +1,31 @@
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+fn write_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    // Write to a sibling and rename, so a crash never leaves a half-written key or
+    // certificate behind, and the file is never readable by others even for a moment.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Atomically writes a secret (key, token) readable by its owner only (mode 0600).
+pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_mode(path, contents, 0o600)
+}
+
+/// Atomically writes a public file (certificate, address) with mode 0644.
+pub fn write_public(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_mode(path, contents, 0o644)
+}

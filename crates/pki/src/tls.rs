@@ -1,0 +1,143 @@
+//! rustls configuration for the device port.
+//!
+//! The handshake *requests* a client certificate but does not require one (EST enrollment
+//! happens before a device has one). A certificate from another CA does not abort the
+//! handshake either: its verification result travels with the connection as a
+//! [`PeerCertificate`] so the HTTP layer can answer with a precise 401 rather than a bare
+//! TLS alert. rustls still checks the client's proof of possession (CertificateVerify),
+//! and every route that needs an identity calls [`crate::Authority::authenticate`],
+//! which refuses unverified chains and consults the live registry.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier as RustlsVerifier};
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use crate::Ca;
+
+/// The client certificate a connection presented, with the outcome of chain verification
+/// against the CA. Inserted into every request's extensions by the listener.
+#[derive(Clone)]
+pub struct PeerCertificate {
+    /// End-entity certificate first, then whatever intermediates the client sent.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// `Ok` if the chain verified against this CA at handshake time; else why not.
+    pub verified: Result<(), String>,
+}
+
+impl fmt::Debug for PeerCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fp = self.chain.first().map(|c| portcullis_core::Fingerprint::of(c));
+        f.debug_struct("PeerCertificate").field("leaf", &fp).field("verified", &self.verified).finish()
+    }
+}
+
+/// Verifies client chains against the CA (root and issuing CA as anchors, clientAuth EKU).
+#[derive(Clone)]
+pub struct ClientCertVerifier {
+    inner: Arc<dyn RustlsVerifier>,
+}
+
+impl fmt::Debug for ClientCertVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientCertVerifier")
+    }
+}
+
+impl ClientCertVerifier {
+    /// A verifier trusting `ca`.
+    pub fn new(ca: &Ca) -> Result<Self, rustls::Error> {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from(ca.root_der().to_vec())).map_err(|e| rustls::Error::General(e.to_string()))?;
+        // The issuing CA is an anchor too, so a device that sends only its leaf (as many
+        // embedded TLS stacks do) still verifies.
+        roots
+            .add(CertificateDer::from(ca.issuing_der().to_vec()))
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        Ok(Self { inner })
+    }
+
+    /// Verifies a presented chain now.
+    pub fn verify(&self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return Err("no certificate".into());
+        };
+        self.inner.verify_client_cert(leaf, rest, UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// Accepts any chain at the handshake (the HTTP layer decides), but delegates the
+/// signature checks that prove possession of the key.
+#[derive(Debug)]
+struct DeferredVerifier(Arc<dyn RustlsVerifier>);
+
+impl RustlsVerifier for DeferredVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The device port's server configuration: our server chain, client certificates
+/// requested, HTTP/1.1 via ALPN.
+pub fn server_config(
+    verifier: &ClientCertVerifier,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(DeferredVerifier(verifier.inner.clone())))
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
