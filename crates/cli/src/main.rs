@@ -1,1 +1,221 @@
-fn main(){}
+//! `portcullis`: args -> config -> tracing -> wire services.
+
+mod config;
+mod instance;
+mod manage;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::instance::Instance;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Identity, gateway and policy for IoT fleets")]
+struct Cli {
+    /// Configuration file (TOML); every key has a default, so none is needed.
+    #[arg(long, global = true, env = "PORTCULLIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory: CA, registry, admin token [default: ./portcullis-data].
+    #[arg(long, global = true, env = "PORTCULLIS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "plain")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the data dir: root and issuing CA, registry, admin token.
+    Init {
+        /// SPIFFE trust domain of device identities [default: portcullis.local].
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+    /// Run Portcullis: the device port and the admin API (initialises an empty data dir).
+    Up {
+        /// Device port address [default: 0.0.0.0:8443]; port 0 picks a free port.
+        #[arg(long)]
+        device_addr: Option<String>,
+        /// Admin API address [default: 127.0.0.1:7080]; port 0 picks a free port.
+        #[arg(long)]
+        admin_addr: Option<String>,
+        /// SPIFFE trust domain, used when the data dir is initialised.
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+    /// Register and manage devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// The CA's public material.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// The append-only event log.
+    Events {
+        /// Only this device's events.
+        #[arg(long)]
+        device: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Register a device; prints its one-time enrollment token.
+    Add {
+        id: String,
+        /// Group [default: default].
+        #[arg(long)]
+        group: Option<String>,
+        /// Token lifetime, e.g. 30m, 24h, 7d [default: 24h].
+        #[arg(long)]
+        token_ttl: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List devices.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a device and its certificates.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse a device everywhere until resumed.
+    Suspend {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a suspension.
+    Resume { id: String },
+    /// Refuse a device for good and put its certificates on the CRL.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Issue another one-time enrollment token (e.g. after the device lost its key).
+    Token {
+        id: String,
+        /// Token lifetime [default: 24h].
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Print the root CA certificate (PEM): the trust anchor devices need.
+    Cert,
+    /// Print the issuing and root CA certificates (PEM).
+    Chain,
+    /// Print the current CRL (PEM).
+    Crl,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(d) = cli.data_dir {
+        cfg.data_dir = d;
+    }
+    match cli.cmd {
+        Cmd::Init { trust_domain } => {
+            if let Some(td) = trust_domain {
+                cfg.trust_domain = td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
+            }
+            Instance::new(&cfg.data_dir).init(cfg.trust_domain.clone())?;
+            println!("initialised {} (trust domain {})", cfg.data_dir.display(), cfg.trust_domain);
+            Ok(())
+        }
+        Cmd::Up { device_addr, admin_addr, trust_domain } => {
+            if let Some(a) = device_addr {
+                cfg.device_addr = a.parse().map_err(|_| anyhow::anyhow!("--device-addr: {a:?} is not an address"))?;
+            }
+            if let Some(a) = admin_addr {
+                cfg.admin_addr = a.parse().map_err(|_| anyhow::anyhow!("--admin-addr: {a:?} is not an address"))?;
+            }
+            if let Some(td) = trust_domain {
+                cfg.trust_domain = td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
+            }
+            serve::up(cfg).await
+        }
+        Cmd::Device(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                DeviceCmd::Add { id, group, token_ttl, json } => {
+                    manage::device_add(&c, &id, group.as_deref(), token_ttl.as_deref(), json).await
+                }
+                DeviceCmd::List { json } => manage::device_list(&c, json).await,
+                DeviceCmd::Show { id, json } => manage::device_show(&c, &id, json).await,
+                DeviceCmd::Suspend { id, reason } => manage::device_state(&c, &id, "suspend", reason.as_deref()).await,
+                DeviceCmd::Resume { id } => manage::device_state(&c, &id, "resume", None).await,
+                DeviceCmd::Revoke { id, reason } => manage::device_state(&c, &id, "revoke", reason.as_deref()).await,
+                DeviceCmd::Token { id, ttl, json } => manage::device_token(&c, &id, ttl.as_deref(), json).await,
+            }
+        }
+        Cmd::Ca(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                CaCmd::Cert => manage::pem(&c, "/v1/ca/root").await,
+                CaCmd::Chain => manage::pem(&c, "/v1/ca/chain").await,
+                CaCmd::Crl => manage::pem(&c, "/v1/ca/crl").await,
+            }
+        }
+        Cmd::Events { device, json } => {
+            let c = manage::client(&cfg).await?;
+            manage::events(&c, device.as_deref(), json).await
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Management commands are quiet unless asked; the server logs at info.
+    if matches!(cli.cmd, Cmd::Up { .. }) || std::env::var_os("PORTCULLIS_LOG").is_some() {
+        init_tracing(cli.log_format);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -88,7 +88,7 @@ fn pkcs7_response(certs: &[&[u8]]) -> Response {
             let mut body = String::with_capacity(b64.len() + b64.len() / 64 + 2);
             for chunk in b64.as_bytes().chunks(64) {
                 body.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-                body.push_str("\r\n");
+                body.push('\n');
             }
             (
                 [

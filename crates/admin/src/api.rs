@@ -1,0 +1,297 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{StatusCode, header};
+use portcullis_core::{DeviceId, DeviceState, GroupName, Token, TokenHash, parse_duration};
+use portcullis_pki::{Authority, Problem, est};
+use portcullis_store::{Actor, EventFilter};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+/// The admin bearer token, held only as its hash.
+#[derive(Clone)]
+pub struct AdminToken(TokenHash);
+
+impl AdminToken {
+    /// Accepts requests bearing `token`.
+    pub fn new(token: &Token) -> Self {
+        Self(token.hash())
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    authority: Arc<Authority>,
+    actor: Actor,
+}
+
+/// The admin API. `operator` names who acts in the event log.
+pub fn router(authority: Arc<Authority>, token: AdminToken, operator: &str) -> Router {
+    let state = AppState { authority, actor: Actor::Operator(operator.to_owned()) };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/devices", get(list_devices).post(add_device))
+        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/suspend", post(suspend))
+        .route("/v1/devices/{id}/resume", post(resume))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/devices/{id}/tokens", post(new_token))
+        .route("/v1/certificates", get(list_certificates))
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/events", get(list_events))
+        .route("/v1/ca/root", get(ca_root))
+        .route("/v1/ca/chain", get(ca_chain))
+        .route("/v1/ca/crl", get(ca_crl))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(middleware::from_fn_with_state(Arc::new(token), require_token))
+}
+
+async fn require_token(State(expected): State<Arc<AdminToken>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|t| Token::from_presented(t.trim()).hash());
+    match presented {
+        Some(h) if h.matches(&expected.0) => next.run(req).await,
+        Some(_) => {
+            tracing::warn!(path = %req.uri().path(), "admin API: wrong bearer token");
+            unauthorized("wrong bearer token")
+        }
+        None => unauthorized("missing bearer token (Authorization: Bearer <token from admin.token>)"),
+    }
+}
+
+fn unauthorized(detail: &str) -> Response {
+    let mut r = Problem::new(StatusCode::UNAUTHORIZED, "admin-token", detail).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    r
+}
+
+async fn not_found(req: Request) -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "not-found", format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+}
+
+/// `Json<T>` whose rejections are problem documents.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        // An empty body means "all defaults".
+        let empty = req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v == "0");
+        if empty {
+            return serde_json::from_value(json!({})).map(Body).map_err(|e| {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-body", format!("request body required: {e}"))
+            });
+        }
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => {
+                let status = match &e {
+                    JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    _ => e.status(),
+                };
+                Err(Problem::new(status, "invalid-body", e.body_text()))
+            }
+        }
+    }
+}
+
+fn device_id(raw: &str) -> Result<DeviceId, Problem> {
+    DeviceId::try_new(raw).map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-name", e.to_string()))
+}
+
+fn duration(raw: Option<&str>, key: &str) -> Result<Option<Duration>, Problem> {
+    raw.map(|s| {
+        parse_duration(s).map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-duration", format!("{key}: {e}")))
+    })
+    .transpose()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn err(e: portcullis_pki::Error) -> Problem {
+    est::problem(&e)
+}
+
+async fn healthz(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    s.authority.store().devices().await.map_err(|e| {
+        tracing::error!(error = %e, "health check: store unavailable");
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "registry store unavailable")
+    })?;
+    Ok(Json(json!({ "status": "ok", "trust_domain": s.authority.trust_domain() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddDevice {
+    id: String,
+    group: Option<String>,
+    token_ttl: Option<String>,
+}
+
+async fn add_device(State(s): State<AppState>, Body(req): Body<AddDevice>) -> Result<Response, Problem> {
+    let id = device_id(&req.id)?;
+    let group = req
+        .group
+        .map(GroupName::try_new)
+        .transpose()
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-name", e.to_string()))?;
+    let ttl = duration(req.token_ttl.as_deref(), "token_ttl")?;
+    let r = s.authority.register(id, group, ttl, s.actor.clone()).await.map_err(err)?;
+    let body = json!({
+        "device": r.device,
+        "token": r.token.expose(),
+        "token_expires_at": rfc3339(r.token_expires_at),
+        "spiffe_id": s.authority.trust_domain().device_uri(&r.device.id),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_devices(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    let devices = s.authority.store().devices().await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({ "devices": devices })))
+}
+
+async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+    let id = device_id(&id)?;
+    let store = s.authority.store();
+    let device = store.device(&id).await.map_err(|e| err(e.into()))?.ok_or_else(|| {
+        Problem::new(StatusCode::NOT_FOUND, "not-found", format!("device {id} not found"))
+    })?;
+    let certs = store.certificates(Some(&id)).await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({
+        "device": device,
+        "spiffe_id": s.authority.trust_domain().device_uri(&id),
+        "certificates": certs,
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StateChange {
+    reason: Option<String>,
+}
+
+async fn change(s: AppState, id: String, to: DeviceState, reason: Option<String>) -> Result<Json<Value>, Problem> {
+    let id = device_id(&id)?;
+    if reason.as_ref().is_some_and(|r| r.len() > 1024) {
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid-body", "reason is longer than 1024 bytes"));
+    }
+    let d = s.authority.set_state(&id, to, reason, s.actor.clone()).await.map_err(err)?;
+    Ok(Json(json!({ "device": d })))
+}
+
+async fn suspend(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<StateChange>,
+) -> Result<Json<Value>, Problem> {
+    change(s, id, DeviceState::Suspended, b.reason).await
+}
+
+async fn resume(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<StateChange>,
+) -> Result<Json<Value>, Problem> {
+    change(s, id, DeviceState::Active, b.reason).await
+}
+
+async fn revoke(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<StateChange>,
+) -> Result<Json<Value>, Problem> {
+    change(s, id, DeviceState::Revoked, b.reason).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    ttl: Option<String>,
+}
+
+async fn new_token(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<NewToken>,
+) -> Result<Response, Problem> {
+    let id = device_id(&id)?;
+    let ttl = duration(b.ttl.as_deref(), "ttl")?;
+    let (token, expires) = s.authority.new_token(&id, ttl, s.actor.clone()).await.map_err(err)?;
+    let body = json!({ "device": id, "token": token.expose(), "token_expires_at": rfc3339(expires) });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertQuery {
+    device: Option<String>,
+}
+
+async fn list_certificates(State(s): State<AppState>, Query(q): Query<CertQuery>) -> Result<Json<Value>, Problem> {
+    let device = q.device.as_deref().map(device_id).transpose()?;
+    let certs = s.authority.store().certificates(device.as_ref()).await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({ "certificates": certs })))
+}
+
+async fn list_groups(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    let groups = s.authority.store().groups().await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({ "groups": groups })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    device: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn list_events(State(s): State<AppState>, Query(q): Query<EventQuery>) -> Result<Json<Value>, Problem> {
+    let filter = EventFilter {
+        device: q.device.as_deref().map(device_id).transpose()?,
+        after_id: q.after,
+        limit: q.limit,
+    };
+    let events = s.authority.store().events(filter).await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({ "events": events })))
+}
+
+fn pem(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-pem-file")], body).into_response()
+}
+
+async fn ca_root(State(s): State<AppState>) -> Response {
+    pem(s.authority.ca().root_pem())
+}
+
+async fn ca_chain(State(s): State<AppState>) -> Response {
+    pem(format!("{}{}", s.authority.ca().issuing_pem(), s.authority.ca().root_pem()))
+}
+
+async fn ca_crl(State(s): State<AppState>) -> Response {
+    pem(s.authority.crl_pem())
+}

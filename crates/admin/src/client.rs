@@ -1,0 +1,152 @@
+use std::fmt;
+use std::net::SocketAddr;
+
+use axum::Router;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use portcullis_core::Token;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// A failed admin API call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the admin API at {addr}")]
+    Connect {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("admin API request failed: {0}")]
+    Http(String),
+    /// The server answered with an error.
+    #[error("{detail} (HTTP {status})")]
+    Problem {
+        /// HTTP status.
+        status: u16,
+        /// The problem's detail.
+        detail: String,
+    },
+}
+
+enum Target {
+    Remote(SocketAddr),
+    Local(Router),
+}
+
+/// Talks to the admin API: over HTTP to a running server, or in-process to a router
+/// over the data dir when no server runs. Both take the same code path on the server
+/// side, so the CLI behaves the same either way.
+pub struct AdminClient {
+    target: Target,
+    token: Token,
+}
+
+impl fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = match &self.target {
+            Target::Remote(a) => a.to_string(),
+            Target::Local(_) => "in-process".to_owned(),
+        };
+        f.debug_struct("AdminClient").field("target", &target).finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// A client for the server at `addr`.
+    pub fn remote(addr: SocketAddr, token: Token) -> Self {
+        Self { target: Target::Remote(addr), token }
+    }
+
+    /// A client calling `router` in-process.
+    pub fn local(router: Router, token: Token) -> Self {
+        Self { target: Target::Local(router), token }
+    }
+
+    /// True if this client talks to a running server.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.target, Target::Remote(_))
+    }
+
+    /// GET `path`, JSON.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        let body = self.call(Method::GET, path, None).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    /// GET `path` as text (PEM endpoints).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let body = self.call(Method::GET, path, None).await?;
+        String::from_utf8(body.to_vec()).map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let body = self.call(Method::POST, path, Some(body.to_string())).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<Bytes, ClientError> {
+        let host = match &self.target {
+            Target::Remote(a) => a.to_string(),
+            Target::Local(_) => "localhost".to_owned(),
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token.expose()));
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let payload = Bytes::from(body.unwrap_or_default());
+        let (status, bytes) = match &self.target {
+            Target::Remote(addr) => {
+                let req = req.body(Full::new(payload)).map_err(|e| ClientError::Http(e.to_string()))?;
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| ClientError::Connect { addr: *addr, source })?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| ClientError::Http(e.to_string()))?;
+                tokio::spawn(conn);
+                let resp = send.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?;
+                (status, bytes.to_bytes())
+            }
+            Target::Local(router) => {
+                let req = req.body(axum::body::Body::from(payload)).map_err(|e| ClientError::Http(e.to_string()))?;
+                let resp = router.clone().oneshot(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?;
+                (status, bytes.to_bytes())
+            }
+        };
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let detail = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+        Err(ClientError::Problem { status: status.as_u16(), detail })
+    }
+}
+
+impl ClientError {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Problem { status, .. } => StatusCode::from_u16(*status).ok(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,188 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use portcullis_core::{DeviceId, Fingerprint, Serial};
+use portcullis_pki::{write_private, write_public};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::Error;
+
+const KEY: &str = "key.pem";
+const STAGED_KEY: &str = "key.pem.staged";
+const CERT: &str = "cert.pem";
+const CHAIN: &str = "chain.pem";
+const CA: &str = "ca.pem";
+const META: &str = "agent.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Meta {
+    server: String,
+    device: DeviceId,
+}
+
+/// The device's identity as stored in its directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Device id.
+    pub device: DeviceId,
+    /// EST server URL.
+    pub server: String,
+    /// Certificate serial.
+    pub serial: Serial,
+    /// Certificate fingerprint.
+    pub fingerprint: Fingerprint,
+    /// Validity start.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Seconds of validity left (negative once expired).
+    pub remaining_secs: i64,
+    /// True when less than a third of the lifetime is left.
+    pub renewal_due: bool,
+}
+
+/// The agent's state directory.
+#[derive(Debug)]
+pub struct AgentDir {
+    dir: PathBuf,
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+impl AgentDir {
+    fn io(&self, action: &'static str, name: &str) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        let path = self.dir.join(name);
+        move |source| Error::Io { action, path, source }
+    }
+
+    /// Creates (mode 0700) or opens `dir` for a new enrollment.
+    pub fn create(dir: &Path) -> Result<Self, Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::Io { action: "cannot create", path: dir.to_path_buf(), source })?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    /// Opens an enrolled directory, finishing a key rotation a crash interrupted.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        let d = Self { dir: dir.to_path_buf() };
+        if !dir.join(META).exists() {
+            return Err(Error::State(format!("{} holds no enrolled identity; run `portcullis-agent enroll`", dir.display())));
+        }
+        d.recover()?;
+        Ok(d)
+    }
+
+    /// If a staged key matches the stored certificate, the crash happened after the
+    /// certificate was written: promote the key. Otherwise the staged key is stale.
+    fn recover(&self) -> Result<(), Error> {
+        let staged = self.dir.join(STAGED_KEY);
+        if !staged.exists() {
+            return Ok(());
+        }
+        let key_pem = fs::read_to_string(&staged).map_err(self.io("cannot read", STAGED_KEY))?;
+        let matches = rcgen::KeyPair::from_pem(&key_pem).ok().zip(self.leaf_der().ok()).is_some_and(|(k, leaf)| {
+            X509Certificate::from_der(&leaf).is_ok_and(|(_, c)| c.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&k).as_slice())
+        });
+        if matches {
+            fs::rename(&staged, self.dir.join(KEY)).map_err(self.io("cannot rename", STAGED_KEY))?;
+        } else {
+            fs::remove_file(&staged).map_err(self.io("cannot remove", STAGED_KEY))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a new private key beside the current one (mode 0600) before it is used.
+    pub fn stage_key(&self, key_pem: &str) -> Result<(), Error> {
+        write_private(&self.dir.join(STAGED_KEY), key_pem.as_bytes()).map_err(self.io("cannot write", STAGED_KEY))
+    }
+
+    /// Stores a new certificate and promotes the staged key that belongs to it.
+    pub fn commit(
+        &self,
+        server: &str,
+        device: &DeviceId,
+        ca_pem: &[u8],
+        leaf: &[u8],
+        issuing: &[u8],
+        public_key: &[u8],
+    ) -> Result<(), Error> {
+        let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| Error::State(format!("server sent a bad certificate: {e}")))?;
+        if cert.public_key().raw != public_key {
+            return Err(Error::State("server returned a certificate for another key".into()));
+        }
+        let leaf_pem = pem("CERTIFICATE", leaf);
+        write_public(&self.dir.join(CA), ca_pem).map_err(self.io("cannot write", CA))?;
+        let meta = serde_json::to_vec_pretty(&Meta { server: server.to_owned(), device: device.clone() }).unwrap_or_default();
+        write_public(&self.dir.join(META), &meta).map_err(self.io("cannot write", META))?;
+        write_public(&self.dir.join(CHAIN), format!("{leaf_pem}{}", pem("CERTIFICATE", issuing)).as_bytes())
+            .map_err(self.io("cannot write", CHAIN))?;
+        write_public(&self.dir.join(CERT), leaf_pem.as_bytes()).map_err(self.io("cannot write", CERT))?;
+        fs::rename(self.dir.join(STAGED_KEY), self.dir.join(KEY)).map_err(self.io("cannot rename", STAGED_KEY))?;
+        Ok(())
+    }
+
+    fn leaf_der(&self) -> Result<Vec<u8>, Error> {
+        let text = fs::read(self.dir.join(CERT)).map_err(self.io("cannot read", CERT))?;
+        first_cert(&text).ok_or_else(|| Error::State(format!("{} holds no certificate", self.dir.join(CERT).display())))
+    }
+
+    /// (chain PEM, key PEM) for mTLS. The key is returned only to build a TLS config.
+    pub fn identity_pem(&self) -> Result<(Vec<u8>, Vec<u8>), Error> {
+        let chain = fs::read(self.dir.join(CHAIN)).map_err(self.io("cannot read", CHAIN))?;
+        let key = fs::read(self.dir.join(KEY)).map_err(self.io("cannot read", KEY))?;
+        Ok((chain, key))
+    }
+
+    /// The trusted root, PEM.
+    pub fn ca_pem(&self) -> Result<Vec<u8>, Error> {
+        fs::read(self.dir.join(CA)).map_err(self.io("cannot read", CA))
+    }
+
+    /// The stored identity.
+    pub fn status(&self) -> Result<Status, Error> {
+        let meta: Meta = serde_json::from_slice(&fs::read(self.dir.join(META)).map_err(self.io("cannot read", META))?)
+            .map_err(|e| Error::State(format!("{}: {e}", self.dir.join(META).display())))?;
+        let der = self.leaf_der()?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| Error::State(format!("stored certificate: {e}")))?;
+        let nb = cert.validity().not_before.timestamp();
+        let na = cert.validity().not_after.timestamp();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let remaining = na - now;
+        Ok(Status {
+            device: meta.device,
+            server: meta.server,
+            serial: Serial::from_bytes(cert.raw_serial()),
+            fingerprint: Fingerprint::of(&der),
+            not_before: OffsetDateTime::from_unix_timestamp(nb).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            not_after: OffsetDateTime::from_unix_timestamp(na).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            remaining_secs: remaining,
+            renewal_due: remaining * 3 < (na - nb),
+        })
+    }
+}
+
+/// The first certificate in a PEM file, DER.
+pub(crate) fn first_cert(pem_bytes: &[u8]) -> Option<Vec<u8>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem_bytes).next()?.ok().map(|c| c.to_vec())
+}

@@ -1,0 +1,196 @@
+//! `portcullis.toml`: parsed into a raw struct, then validated into [`Config`] whose
+//! errors name the offending key. Every field has a default, so no file is needed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use portcullis_core::{TrustDomain, parse_duration};
+use portcullis_gateway::ListenerConfig;
+use portcullis_pki::IssuancePolicy;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Raw {
+    data_dir: Option<PathBuf>,
+    trust_domain: Option<String>,
+    device: RawDevice,
+    admin: RawAdmin,
+    pki: RawPki,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDevice {
+    addr: String,
+    server_names: Vec<String>,
+    handshake_timeout: String,
+    header_timeout: String,
+    request_timeout: String,
+    max_connections: usize,
+}
+
+impl Default for RawDevice {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:8443".into(),
+            server_names: Vec::new(),
+            handshake_timeout: "10s".into(),
+            header_timeout: "10s".into(),
+            request_timeout: "30s".into(),
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    addr: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self { addr: "127.0.0.1:7080".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPki {
+    device_cert_lifetime: String,
+    token_ttl: String,
+    crl_validity: String,
+    server_cert_lifetime: String,
+}
+
+impl Default for RawPki {
+    fn default() -> Self {
+        Self {
+            device_cert_lifetime: "30d".into(),
+            token_ttl: "24h".into(),
+            crl_validity: "7d".into(),
+            server_cert_lifetime: "90d".into(),
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub device_addr: SocketAddr,
+    pub server_names: Vec<String>,
+    pub listener: ListenerConfig,
+    pub admin_addr: SocketAddr,
+    pub policy: IssuancePolicy,
+    pub server_cert_lifetime: Duration,
+}
+
+fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
+    let d = parse_duration(v).map_err(anyhow::Error::msg).with_context(|| format!("config key {key}"))?;
+    if d.is_zero() {
+        bail!("config key {key}: must be greater than zero");
+    }
+    Ok(d)
+}
+
+fn addr(key: &str, v: &str) -> anyhow::Result<SocketAddr> {
+    v.parse().with_context(|| format!("config key {key}: {v:?} is not an address like 127.0.0.1:8443"))
+}
+
+fn default_names() -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() && h != "localhost" {
+            names.push(h.to_owned());
+        }
+    }
+    names
+}
+
+impl Config {
+    /// Loads `path` (if given) and validates it.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let raw: Raw = match path {
+            None => Raw::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid config {}", p.display()))?
+            }
+        };
+        Self::validate(raw)
+    }
+
+    /// Parses configuration text (for tests of the example file).
+    #[cfg(test)]
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Self::validate(toml::from_str(text)?)
+    }
+
+    fn validate(raw: Raw) -> anyhow::Result<Self> {
+        let trust_domain = TrustDomain::try_new(raw.trust_domain.unwrap_or_else(|| "portcullis.local".into()))
+            .context("config key trust_domain")?;
+        let mut server_names = raw.device.server_names;
+        if server_names.is_empty() {
+            server_names = default_names();
+        }
+        if raw.device.max_connections == 0 {
+            bail!("config key device.max_connections: must be at least 1");
+        }
+        Ok(Self {
+            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("portcullis-data")),
+            trust_domain,
+            device_addr: addr("device.addr", &raw.device.addr)?,
+            server_names,
+            listener: ListenerConfig {
+                handshake_timeout: dur("device.handshake_timeout", &raw.device.handshake_timeout)?,
+                header_timeout: dur("device.header_timeout", &raw.device.header_timeout)?,
+                request_timeout: dur("device.request_timeout", &raw.device.request_timeout)?,
+                max_connections: raw.device.max_connections,
+            },
+            admin_addr: addr("admin.addr", &raw.admin.addr)?,
+            policy: IssuancePolicy {
+                device_cert_lifetime: dur("pki.device_cert_lifetime", &raw.pki.device_cert_lifetime)?,
+                token_ttl: dur("pki.token_ttl", &raw.pki.token_ttl)?,
+                crl_validity: dur("pki.crl_validity", &raw.pki.crl_validity)?,
+            },
+            server_cert_lifetime: dur("pki.server_cert_lifetime", &raw.pki.server_cert_lifetime)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.device_addr.port(), 8443);
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7080");
+        assert_eq!(c.policy.device_cert_lifetime, Duration::from_secs(30 * 86400));
+        assert!(c.server_names.iter().any(|n| n == "localhost"));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../portcullis.example.toml");
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "fleet.example.com");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[pki]\ntoken_ttl = \"soon\"").unwrap_err();
+        assert!(format!("{e:#}").contains("pki.token_ttl"), "{e:#}");
+        let e = Config::from_toml("[device]\naddr = \"nowhere\"").unwrap_err();
+        assert!(format!("{e:#}").contains("device.addr"), "{e:#}");
+        let e = Config::from_toml("[device]\nbogus = 1").unwrap_err();
+        assert!(format!("{e:#}").contains("bogus"), "{e:#}");
+    }
+}

@@ -1,0 +1,155 @@
+//! Management commands: they reach the running server through its admin API, or, when
+//! none runs, the same API in-process over the data dir.
+
+use anyhow::Context;
+use portcullis_admin::AdminClient;
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::instance::Instance;
+
+pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
+    let inst = Instance::new(&cfg.data_dir);
+    if !inst.is_initialised() {
+        anyhow::bail!(
+            "no Portcullis instance in {}; run `portcullis init` or `portcullis up` (or pass --data-dir)",
+            cfg.data_dir.display()
+        );
+    }
+    let token = inst.admin_token()?;
+    if let Some(addr) = inst.admin_addr() {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(AdminClient::remote(addr, token));
+        }
+    }
+    let authority = inst.authority(cfg.policy.clone()).await?;
+    let router = portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli");
+    Ok(AdminClient::local(router, token))
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub async fn device_add(
+    c: &AdminClient,
+    id: &str,
+    group: Option<&str>,
+    ttl: Option<&str>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let r = c.post("/v1/devices", &json!({ "id": id, "group": group, "token_ttl": ttl })).await?;
+    if as_json {
+        print_json(&r);
+    } else {
+        let d = &r["device"];
+        eprintln!(
+            "device {} registered in group {}; one-time enrollment token below (shown once, expires {}):",
+            s(d, "id"),
+            s(d, "group"),
+            s(&r, "token_expires_at")
+        );
+        println!("{}", s(&r, "token"));
+    }
+    Ok(())
+}
+
+pub async fn device_token(c: &AdminClient, id: &str, ttl: Option<&str>, as_json: bool) -> anyhow::Result<()> {
+    let r = c.post(&format!("/v1/devices/{id}/tokens"), &json!({ "ttl": ttl })).await?;
+    if as_json {
+        print_json(&r);
+    } else {
+        eprintln!("new one-time enrollment token for {id} (shown once, expires {}):", s(&r, "token_expires_at"));
+        println!("{}", s(&r, "token"));
+    }
+    Ok(())
+}
+
+pub async fn device_list(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
+    let r = c.get("/v1/devices").await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    println!("{:<24} {:<16} {:<10} {:>5}  CERT EXPIRES", "ID", "GROUP", "STATE", "CERTS");
+    for d in r["devices"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<16} {:<10} {:>5}  {}",
+            s(d, "id"),
+            s(d, "group"),
+            s(d, "state"),
+            d["certificates"].as_u64().unwrap_or(0),
+            d.get("cert_not_after").and_then(Value::as_str).unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+pub async fn device_show(c: &AdminClient, id: &str, as_json: bool) -> anyhow::Result<()> {
+    let r = c.get(&format!("/v1/devices/{id}")).await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    let d = &r["device"];
+    println!("id:          {}", s(d, "id"));
+    println!("spiffe id:   {}", s(&r, "spiffe_id"));
+    println!("group:       {}", s(d, "group"));
+    println!("state:       {}", s(d, "state"));
+    if let Some(reason) = d.get("state_reason").and_then(Value::as_str) {
+        println!("reason:      {reason}");
+    }
+    println!("registered:  {}", s(d, "created_at"));
+    println!("certificates:");
+    for c in r["certificates"].as_array().into_iter().flatten() {
+        println!(
+            "  {}  {:<8} {} .. {}  sha256:{}",
+            s(c, "serial"),
+            s(c, "state"),
+            s(c, "not_before"),
+            s(c, "not_after"),
+            s(c, "fingerprint")
+        );
+    }
+    Ok(())
+}
+
+pub async fn device_state(c: &AdminClient, id: &str, action: &str, reason: Option<&str>) -> anyhow::Result<()> {
+    let r = c.post(&format!("/v1/devices/{id}/{action}"), &json!({ "reason": reason })).await?;
+    println!("device {} is now {}", s(&r["device"], "id"), s(&r["device"], "state"));
+    Ok(())
+}
+
+pub async fn events(c: &AdminClient, device: Option<&str>, as_json: bool) -> anyhow::Result<()> {
+    let path = match device {
+        Some(d) => format!("/v1/events?device={d}"),
+        None => "/v1/events".to_owned(),
+    };
+    let r = c.get(&path).await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    for e in r["events"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {} {:<22} {:<20} {:<16} {}",
+            e["id"].as_i64().unwrap_or(0),
+            s(e, "at"),
+            s(e, "kind"),
+            s(e, "actor"),
+            e.get("device").and_then(Value::as_str).unwrap_or("-"),
+            e["detail"]
+        );
+    }
+    Ok(())
+}
+
+pub async fn pem(c: &AdminClient, path: &str) -> anyhow::Result<()> {
+    let text = c.get_text(path).await.context("cannot fetch from the admin API")?;
+    print!("{text}");
+    Ok(())
+}

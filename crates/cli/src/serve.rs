@@ -1,0 +1,122 @@
+//! `portcullis up`: the device port and the admin API, until SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Context;
+use portcullis_admin::AdminToken;
+use portcullis_pki::{ClientCertVerifier, est, tls};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::instance::Instance;
+
+pub async fn up(cfg: Config) -> anyhow::Result<()> {
+    let inst = Instance::new(&cfg.data_dir);
+    if !inst.is_initialised() {
+        inst.init(cfg.trust_domain.clone())?;
+        eprintln!("portcullis: initialised {} (trust domain {})", cfg.data_dir.display(), cfg.trust_domain);
+    }
+    let authority = inst.authority(cfg.policy.clone()).await?;
+    let token = inst.admin_token()?;
+
+    // A fresh server certificate each start: it always carries the configured names.
+    let server = authority
+        .ca()
+        .issue_server(&cfg.server_names, cfg.server_cert_lifetime)
+        .context("cannot issue the device-port certificate")?;
+    let tls_dir = cfg.data_dir.join("tls");
+    std::fs::create_dir_all(&tls_dir).with_context(|| format!("cannot create {}", tls_dir.display()))?;
+    portcullis_pki::write_public(&tls_dir.join("server.crt"), server.chain_pem.as_bytes())?;
+    portcullis_pki::write_private(&tls_dir.join("server.key"), server.key_pem.as_bytes())?;
+    let chain = CertificateDer::pem_slice_iter(server.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("server chain")?;
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).context("server key")?;
+    let verifier = ClientCertVerifier::new(authority.ca()).context("client verifier")?;
+    let tls_config = tls::server_config(&verifier, chain, key).context("TLS configuration")?;
+
+    let device_listener = TcpListener::bind(cfg.device_addr)
+        .await
+        .with_context(|| format!("cannot bind the device port to {}", cfg.device_addr))?;
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind the admin API to {}", cfg.admin_addr))?;
+    let device_addr = device_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    inst.write_admin_addr(admin_addr)?;
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "portcullis: device port (EST, CRL) listening on {device_addr}")?;
+        writeln!(out, "portcullis: admin API listening on {admin_addr}")?;
+        out.flush()?;
+    }
+    tracing::info!(%device_addr, %admin_addr, trust_domain = %authority.trust_domain(), "portcullis up");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let device = tokio::spawn(portcullis_gateway::serve(
+        device_listener,
+        tls_config,
+        verifier,
+        est::router(authority.clone()),
+        cfg.listener.clone(),
+        stop_rx.clone(),
+    ));
+    let admin_app = portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api");
+    let mut admin_stop = stop_rx.clone();
+    let admin = tokio::spawn(async move {
+        let r = axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    let crl_task = spawn_crl_refresh(authority.clone(), cfg.policy.crl_validity, stop_rx.clone());
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(device, admin, crl_task);
+    let _ = std::fs::remove_file(inst.admin_addr_path());
+    eprintln!("portcullis: stopped");
+    Ok(())
+}
+
+/// Re-signs the CRL at a quarter of its validity so it never lapses.
+fn spawn_crl_refresh(
+    authority: Arc<portcullis_pki::Authority>,
+    validity: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let period = validity / 4;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {
+                    if let Err(e) = authority.refresh_crl().await {
+                        tracing::error!(error = %e, "cannot re-sign the CRL");
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
