@@ -239,12 +239,16 @@ impl Authority {
         let Some(record) = self.store.device(&id).await? else {
             return Err(Error::BadCredentials);
         };
-        match self.store.check_token(&id, &hash, now).await? {
-            TokenCheck::Valid => {}
-            other => return Err(portcullis_store::Error::Token(other).into()),
+        let check = self.store.check_token(&id, &hash, now).await?;
+        if check == TokenCheck::Unknown {
+            return Err(Error::BadCredentials);
         }
+        // The caller holds a token of this device, so it may learn the device's state.
         if record.state != DeviceState::Active {
             return Err(Error::DeviceNotActive { id, state: record.state });
+        }
+        if check != TokenCheck::Valid {
+            return Err(portcullis_store::Error::Token(check).into());
         }
         let csr = csr::parse_est_body(body)?;
         let issued = self.ca.issue_device(&id, &csr, self.policy.device_cert_lifetime)?;

@@ -38,6 +38,11 @@ impl Server {
 
     /// Starts (or restarts) a server on the data dir inside `dir`.
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Self {
+        Self::start_logged(dir, config, None)
+    }
+
+    /// Like `start_in`, with the server's log at debug level written to `log`.
+    pub fn start_logged(dir: tempfile::TempDir, config: &str, log: Option<&Path>) -> Self {
         let cfg_path = dir.path().join("portcullis.toml");
         std::fs::write(&cfg_path, config).expect("write config");
         let mut child = Command::new(BIN)
@@ -46,9 +51,12 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir(dir.path()))
             .args(["up", "--device-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-            .env("PORTCULLIS_LOG", "warn")
+            .env("PORTCULLIS_LOG", if log.is_some() { "debug" } else { "warn" })
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match log {
+                Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("spawn portcullis");
         let stdout = child.stdout.take().expect("stdout");
