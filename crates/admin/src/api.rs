@@ -86,7 +86,11 @@ fn unauthorized(detail: &str) -> Response {
 }
 
 async fn not_found(req: Request) -> Problem {
-    Problem::new(StatusCode::NOT_FOUND, "not-found", format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+    )
 }
 
 /// `Json<T>` whose rejections are problem documents.
@@ -122,7 +126,8 @@ fn device_id(raw: &str) -> Result<DeviceId, Problem> {
 
 fn duration(raw: Option<&str>, key: &str) -> Result<Option<Duration>, Problem> {
     raw.map(|s| {
-        parse_duration(s).map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-duration", format!("{key}: {e}")))
+        parse_duration(s)
+            .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-duration", format!("{key}: {e}")))
     })
     .transpose()
 }
@@ -177,9 +182,10 @@ async fn list_devices(State(s): State<AppState>) -> Result<Json<Value>, Problem>
 async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
     let id = device_id(&id)?;
     let store = s.authority.store();
-    let device = store.device(&id).await.map_err(|e| err(e.into()))?.ok_or_else(|| {
-        Problem::new(StatusCode::NOT_FOUND, "not-found", format!("device {id} not found"))
-    })?;
+    let device =
+        store.device(&id).await.map_err(|e| err(e.into()))?.ok_or_else(|| {
+            Problem::new(StatusCode::NOT_FOUND, "not-found", format!("device {id} not found"))
+        })?;
     let certs = store.certificates(Some(&id)).await.map_err(|e| err(e.into()))?;
     Ok(Json(json!({
         "device": device,
@@ -194,10 +200,19 @@ struct StateChange {
     reason: Option<String>,
 }
 
-async fn change(s: AppState, id: String, to: DeviceState, reason: Option<String>) -> Result<Json<Value>, Problem> {
+async fn change(
+    s: AppState,
+    id: String,
+    to: DeviceState,
+    reason: Option<String>,
+) -> Result<Json<Value>, Problem> {
     let id = device_id(&id)?;
     if reason.as_ref().is_some_and(|r| r.len() > 1024) {
-        return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid-body", "reason is longer than 1024 bytes"));
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "reason is longer than 1024 bytes",
+        ));
     }
     let d = s.authority.set_state(&id, to, reason, s.actor.clone()).await.map_err(err)?;
     Ok(Json(json!({ "device": d })))
@@ -251,7 +266,10 @@ struct CertQuery {
     device: Option<String>,
 }
 
-async fn list_certificates(State(s): State<AppState>, Query(q): Query<CertQuery>) -> Result<Json<Value>, Problem> {
+async fn list_certificates(
+    State(s): State<AppState>,
+    Query(q): Query<CertQuery>,
+) -> Result<Json<Value>, Problem> {
     let device = q.device.as_deref().map(device_id).transpose()?;
     let certs = s.authority.store().certificates(device.as_ref()).await.map_err(|e| err(e.into()))?;
     Ok(Json(json!({ "certificates": certs })))

@@ -123,7 +123,9 @@ impl AdminClient {
                 (status, bytes.to_bytes())
             }
             Target::Local(router) => {
-                let req = req.body(axum::body::Body::from(payload)).map_err(|e| ClientError::Http(e.to_string()))?;
+                let req = req
+                    .body(axum::body::Body::from(payload))
+                    .map_err(|e| ClientError::Http(e.to_string()))?;
                 let resp = router.clone().oneshot(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
                 let status = resp.status();
                 let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?;

@@ -73,11 +73,11 @@ impl AgentDir {
     /// Creates (mode 0700) or opens `dir` for a new enrollment.
     pub fn create(dir: &Path) -> Result<Self, Error> {
         use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| Error::Io { action: "cannot create", path: dir.to_path_buf(), source })?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| Error::Io {
+            action: "cannot create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
         Ok(Self { dir: dir.to_path_buf() })
     }
 
@@ -85,7 +85,10 @@ impl AgentDir {
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let d = Self { dir: dir.to_path_buf() };
         if !dir.join(META).exists() {
-            return Err(Error::State(format!("{} holds no enrolled identity; run `portcullis-agent enroll`", dir.display())));
+            return Err(Error::State(format!(
+                "{} holds no enrolled identity; run `portcullis-agent enroll`",
+                dir.display()
+            )));
         }
         d.recover()?;
         Ok(d)
@@ -99,9 +102,12 @@ impl AgentDir {
             return Ok(());
         }
         let key_pem = fs::read_to_string(&staged).map_err(self.io("cannot read", STAGED_KEY))?;
-        let matches = rcgen::KeyPair::from_pem(&key_pem).ok().zip(self.leaf_der().ok()).is_some_and(|(k, leaf)| {
-            X509Certificate::from_der(&leaf).is_ok_and(|(_, c)| c.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&k).as_slice())
-        });
+        let matches =
+            rcgen::KeyPair::from_pem(&key_pem).ok().zip(self.leaf_der().ok()).is_some_and(|(k, leaf)| {
+                X509Certificate::from_der(&leaf).is_ok_and(|(_, c)| {
+                    c.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&k).as_slice()
+                })
+            });
         if matches {
             fs::rename(&staged, self.dir.join(KEY)).map_err(self.io("cannot rename", STAGED_KEY))?;
         } else {
@@ -112,7 +118,8 @@ impl AgentDir {
 
     /// Writes a new private key beside the current one (mode 0600) before it is used.
     pub fn stage_key(&self, key_pem: &str) -> Result<(), Error> {
-        write_private(&self.dir.join(STAGED_KEY), key_pem.as_bytes()).map_err(self.io("cannot write", STAGED_KEY))
+        write_private(&self.dir.join(STAGED_KEY), key_pem.as_bytes())
+            .map_err(self.io("cannot write", STAGED_KEY))
     }
 
     /// Stores a new certificate and promotes the staged key that belongs to it.
@@ -125,24 +132,28 @@ impl AgentDir {
         issuing: &[u8],
         public_key: &[u8],
     ) -> Result<(), Error> {
-        let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| Error::State(format!("server sent a bad certificate: {e}")))?;
+        let (_, cert) = X509Certificate::from_der(leaf)
+            .map_err(|e| Error::State(format!("server sent a bad certificate: {e}")))?;
         if cert.public_key().raw != public_key {
             return Err(Error::State("server returned a certificate for another key".into()));
         }
         let leaf_pem = pem("CERTIFICATE", leaf);
         write_public(&self.dir.join(CA), ca_pem).map_err(self.io("cannot write", CA))?;
-        let meta = serde_json::to_vec_pretty(&Meta { server: server.to_owned(), device: device.clone() }).unwrap_or_default();
+        let meta = serde_json::to_vec_pretty(&Meta { server: server.to_owned(), device: device.clone() })
+            .unwrap_or_default();
         write_public(&self.dir.join(META), &meta).map_err(self.io("cannot write", META))?;
         write_public(&self.dir.join(CHAIN), format!("{leaf_pem}{}", pem("CERTIFICATE", issuing)).as_bytes())
             .map_err(self.io("cannot write", CHAIN))?;
         write_public(&self.dir.join(CERT), leaf_pem.as_bytes()).map_err(self.io("cannot write", CERT))?;
-        fs::rename(self.dir.join(STAGED_KEY), self.dir.join(KEY)).map_err(self.io("cannot rename", STAGED_KEY))?;
+        fs::rename(self.dir.join(STAGED_KEY), self.dir.join(KEY))
+            .map_err(self.io("cannot rename", STAGED_KEY))?;
         Ok(())
     }
 
     fn leaf_der(&self) -> Result<Vec<u8>, Error> {
         let text = fs::read(self.dir.join(CERT)).map_err(self.io("cannot read", CERT))?;
-        first_cert(&text).ok_or_else(|| Error::State(format!("{} holds no certificate", self.dir.join(CERT).display())))
+        first_cert(&text)
+            .ok_or_else(|| Error::State(format!("{} holds no certificate", self.dir.join(CERT).display())))
     }
 
     /// (chain PEM, key PEM) for mTLS. The key is returned only to build a TLS config.
@@ -159,10 +170,12 @@ impl AgentDir {
 
     /// The stored identity.
     pub fn status(&self) -> Result<Status, Error> {
-        let meta: Meta = serde_json::from_slice(&fs::read(self.dir.join(META)).map_err(self.io("cannot read", META))?)
-            .map_err(|e| Error::State(format!("{}: {e}", self.dir.join(META).display())))?;
+        let meta: Meta =
+            serde_json::from_slice(&fs::read(self.dir.join(META)).map_err(self.io("cannot read", META))?)
+                .map_err(|e| Error::State(format!("{}: {e}", self.dir.join(META).display())))?;
         let der = self.leaf_der()?;
-        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| Error::State(format!("stored certificate: {e}")))?;
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| Error::State(format!("stored certificate: {e}")))?;
         let nb = cert.validity().not_before.timestamp();
         let na = cert.validity().not_after.timestamp();
         let now = OffsetDateTime::now_utc().unix_timestamp();

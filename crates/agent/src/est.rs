@@ -57,7 +57,10 @@ pub struct EstClient {
 
 impl std::fmt::Debug for EstClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EstClient").field("host", &self.host).field("port", &self.port).finish_non_exhaustive()
+        f.debug_struct("EstClient")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,17 +87,19 @@ impl EstClient {
         if roots.is_empty() {
             return Err(EstError::Tls("CA file holds no certificate".into()));
         }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| EstError::Tls(e.to_string()))?
-            .with_root_certificates(roots);
+        let builder =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| EstError::Tls(e.to_string()))?
+                .with_root_certificates(roots);
         let mut cfg = match identity {
             None => builder.with_no_client_auth(),
             Some((chain, key)) => {
                 let chain = CertificateDer::pem_slice_iter(&chain)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| EstError::Tls(format!("certificate chain: {e}")))?;
-                let key = PrivateKeyDer::from_pem_slice(&key).map_err(|_| EstError::Tls("private key unreadable".into()))?;
+                let key = PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|_| EstError::Tls("private key unreadable".into()))?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| EstError::Tls(e.to_string()))?
             }
         };
@@ -106,9 +111,12 @@ impl EstClient {
     async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, EstError> {
         let addr = format!("{}:{}", self.host, self.port);
         let err = |reason: String| EstError::Connect { addr: addr.clone(), reason };
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| err(e.to_string()))?;
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| err(e.to_string()))?;
+        let tls =
+            self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| err(e.to_string()))?;
         let (send, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| err(e.to_string()))?;
         tokio::spawn(conn);
@@ -135,13 +143,19 @@ impl EstClient {
     }
 
     fn request(&self, method: Method, path: &str) -> http::request::Builder {
-        let host = if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) };
+        let host = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
         Request::builder().method(method).uri(path).header(header::HOST, host)
     }
 
     fn certs(body: &[u8]) -> Result<Vec<Vec<u8>>, EstError> {
         let b64: Vec<u8> = body.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-        let der = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| EstError::Response(e.to_string()))?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| EstError::Response(e.to_string()))?;
         portcullis_pki::pkcs7::parse_certs_only(&der).map_err(|e| EstError::Response(e.to_string()))
     }
 
@@ -150,7 +164,12 @@ impl EstClient {
     }
 
     /// `cacerts` then `simpleenroll`, on one fresh connection. Returns (issuing CA, leaf).
-    pub async fn enroll(&self, id: &DeviceId, token: &Token, csr_der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+    pub async fn enroll(
+        &self,
+        id: &DeviceId,
+        token: &Token,
+        csr_der: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), Error> {
         let mut send = self.connect().await?;
         let issuing = self.issuing(&mut send).await?;
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{}", token.expose()));
@@ -177,7 +196,10 @@ impl EstClient {
         Ok((issuing, leaf))
     }
 
-    async fn issuing(&self, send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> Result<Vec<u8>, Error> {
+    async fn issuing(
+        &self,
+        send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    ) -> Result<Vec<u8>, Error> {
         let req = self
             .request(Method::GET, "/.well-known/est/cacerts")
             .body(Full::new(Bytes::new()))
@@ -204,7 +226,10 @@ impl EstClient {
     /// GET `path` on a fresh connection; returns (status, body). For tests and probes.
     pub async fn get(&self, path: &str) -> Result<(u16, Bytes), EstError> {
         let mut send = self.connect().await?;
-        let req = self.request(Method::GET, path).body(Full::new(Bytes::new())).map_err(|e| EstError::Http(e.to_string()))?;
+        let req = self
+            .request(Method::GET, path)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| EstError::Http(e.to_string()))?;
         send.ready().await.map_err(|e| EstError::Http(e.to_string()))?;
         let resp = send.send_request(req).await.map_err(|e| EstError::Http(e.to_string()))?;
         let status = resp.status().as_u16();
@@ -233,7 +258,11 @@ impl std::fmt::Debug for Connection {
 impl Connection {
     /// GET `path` on this connection; returns (status, body).
     pub async fn get(&mut self, path: &str) -> Result<(u16, Bytes), EstError> {
-        let req = self.client.request(Method::GET, path).body(Full::new(Bytes::new())).map_err(|e| EstError::Http(e.to_string()))?;
+        let req = self
+            .client
+            .request(Method::GET, path)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| EstError::Http(e.to_string()))?;
         self.send.ready().await.map_err(|e| EstError::Http(e.to_string()))?;
         let resp = self.send.send_request(req).await.map_err(|e| EstError::Http(e.to_string()))?;
         let status = resp.status().as_u16();

@@ -55,7 +55,8 @@ pub enum Renewal {
 }
 
 fn new_key_and_csr(id: &DeviceId) -> Result<(rcgen::KeyPair, Vec<u8>), Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| Error::Key(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::Key(e.to_string()))?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name.push(rcgen::DnType::CommonName, id.as_str());
     let csr = params.serialize_request(&key).map_err(|e| Error::Key(e.to_string()))?;
@@ -64,13 +65,26 @@ fn new_key_and_csr(id: &DeviceId) -> Result<(rcgen::KeyPair, Vec<u8>), Error> {
 
 /// Enrolls `id` with `token` at `server` (an `https://host:port` URL), trusting the root
 /// CA in `ca_pem`, and stores the identity in `dir`.
-pub async fn enroll(server: &str, ca_pem: &[u8], id: &DeviceId, token: &Token, dir: &Path) -> Result<Status, Error> {
+pub async fn enroll(
+    server: &str,
+    ca_pem: &[u8],
+    id: &DeviceId,
+    token: &Token,
+    dir: &Path,
+) -> Result<Status, Error> {
     let client = EstClient::new(server, ca_pem, None)?;
     let (key, csr) = new_key_and_csr(id)?;
     let agent_dir = AgentDir::create(dir)?;
     agent_dir.stage_key(&key.serialize_pem())?;
     let (issuing, leaf) = client.enroll(id, token, &csr).await?;
-    agent_dir.commit(server, id, ca_pem, &leaf, &issuing, &rcgen::PublicKeyData::subject_public_key_info(&key))?;
+    agent_dir.commit(
+        server,
+        id,
+        ca_pem,
+        &leaf,
+        &issuing,
+        &rcgen::PublicKeyData::subject_public_key_info(&key),
+    )?;
     agent_dir.status()
 }
 
@@ -88,7 +102,14 @@ pub async fn renew(dir: &Path, force: bool) -> Result<Renewal, Error> {
     let (key, csr) = new_key_and_csr(&status.device)?;
     agent_dir.stage_key(&key.serialize_pem())?;
     let (issuing, leaf) = client.reenroll(&csr).await?;
-    agent_dir.commit(&status.server, &status.device, &ca_pem, &leaf, &issuing, &rcgen::PublicKeyData::subject_public_key_info(&key))?;
+    agent_dir.commit(
+        &status.server,
+        &status.device,
+        &ca_pem,
+        &leaf,
+        &issuing,
+        &rcgen::PublicKeyData::subject_public_key_info(&key),
+    )?;
     Ok(Renewal::Renewed(agent_dir.status()?))
 }
 

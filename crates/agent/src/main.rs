@@ -9,7 +9,11 @@ use portcullis_agent::Renewal;
 use portcullis_core::{DeviceId, Token};
 
 #[derive(Parser)]
-#[command(name = "portcullis-agent", version, about = "Device agent: enroll, renew and inspect this device's identity")]
+#[command(
+    name = "portcullis-agent",
+    version,
+    about = "Device agent: enroll, renew and inspect this device's identity"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,7 +64,9 @@ fn print_status(s: &portcullis_agent::Status, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
         return;
     }
-    let fmt = |t: time::OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    };
     println!("device:       {}", s.device);
     println!("server:       {}", s.server);
     println!("serial:       {}", s.serial);
@@ -80,21 +86,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("enrollment failed")?;
             println!("enrolled {} (serial {}), identity in {}", status.device, status.serial, dir.display());
         }
-        Cmd::Renew { dir, force } => match portcullis_agent::renew(&dir, force).await.context("renewal failed")? {
-            Renewal::Renewed(s) => println!("renewed {} (serial {}, valid until {})", s.device, s.serial, s.not_after),
-            Renewal::NotDue(s) => {
-                println!("not due: {}h of validity left (renews with a third left; --force to renew now)", s.remaining_secs / 3600)
+        Cmd::Renew { dir, force } => {
+            match portcullis_agent::renew(&dir, force).await.context("renewal failed")? {
+                Renewal::Renewed(s) => {
+                    println!("renewed {} (serial {}, valid until {})", s.device, s.serial, s.not_after)
+                }
+                Renewal::NotDue(s) => {
+                    println!(
+                        "not due: {}h of validity left (renews with a third left; --force to renew now)",
+                        s.remaining_secs / 3600
+                    )
+                }
             }
-        },
+        }
         Cmd::Status { dir, json } => print_status(&portcullis_agent::status(&dir)?, json),
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

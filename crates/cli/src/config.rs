@@ -119,7 +119,8 @@ impl Config {
         let raw: Raw = match path {
             None => Raw::default(),
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("invalid config {}", p.display()))?
             }
         };
@@ -133,8 +134,9 @@ impl Config {
     }
 
     fn validate(raw: Raw) -> anyhow::Result<Self> {
-        let trust_domain = TrustDomain::try_new(raw.trust_domain.unwrap_or_else(|| "portcullis.local".into()))
-            .context("config key trust_domain")?;
+        let trust_domain =
+            TrustDomain::try_new(raw.trust_domain.unwrap_or_else(|| "portcullis.local".into()))
+                .context("config key trust_domain")?;
         let mut server_names = raw.device.server_names;
         if server_names.is_empty() {
             server_names = default_names();

@@ -76,7 +76,10 @@ impl Instance {
 
     pub async fn authority(&self, policy: IssuancePolicy) -> anyhow::Result<Arc<Authority>> {
         if !self.is_initialised() {
-            anyhow::bail!("no Portcullis instance in {}; run `portcullis init` or `portcullis up`", self.dir.display());
+            anyhow::bail!(
+                "no Portcullis instance in {}; run `portcullis init` or `portcullis up`",
+                self.dir.display()
+            );
         }
         let ca = Ca::load(&self.ca_dir()).context("cannot load the CA")?;
         let store = SqliteStore::open(self.db_path()).context("cannot open the registry")?;

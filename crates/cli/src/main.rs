@@ -136,7 +136,8 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
+    let builder =
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
     match format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -151,7 +152,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Init { trust_domain } => {
             if let Some(td) = trust_domain {
-                cfg.trust_domain = td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
+                cfg.trust_domain =
+                    td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
             }
             Instance::new(&cfg.data_dir).init(cfg.trust_domain.clone())?;
             println!("initialised {} (trust domain {})", cfg.data_dir.display(), cfg.trust_domain);
@@ -159,13 +161,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Up { device_addr, admin_addr, trust_domain } => {
             if let Some(a) = device_addr {
-                cfg.device_addr = a.parse().map_err(|_| anyhow::anyhow!("--device-addr: {a:?} is not an address"))?;
+                cfg.device_addr =
+                    a.parse().map_err(|_| anyhow::anyhow!("--device-addr: {a:?} is not an address"))?;
             }
             if let Some(a) = admin_addr {
-                cfg.admin_addr = a.parse().map_err(|_| anyhow::anyhow!("--admin-addr: {a:?} is not an address"))?;
+                cfg.admin_addr =
+                    a.parse().map_err(|_| anyhow::anyhow!("--admin-addr: {a:?} is not an address"))?;
             }
             if let Some(td) = trust_domain {
-                cfg.trust_domain = td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
+                cfg.trust_domain =
+                    td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
             }
             serve::up(cfg).await
         }
@@ -177,10 +182,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 DeviceCmd::List { json } => manage::device_list(&c, json).await,
                 DeviceCmd::Show { id, json } => manage::device_show(&c, &id, json).await,
-                DeviceCmd::Suspend { id, reason } => manage::device_state(&c, &id, "suspend", reason.as_deref()).await,
+                DeviceCmd::Suspend { id, reason } => {
+                    manage::device_state(&c, &id, "suspend", reason.as_deref()).await
+                }
                 DeviceCmd::Resume { id } => manage::device_state(&c, &id, "resume", None).await,
-                DeviceCmd::Revoke { id, reason } => manage::device_state(&c, &id, "revoke", reason.as_deref()).await,
-                DeviceCmd::Token { id, ttl, json } => manage::device_token(&c, &id, ttl.as_deref(), json).await,
+                DeviceCmd::Revoke { id, reason } => {
+                    manage::device_state(&c, &id, "revoke", reason.as_deref()).await
+                }
+                DeviceCmd::Token { id, ttl, json } => {
+                    manage::device_token(&c, &id, ttl.as_deref(), json).await
+                }
             }
         }
         Cmd::Ca(cmd) => {

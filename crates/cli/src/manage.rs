@@ -17,10 +17,10 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
         );
     }
     let token = inst.admin_token()?;
-    if let Some(addr) = inst.admin_addr() {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(AdminClient::remote(addr, token));
-        }
+    if let Some(addr) = inst.admin_addr()
+        && tokio::net::TcpStream::connect(addr).await.is_ok()
+    {
+        return Ok(AdminClient::remote(addr, token));
     }
     let authority = inst.authority(cfg.policy.clone()).await?;
     let router = portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli");
@@ -63,7 +63,10 @@ pub async fn device_token(c: &AdminClient, id: &str, ttl: Option<&str>, as_json:
     if as_json {
         print_json(&r);
     } else {
-        eprintln!("new one-time enrollment token for {id} (shown once, expires {}):", s(&r, "token_expires_at"));
+        eprintln!(
+            "new one-time enrollment token for {id} (shown once, expires {}):",
+            s(&r, "token_expires_at")
+        );
         println!("{}", s(&r, "token"));
     }
     Ok(())
@@ -118,7 +121,12 @@ pub async fn device_show(c: &AdminClient, id: &str, as_json: bool) -> anyhow::Re
     Ok(())
 }
 
-pub async fn device_state(c: &AdminClient, id: &str, action: &str, reason: Option<&str>) -> anyhow::Result<()> {
+pub async fn device_state(
+    c: &AdminClient,
+    id: &str,
+    action: &str,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
     let r = c.post(&format!("/v1/devices/{id}/{action}"), &json!({ "reason": reason })).await?;
     println!("device {} is now {}", s(&r["device"], "id"), s(&r["device"], "state"));
     Ok(())

@@ -1,6 +1,8 @@
 //! The admin API and CLI: authentication, data-dir hygiene, management without a
 //! running server, and secrets kept out of logs and API output.
 
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 use std::os::unix::fs::PermissionsExt;
@@ -41,7 +43,10 @@ fn every_admin_endpoint_requires_the_bearer_token() {
         let wrong = curl(&["-X", method, "-H", "Authorization: Bearer pca_wrong", "-d", "{}"], &url);
         assert_eq!(wrong.status, 401, "{method} {path} with a wrong token");
     }
-    let ok = curl(&["-H", &format!("Authorization: Bearer {}", token.trim())], &format!("http://{}/healthz", s.admin));
+    let ok = curl(
+        &["-H", &format!("Authorization: Bearer {}", token.trim())],
+        &format!("http://{}/healthz", s.admin),
+    );
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["status"], "ok");
 }
@@ -74,7 +79,8 @@ fn admin_api_errors_are_problem_documents() {
     // Groups are created on demand and counted.
     assert_eq!(post("/v1/devices", r#"{"id":"cam-2","group":"cameras"}"#).status, 201);
     let groups = curl(&["-H", &auth], &format!("http://{}/v1/groups", s.admin)).json();
-    let names: Vec<_> = groups["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    let names: Vec<_> =
+        groups["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["cameras", "default"]);
 }
 
@@ -82,7 +88,9 @@ fn admin_api_errors_are_problem_documents() {
 fn init_refuses_overwrite_and_secrets_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
-    let init = |td: &str| Command::new(BIN).arg("--data-dir").arg(&data).args(["init", "--trust-domain", td]).output().unwrap();
+    let init = |td: &str| {
+        Command::new(BIN).arg("--data-dir").arg(&data).args(["init", "--trust-domain", td]).output().unwrap()
+    };
     let first = init("fleet.example");
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let root = std::fs::read(data.join("ca/root.crt")).unwrap();
@@ -94,7 +102,12 @@ fn init_refuses_overwrite_and_secrets_are_private() {
         assert_eq!(mode(&data.join(f)), 0o600, "{f}");
     }
     assert_eq!(mode(&data), 0o700);
-    let bad = Command::new(BIN).arg("--data-dir").arg(dir.path().join("e")).args(["init", "--trust-domain", "Bad Domain"]).output().unwrap();
+    let bad = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("e"))
+        .args(["init", "--trust-domain", "Bad Domain"])
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("trust domain"));
 }
@@ -142,7 +155,9 @@ fn management_works_without_a_running_server_and_secrets_stay_out_of_logs() {
     let admin_token = std::fs::read_to_string(s.data_dir().join("admin.token")).unwrap();
     let agent_key = std::fs::read_to_string(s.path("agent/key.pem")).unwrap();
     let logged = std::fs::read_to_string(&log).unwrap();
-    for secret in [token.as_str(), second_token.as_str(), admin_token.trim(), "PRIVATE KEY", &agent_key[40..80]] {
+    for secret in
+        [token.as_str(), second_token.as_str(), admin_token.trim(), "PRIVATE KEY", &agent_key[40..80]]
+    {
         assert!(!logged.contains(secret), "secret in log");
         assert!(!events.contains(secret), "secret in events");
         assert!(!show.contains(secret), "secret in device show");

@@ -1,6 +1,8 @@
 //! One test per hostile input: each gets a precise 4xx, issues nothing, changes nothing,
 //! and the server keeps serving.
 
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 use std::io::{Read, Write};
@@ -19,7 +21,11 @@ fn still_serving(s: &Server, id: &str) {
 }
 
 fn count(s: &Server) -> usize {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(s.certificate_count())
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.certificate_count())
 }
 
 fn valid_body(s: &Server, name: &str) -> Vec<u8> {
@@ -45,7 +51,12 @@ fn token_failures() {
 
     refused(&s, curl_enroll(&s, "cam-1", "pct_wrong", &body), 401, "invalid device id or enrollment token");
     refused(&s, curl_enroll(&s, "cam-1", &other, &body), 401, "invalid device id or enrollment token");
-    refused(&s, curl_enroll(&s, "no-such-device", &token, &body), 401, "invalid device id or enrollment token");
+    refused(
+        &s,
+        curl_enroll(&s, "no-such-device", &token, &body),
+        401,
+        "invalid device id or enrollment token",
+    );
     refused(&s, curl_enroll(&s, "../etc", &token, &body), 401, "invalid device id or enrollment token");
     assert_eq!(count(&s), before, "a refused enrollment issued a certificate");
 
@@ -86,7 +97,12 @@ fn malformed_csrs() {
 
     let t = s.add_device("m-1", &[]);
     refused(&s, curl_enroll(&s, "m-1", &t, b"this is not base64!!"), 400, "not valid base64");
-    refused(&s, curl_enroll(&s, "m-1", &t, b64(b"valid base64, not DER").as_bytes()), 400, "not a DER-encoded PKCS#10");
+    refused(
+        &s,
+        curl_enroll(&s, "m-1", &t, b64(b"valid base64, not DER").as_bytes()),
+        400,
+        "not a DER-encoded PKCS#10",
+    );
     refused(&s, curl_enroll(&s, "m-1", &t, b""), 400, "empty");
 
     // Signature that does not verify: flip a byte inside the signed subject.
@@ -98,9 +114,19 @@ fn malformed_csrs() {
 
     // Weak and unsupported keys.
     let (_, weak) = openssl_csr(dir, "weak", &["-newkey", "rsa:1024"], &[]);
-    refused(&s, curl_enroll(&s, "m-1", &t, b64(&std::fs::read(&weak).unwrap()).as_bytes()), 400, "weak key: RSA 1024 bits");
+    refused(
+        &s,
+        curl_enroll(&s, "m-1", &t, b64(&std::fs::read(&weak).unwrap()).as_bytes()),
+        400,
+        "weak key: RSA 1024 bits",
+    );
     let (_, p521) = openssl_csr(dir, "p521", &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"], &[]);
-    refused(&s, curl_enroll(&s, "m-1", &t, b64(&std::fs::read(&p521).unwrap()).as_bytes()), 400, "unsupported key");
+    refused(
+        &s,
+        curl_enroll(&s, "m-1", &t, b64(&std::fs::read(&p521).unwrap()).as_bytes()),
+        400,
+        "unsupported key",
+    );
 
     // Wrong content type.
     let (root, _) = s.ca_files();
@@ -137,21 +163,49 @@ fn foreign_ca_client_certificate_is_refused() {
     let dir = s.dir.path();
     // A self-made CA and a client certificate from it, with a SPIFFE id of our domain.
     run(std::process::Command::new("openssl").current_dir(dir).args([
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "evil-ca.key",
-        "-out", "evil-ca.crt", "-subj", "/CN=Evil CA", "-days", "2",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "evil-ca.key",
+        "-out",
+        "evil-ca.crt",
+        "-subj",
+        "/CN=Evil CA",
+        "-days",
+        "2",
     ]));
     let (key, csr) = openssl_csr(dir, "evil", &p256(), &[]);
-    run(std::process::Command::new("openssl").current_dir(dir).args(["req", "-inform", "DER", "-in"]).arg(&csr).args([
-        "-out", "evil.csr.pem",
-    ]));
+    run(std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(["req", "-inform", "DER", "-in"])
+        .arg(&csr)
+        .args(["-out", "evil.csr.pem"]));
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=URI:spiffe://portcullis.local/device/ok-3\nextendedKeyUsage=clientAuth\n",
     )
     .unwrap();
     run(std::process::Command::new("openssl").current_dir(dir).args([
-        "x509", "-req", "-in", "evil.csr.pem", "-CA", "evil-ca.crt", "-CAkey", "evil-ca.key", "-CAcreateserial",
-        "-out", "evil.crt", "-days", "1", "-extfile", "ext.cnf",
+        "x509",
+        "-req",
+        "-in",
+        "evil.csr.pem",
+        "-CA",
+        "evil-ca.crt",
+        "-CAkey",
+        "evil-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "evil.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
     ]));
     let (root, _) = s.ca_files();
     let before = count(&s);
@@ -250,7 +304,9 @@ fn slow_clients_time_out_and_others_are_served() {
 fn garbage_on_the_wire_never_stops_the_server() {
     let s = Server::start();
     // Not TLS at all.
-    for payload in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0x00][..], &[0u8; 4096][..]] {
+    for payload in
+        [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0x00][..], &[0u8; 4096][..]]
+    {
         let mut raw = TcpStream::connect(s.device).unwrap();
         raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = raw.write_all(payload);

@@ -1,6 +1,8 @@
 //! Concurrency and crash safety of enrollment: unique serials, no lost records, and a
 //! `kill -9` mid-storm loses no certificate that a client received.
 
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 use std::collections::HashSet;
@@ -68,7 +70,8 @@ async fn concurrent_enrollments_get_unique_serials_and_all_are_stored() {
     assert_eq!(unique.len(), 200, "duplicate serials");
     assert_eq!(stored_serials(&s).await, unique);
     let events: Value = s.admin_client().get("/v1/events?limit=10000").await.unwrap();
-    let issued = events["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "certificate.issued").count();
+    let issued =
+        events["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "certificate.issued").count();
     assert_eq!(issued, 200);
 }
 
@@ -119,5 +122,10 @@ async fn kill_9_during_an_enrollment_storm_loses_no_returned_certificate() {
     let stored = stored_serials(&s).await;
     let lost: Vec<_> = returned.iter().filter(|r| !stored.contains(r.as_str())).collect();
     assert!(lost.is_empty(), "{} certificates returned to clients were lost: {lost:?}", lost.len());
-    eprintln!("returned {} certificates before kill -9, {} failed, {} stored", returned.len(), failures, stored.len());
+    eprintln!(
+        "returned {} certificates before kill -9, {} failed, {} stored",
+        returned.len(),
+        failures,
+        stored.len()
+    );
 }

@@ -1,6 +1,8 @@
 //! Enrollment end to end: our agent, and EST by hand with openssl + curl; revocation seen
 //! by openssl and refused over mTLS, also on an already-open connection.
 
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 use std::process::Command;
@@ -16,10 +18,12 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
     let dir = s.dir.path();
 
     // cacerts: base64 certs-only PKCS#7 holding the root and the issuing CA.
-    let cacerts = curl(&["--cacert", root.to_str().unwrap()], &format!("{}/.well-known/est/cacerts", s.url()));
+    let cacerts =
+        curl(&["--cacert", root.to_str().unwrap()], &format!("{}/.well-known/est/cacerts", s.url()));
     assert_eq!(cacerts.status, 200);
     assert_eq!(certs_from_pkcs7_b64(&cacerts.body).len(), 2);
-    let csrattrs = curl(&["--cacert", root.to_str().unwrap()], &format!("{}/.well-known/est/csrattrs", s.url()));
+    let csrattrs =
+        curl(&["--cacert", root.to_str().unwrap()], &format!("{}/.well-known/est/csrattrs", s.url()));
     assert_eq!(csrattrs.status, 204);
 
     // EST by hand.
@@ -84,7 +88,11 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
     assert!(s.cli_ok(&["ca", "crl"]).starts_with("-----BEGIN X509 CRL-----"));
     // openssl's own revocation check agrees.
     let both = dir.join("chain-and-crl.pem");
-    std::fs::write(&both, format!("{}{}", std::fs::read_to_string(&chain).unwrap(), String::from_utf8_lossy(&crl_pem.body))).unwrap();
+    std::fs::write(
+        &both,
+        format!("{}{}", std::fs::read_to_string(&chain).unwrap(), String::from_utf8_lossy(&crl_pem.body)),
+    )
+    .unwrap();
     let v = Command::new("openssl")
         .args(["verify", "-crl_check", "-CAfile"])
         .arg(&both)
@@ -92,7 +100,10 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
         .output()
         .unwrap();
     assert!(!v.status.success());
-    assert!(String::from_utf8_lossy(&v.stdout).contains("revoked") || String::from_utf8_lossy(&v.stderr).contains("revoked"));
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("revoked")
+            || String::from_utf8_lossy(&v.stderr).contains("revoked")
+    );
 
     let refused = mtls("/portcullis/whoami");
     assert_eq!(refused.status, 403);
@@ -175,7 +186,9 @@ async fn agent_enrolls_renews_and_live_state_applies_to_open_connections() {
     let token = s.add_device("cam-agent", &["--group", "cameras"]);
     let agent_dir = s.path("agent");
     let id = DeviceId::try_new("cam-agent").unwrap();
-    let st = portcullis_agent::enroll(&s.url(), &root, &id, &Token::from_presented(&token), &agent_dir).await.unwrap();
+    let st = portcullis_agent::enroll(&s.url(), &root, &id, &Token::from_presented(&token), &agent_dir)
+        .await
+        .unwrap();
     assert_eq!(st.device, id);
     assert!(!st.renewal_due);
     {
@@ -184,11 +197,16 @@ async fn agent_enrolls_renews_and_live_state_applies_to_open_connections() {
         assert_eq!(mode, 0o600);
     }
     // The same token cannot enroll twice.
-    let again = portcullis_agent::enroll(&s.url(), &root, &id, &Token::from_presented(&token), &s.path("agent2")).await;
+    let again =
+        portcullis_agent::enroll(&s.url(), &root, &id, &Token::from_presented(&token), &s.path("agent2"))
+            .await;
     assert!(format!("{:#}", again.unwrap_err()).contains("already been used"));
 
     // Not due: nothing happens. Forced: a new certificate and a new key.
-    assert!(matches!(portcullis_agent::renew(&agent_dir, false).await.unwrap(), portcullis_agent::Renewal::NotDue(_)));
+    assert!(matches!(
+        portcullis_agent::renew(&agent_dir, false).await.unwrap(),
+        portcullis_agent::Renewal::NotDue(_)
+    ));
     let old_key = std::fs::read(agent_dir.join("key.pem")).unwrap();
     let renewed = match portcullis_agent::renew(&agent_dir, true).await.unwrap() {
         portcullis_agent::Renewal::Renewed(s) => s,
@@ -203,7 +221,8 @@ async fn agent_enrolls_renews_and_live_state_applies_to_open_connections() {
 
     // One keep-alive connection, authenticated by the renewed certificate.
     let dir = portcullis_agent::AgentDir::open(&agent_dir).unwrap();
-    let client = portcullis_agent::EstClient::new(&s.url(), &root, Some(dir.identity_pem().unwrap())).unwrap();
+    let client =
+        portcullis_agent::EstClient::new(&s.url(), &root, Some(dir.identity_pem().unwrap())).unwrap();
     let mut conn = client.open().await.unwrap();
     assert_eq!(conn.get("/portcullis/whoami").await.unwrap().0, 200);
 

@@ -48,15 +48,8 @@ fn check_slug(kind: &'static str, s: &str, max: usize) -> Result<(), InvalidName
     if s.len() > max {
         return Err(InvalidName::TooLong { kind, len: s.len(), max });
     }
-    if let Some(found) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(InvalidName::BadChar {
-            kind,
-            allowed: "ASCII letters, digits, '-', '_' and '.'",
-            found,
-        });
+    if let Some(found) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(InvalidName::BadChar { kind, allowed: "ASCII letters, digits, '-', '_' and '.'", found });
     }
     if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return Err(InvalidName::BadStart { kind });
@@ -151,9 +144,8 @@ fn check_trust_domain(kind: &'static str, s: &str, max: usize) -> Result<(), Inv
     if s.len() > max {
         return Err(InvalidName::TooLong { kind, len: s.len(), max });
     }
-    if let Some(found) = s
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
+    if let Some(found) =
+        s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
     {
         return Err(InvalidName::BadChar {
             kind,

@@ -11,9 +11,7 @@ use serde::{Deserialize, Serialize};
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     #[allow(clippy::expect_used)]
-    SystemRandom::new()
-        .fill(&mut out)
-        .expect("operating system randomness is unavailable");
+    SystemRandom::new().fill(&mut out).expect("operating system randomness is unavailable");
     out
 }
 
@@ -87,10 +85,7 @@ impl Serial {
     /// Big-endian bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let s = if self.0.len() % 2 == 1 { format!("0{}", self.0) } else { self.0.clone() };
-        (0..s.len())
-            .step_by(2)
-            .filter_map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-            .collect()
+        (0..s.len()).step_by(2).filter_map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
     }
 
     /// Lowercase hex.

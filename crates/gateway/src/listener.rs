@@ -124,8 +124,7 @@ pub async fn serve(
     }
     drop(conn_done_tx);
     // Every connection task holds a clone of the sender; wait for them to finish.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while conn_done_rx.changed().await.is_ok() {}
-    })
-    .await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), async { while conn_done_rx.changed().await.is_ok() {} })
+            .await;
 }

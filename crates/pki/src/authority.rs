@@ -2,7 +2,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use portcullis_core::{DeviceId, DeviceState, Fingerprint, GroupName, Serial, Token, TrustDomain};
-use portcullis_store::{Actor, CertificateRecord, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck};
+use portcullis_store::{
+    Actor, CertificateRecord, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck,
+};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
@@ -290,7 +292,10 @@ impl Authority {
     /// Authenticates a connection's client certificate against the CA and the *live*
     /// registry. Call per request: a resumed or long-lived connection must not outlive a
     /// revocation.
-    pub async fn authenticate(&self, peer: Option<&PeerCertificate>) -> Result<AuthenticatedDevice, AuthError> {
+    pub async fn authenticate(
+        &self,
+        peer: Option<&PeerCertificate>,
+    ) -> Result<AuthenticatedDevice, AuthError> {
         let peer = peer.ok_or(AuthError::NoCertificate)?;
         peer.verified.clone().map_err(AuthError::Untrusted)?;
         let leaf = peer.chain.first().ok_or(AuthError::NoCertificate)?;
@@ -308,8 +313,11 @@ impl Authority {
                 })
             })
             .ok_or(AuthError::NotADevice)?;
-        let (record, state): (CertificateRecord, DeviceState) =
-            self.store.certificate(&serial).await?.ok_or_else(|| AuthError::UnknownCertificate(serial.clone()))?;
+        let (record, state): (CertificateRecord, DeviceState) = self
+            .store
+            .certificate(&serial)
+            .await?
+            .ok_or_else(|| AuthError::UnknownCertificate(serial.clone()))?;
         let fingerprint = Fingerprint::of(leaf);
         if record.device != named || record.fingerprint != fingerprint {
             return Err(AuthError::UnknownCertificate(serial));

@@ -217,7 +217,8 @@ impl Ca {
 
         // Keys first: a crash between files leaves `exists` true and nothing half-usable.
         let p = |n: &str| dir.join(n);
-        write_private(&p(ROOT_KEY), root_key.serialize_pem().as_bytes()).map_err(io("cannot write", &p(ROOT_KEY)))?;
+        write_private(&p(ROOT_KEY), root_key.serialize_pem().as_bytes())
+            .map_err(io("cannot write", &p(ROOT_KEY)))?;
         write_private(&p(ISSUING_KEY), issuing_key.serialize_pem().as_bytes())
             .map_err(io("cannot write", &p(ISSUING_KEY)))?;
         write_public(&p(ISSUING_CERT), issuing_cert.pem().as_bytes())
@@ -251,8 +252,10 @@ impl Ca {
         let issuing_der = pem_to_der(&issuing_path, &issuing_pem)?;
         let key_path = dir.join(ISSUING_KEY);
         check_private(&key_path)?;
-        let key = KeyPair::from_pem(&read_string(&key_path)?)
-            .map_err(|_| CaError::Invalid { path: key_path.clone(), reason: "not a PEM private key".into() })?;
+        let key = KeyPair::from_pem(&read_string(&key_path)?).map_err(|_| CaError::Invalid {
+            path: key_path.clone(),
+            reason: "not a PEM private key".into(),
+        })?;
         let issuer = Issuer::from_ca_cert_der(&issuing_der.as_slice().into(), key)
             .map_err(|e| CaError::Invalid { path: issuing_path.clone(), reason: e.to_string() })?;
         Ok(Self { dir: dir.to_path_buf(), trust_domain: meta.trust_domain, root_der, issuing_der, issuer })
@@ -285,7 +288,12 @@ impl Ca {
 
     /// Issues a device certificate for the key in `csr`. Only the key is taken from the
     /// request: subject, SAN, key usage and lifetime are the CA's decision.
-    pub fn issue_device(&self, device: &DeviceId, csr: &ValidCsr, lifetime: Duration) -> Result<IssuedCert, CaError> {
+    pub fn issue_device(
+        &self,
+        device: &DeviceId,
+        csr: &ValidCsr,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
         let now = OffsetDateTime::now_utc();
         let mut p = CertificateParams::default();
         p.distinguished_name = {
@@ -294,10 +302,9 @@ impl Ca {
             dn
         };
         let uri = self.trust_domain.device_uri(device);
-        p.subject_alt_names =
-            vec![SanType::URI(uri.try_into().map_err(|_| rcgen::Error::InvalidAsn1String(
-                rcgen::InvalidAsn1String::Ia5String("device uri".into()),
-            ))?)];
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(|_| {
+            rcgen::Error::InvalidAsn1String(rcgen::InvalidAsn1String::Ia5String("device uri".into()))
+        })?)];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -360,7 +367,12 @@ impl Ca {
     }
 
     /// Signs a CRL listing `revoked`, valid until `next_update`.
-    pub fn crl(&self, revoked: &[RevokedEntry], number: u64, next_update: Duration) -> Result<Vec<u8>, CaError> {
+    pub fn crl(
+        &self,
+        revoked: &[RevokedEntry],
+        number: u64,
+        next_update: Duration,
+    ) -> Result<Vec<u8>, CaError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now,
@@ -399,7 +411,9 @@ fn check_private(path: &Path) -> Result<(), CaError> {
     if mode & 0o077 != 0 {
         return Err(CaError::Invalid {
             path: path.to_path_buf(),
-            reason: format!("key file has mode {mode:o}; it must not be readable by group or others (chmod 600)"),
+            reason: format!(
+                "key file has mode {mode:o}; it must not be readable by group or others (chmod 600)"
+            ),
         });
     }
     Ok(())

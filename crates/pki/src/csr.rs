@@ -10,8 +10,8 @@ use std::fmt;
 use base64::Engine;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_SHA1WITHRSA,
-    OID_SHA1_WITH_RSA, OID_SIG_ED25519,
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA, OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -205,8 +205,14 @@ mod tests {
 
     #[test]
     fn accepts_p256_p384_ed25519() {
-        assert_eq!(validate(&csr_for(&rcgen::PKCS_ECDSA_P256_SHA256)).unwrap().key_kind(), KeyKind::EcdsaP256);
-        assert_eq!(validate(&csr_for(&rcgen::PKCS_ECDSA_P384_SHA384)).unwrap().key_kind(), KeyKind::EcdsaP384);
+        assert_eq!(
+            validate(&csr_for(&rcgen::PKCS_ECDSA_P256_SHA256)).unwrap().key_kind(),
+            KeyKind::EcdsaP256
+        );
+        assert_eq!(
+            validate(&csr_for(&rcgen::PKCS_ECDSA_P384_SHA384)).unwrap().key_kind(),
+            KeyKind::EcdsaP384
+        );
         assert_eq!(validate(&csr_for(&rcgen::PKCS_ED25519)).unwrap().key_kind(), KeyKind::Ed25519);
     }
 
@@ -237,7 +243,8 @@ mod tests {
         let wrapped: String =
             b64.as_bytes().chunks(64).map(|c| format!("{}\r\n", std::str::from_utf8(c).unwrap())).collect();
         assert_eq!(decode_est_body(wrapped.as_bytes()).unwrap(), der);
-        let pem = format!("-----BEGIN CERTIFICATE REQUEST-----\n{wrapped}-----END CERTIFICATE REQUEST-----\n");
+        let pem =
+            format!("-----BEGIN CERTIFICATE REQUEST-----\n{wrapped}-----END CERTIFICATE REQUEST-----\n");
         assert_eq!(decode_est_body(pem.as_bytes()).unwrap(), der);
         assert_eq!(decode_est_body(b"").unwrap_err(), CsrError::Empty);
         assert!(matches!(decode_est_body(b"!!!not base64").unwrap_err(), CsrError::Base64(_)));

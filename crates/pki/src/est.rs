@@ -66,11 +66,15 @@ pub fn problem(e: &Error) -> Problem {
         Error::BadCredentials | Error::TokenUsed | Error::TokenExpired => {
             Problem::new(StatusCode::UNAUTHORIZED, "enrollment-token", e.to_string())
         }
-        Error::DeviceNotActive { .. } => Problem::new(StatusCode::FORBIDDEN, "device-not-allowed", e.to_string()),
+        Error::DeviceNotActive { .. } => {
+            Problem::new(StatusCode::FORBIDDEN, "device-not-allowed", e.to_string())
+        }
         Error::Auth(a) => auth_problem(a),
         Error::InvalidName(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid-name", e.to_string()),
         Error::Store(S::NotFound { .. }) => Problem::new(StatusCode::NOT_FOUND, "not-found", e.to_string()),
-        Error::Store(S::AlreadyExists { .. }) => Problem::new(StatusCode::CONFLICT, "already-exists", e.to_string()),
+        Error::Store(S::AlreadyExists { .. }) => {
+            Problem::new(StatusCode::CONFLICT, "already-exists", e.to_string())
+        }
         Error::Store(S::InvalidTransition { .. }) => {
             Problem::new(StatusCode::CONFLICT, "invalid-transition", e.to_string())
         }
@@ -92,7 +96,10 @@ fn pkcs7_response(certs: &[&[u8]]) -> Response {
             }
             (
                 [
-                    (header::CONTENT_TYPE, HeaderValue::from_static("application/pkcs7-mime; smime-type=certs-only")),
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/pkcs7-mime; smime-type=certs-only"),
+                    ),
                     (
                         http::HeaderName::from_static("content-transfer-encoding"),
                         HeaderValue::from_static("base64"),
@@ -142,15 +149,15 @@ async fn read_body(req: Request) -> Result<(HeaderMap, Bytes), Problem> {
         Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", detail)
     };
     let (parts, body) = req.into_parts();
-    if let Some(len) = parts
+    let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared
+        && len > MAX_BODY
     {
-        if len > MAX_BODY {
-            return Err(too_large(Some(len)));
-        }
+        return Err(too_large(Some(len)));
     }
     let bytes = axum::body::to_bytes(Body::new(body), MAX_BODY).await.map_err(|_| too_large(None))?;
     Ok((parts.headers, bytes))

@@ -12,10 +12,10 @@ fn write_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -52,7 +52,9 @@ impl ClientCertVerifier {
     /// A verifier trusting `ca`.
     pub fn new(ca: &Ca) -> Result<Self, rustls::Error> {
         let mut roots = RootCertStore::empty();
-        roots.add(CertificateDer::from(ca.root_der().to_vec())).map_err(|e| rustls::Error::General(e.to_string()))?;
+        roots
+            .add(CertificateDer::from(ca.root_der().to_vec()))
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         // The issuing CA is an anchor too, so a device that sends only its leaf (as many
         // embedded TLS stacks do) still verifies.
         roots

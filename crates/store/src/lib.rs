@@ -15,8 +15,8 @@ mod model;
 mod sqlite;
 
 pub use model::{
-    Actor, CertificateRecord, Device, Event, EventFilter, Group, NewCertificate, NewDevice,
-    NewToken, RevokedEntry, TokenCheck,
+    Actor, CertificateRecord, Device, Event, EventFilter, Group, NewCertificate, NewDevice, NewToken,
+    RevokedEntry, TokenCheck,
 };
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
@@ -87,7 +87,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn add_token(&self, device: &DeviceId, token: NewToken, actor: Actor) -> Result<()>;
 
     /// Checks a presented token without consuming it.
-    async fn check_token(&self, device: &DeviceId, hash: &TokenHash, now: OffsetDateTime) -> Result<TokenCheck>;
+    async fn check_token(
+        &self,
+        device: &DeviceId,
+        hash: &TokenHash,
+        now: OffsetDateTime,
+    ) -> Result<TokenCheck>;
 
     /// Atomically consumes the token and records the certificate issued with it.
     /// Fails with [`Error::Token`] (and writes nothing) if the token is no longer usable.

@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use crate::{
-    Actor, CertificateRecord, Device, Error, Event, EventFilter, Group, NewCertificate, NewDevice,
-    NewToken, Result, RevokedEntry, Store, TokenCheck,
+    Actor, CertificateRecord, Device, Error, Event, EventFilter, Group, NewCertificate, NewDevice, NewToken,
+    Result, RevokedEntry, Store, TokenCheck,
 };
 
 /// Migrations, applied in order; `PRAGMA user_version` holds how many have run.
@@ -137,7 +137,8 @@ fn migrate(conn: &mut Connection) -> Result<usize> {
     let current = usize::try_from(current).unwrap_or(usize::MAX);
     if current > MIGRATIONS.len() {
         return Err(Error::Backend(
-            format!("database schema version {current} is newer than this build ({})", MIGRATIONS.len()).into(),
+            format!("database schema version {current} is newer than this build ({})", MIGRATIONS.len())
+                .into(),
         ));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
@@ -209,10 +210,10 @@ impl SqliteStore {
                 None => open_conn(&inner.path).map_err(backend)?,
             };
             let out = f(&conn);
-            if let Ok(mut pool) = inner.readers.lock() {
-                if pool.len() < READERS {
-                    pool.push(conn);
-                }
+            if let Ok(mut pool) = inner.readers.lock()
+                && pool.len() < READERS
+            {
+                pool.push(conn);
             }
             out
         })
@@ -348,7 +349,12 @@ fn load_device(conn: &Connection, id: &DeviceId) -> Result<Option<Device>> {
         .optional()?)
 }
 
-fn token_state(conn: &Connection, device: &DeviceId, hash: &TokenHash, now: OffsetDateTime) -> Result<TokenCheck> {
+fn token_state(
+    conn: &Connection,
+    device: &DeviceId,
+    hash: &TokenHash,
+    now: OffsetDateTime,
+) -> Result<TokenCheck> {
     let row: Option<(String, i64, Option<i64>)> = conn
         .prepare_cached("SELECT device_id, expires_at, used_at FROM enrollment_tokens WHERE hash = ?1")?
         .query_row([hash.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -477,7 +483,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn check_token(&self, device: &DeviceId, hash: &TokenHash, now: OffsetDateTime) -> Result<TokenCheck> {
+    async fn check_token(
+        &self,
+        device: &DeviceId,
+        hash: &TokenHash,
+        now: OffsetDateTime,
+    ) -> Result<TokenCheck> {
         let (device, hash) = (device.clone(), hash.clone());
         self.read(move |c| token_state(c, &device, &hash, now)).await
     }
@@ -594,12 +605,12 @@ impl Store for SqliteStore {
                 DeviceState::Suspended => "suspend",
                 DeviceState::Revoked => "revoke",
             };
-            let allowed = match (d.state, to) {
-                (DeviceState::Revoked, _) => false,
-                (DeviceState::Active, DeviceState::Active) => false,
-                (DeviceState::Suspended, DeviceState::Suspended) => false,
-                _ => true,
-            };
+            let allowed = !matches!(
+                (d.state, to),
+                (DeviceState::Revoked, _)
+                    | (DeviceState::Active, DeviceState::Active)
+                    | (DeviceState::Suspended, DeviceState::Suspended)
+            );
             if !allowed {
                 return Err(Error::InvalidTransition { id, from: d.state, action });
             }

@@ -74,7 +74,12 @@ impl Server {
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self { dir, child: Some(child), device: device.expect("device addr"), admin: admin.expect("admin addr") }
+        Self {
+            dir,
+            child: Some(child),
+            device: device.expect("device addr"),
+            admin: admin.expect("admin addr"),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -45,7 +45,8 @@ fn device_certificate_content_is_decided_by_the_ca() {
     // A hostile CSR: asks to be a CA, for other names and for serverAuth.
     let mut asked = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
     asked.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    asked.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::CodeSigning];
+    asked.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::CodeSigning];
     asked.key_usages = vec![KeyUsagePurpose::KeyCertSign];
     asked.distinguished_name.push(DnType::CommonName, "someone-else");
     let csr = csr(&rcgen::PKCS_ECDSA_P256_SHA256, asked);
@@ -99,7 +100,8 @@ fn crl_lists_revoked_serials() {
         )
         .unwrap();
     let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
-    let listed: Vec<Serial> = crl.iter_revoked_certificates().map(|r| Serial::from_bytes(r.raw_serial())).collect();
+    let listed: Vec<Serial> =
+        crl.iter_revoked_certificates().map(|r| Serial::from_bytes(r.raw_serial())).collect();
     assert_eq!(listed, [serial]);
     let (_, issuing) = X509Certificate::from_der(ca.issuing_der()).unwrap();
     crl.verify_signature(issuing.public_key()).unwrap();

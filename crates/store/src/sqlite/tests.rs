@@ -78,7 +78,9 @@ async fn concurrent_use_of_one_token_issues_once() {
     let mut tasks = Vec::new();
     for i in 0..32 {
         let (s, h) = (s.clone(), t.hash());
-        tasks.push(tokio::spawn(async move { s.enroll(&h, cert("cam-1", &format!("{:x}", i + 1)), now).await }));
+        tasks.push(tokio::spawn(
+            async move { s.enroll(&h, cert("cam-1", &format!("{:x}", i + 1)), now).await },
+        ));
     }
     let mut ok = 0;
     for task in tasks {
@@ -109,7 +111,8 @@ async fn revoke_revokes_certificates_and_is_final() {
     assert_eq!((c.state, state), (CertState::Revoked, DeviceState::Revoked));
     let resume = s.set_device_state(&id("cam-1"), DeviceState::Active, None, Actor::System).await;
     assert!(matches!(resume, Err(Error::InvalidTransition { .. })));
-    let kinds: Vec<String> = s.events(EventFilter::default()).await.unwrap().into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> =
+        s.events(EventFilter::default()).await.unwrap().into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds, ["device.created", "certificate.issued", "device.suspended", "device.revoked"]);
 }
 
