@@ -49,6 +49,7 @@ pub enum EstError {
 /// An EST client that opens a fresh TLS connection per operation.
 #[derive(Clone)]
 pub struct EstClient {
+    config: Arc<rustls::ClientConfig>,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
@@ -105,7 +106,18 @@ impl EstClient {
         };
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let server_name = ServerName::try_from(host.clone()).map_err(|_| EstError::Url(server.into()))?;
-        Ok(Self { host, port, server_name, connector: TlsConnector::from(Arc::new(cfg)) })
+        let config = Arc::new(cfg);
+        Ok(Self { connector: TlsConnector::from(config.clone()), config, host, port, server_name })
+    }
+
+    /// The same client, but every connection does a full handshake (no TLS session
+    /// resumption), as a fleet of distinct devices would.
+    pub fn without_resumption(mut self) -> Self {
+        let mut cfg = (*self.config).clone();
+        cfg.resumption = rustls::client::Resumption::disabled();
+        self.config = Arc::new(cfg);
+        self.connector = TlsConnector::from(self.config.clone());
+        self
     }
 
     async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, EstError> {
@@ -181,6 +193,25 @@ impl EstClient {
             .map_err(|e| EstError::Http(e.to_string()))?;
         let leaf = self.leaf(&mut send, req).await?;
         Ok((issuing, leaf))
+    }
+
+    /// Only `simpleenroll`, on one fresh connection; returns the leaf. For fleet
+    /// simulation and benchmarks, where the CA chain is already known.
+    pub async fn simple_enroll(
+        &self,
+        id: &DeviceId,
+        token: &Token,
+        csr_der: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let mut send = self.connect().await?;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{}", token.expose()));
+        let body = base64::engine::general_purpose::STANDARD.encode(csr_der);
+        let req = self
+            .csr_request("/.well-known/est/simpleenroll")
+            .header(header::AUTHORIZATION, format!("Basic {basic}"))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| EstError::Http(e.to_string()))?;
+        self.leaf(&mut send, req).await
     }
 
     /// `cacerts` then `simplereenroll` over mTLS. Returns (issuing CA, leaf).

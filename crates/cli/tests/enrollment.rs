@@ -105,6 +105,7 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
             || String::from_utf8_lossy(&v.stderr).contains("revoked")
     );
 
+    let issued_before = count(&s);
     let refused = mtls("/portcullis/whoami");
     assert_eq!(refused.status, 403);
     assert!(refused.detail().contains("revoked"), "{}", refused.detail());
@@ -129,6 +130,70 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
         )
     };
     assert_eq!(reenroll.status, 403);
+    assert!(reenroll.detail().contains("revoked"), "{}", reenroll.detail());
+    assert_eq!(count(&s), issued_before, "a refused re-enrollment issued a certificate");
+}
+
+fn count(s: &Server) -> usize {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.certificate_count())
+}
+
+/// The `portcullis-agent` binary as an operator would use it.
+#[test]
+fn agent_binary_enroll_status_renew() {
+    let agent = std::path::Path::new(BIN).with_file_name("portcullis-agent");
+    assert!(
+        agent.exists(),
+        "{} missing: run `cargo test --workspace` (it builds every binary)",
+        agent.display()
+    );
+    let s = Server::start();
+    let (root, _) = s.ca_files();
+    let token = s.add_device("cam-bin", &[]);
+    let dir = s.path("agent-bin");
+    let out = run(Command::new(&agent)
+        .args(["enroll", "--server", &s.url(), "--ca"])
+        .arg(&root)
+        .args(["--id", "cam-bin", "--dir"])
+        .arg(&dir)
+        .env("PORTCULLIS_ENROLL_TOKEN", &token));
+    assert!(out.contains("enrolled cam-bin"), "{out}");
+    let status = run(Command::new(&agent).args(["status", "--json", "--dir"]).arg(&dir));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["device"], "cam-bin");
+    assert_eq!(status["renewal_due"], false);
+    let not_due = run(Command::new(&agent).args(["renew", "--dir"]).arg(&dir));
+    assert!(not_due.contains("not due"), "{not_due}");
+    let renewed = run(Command::new(&agent).args(["renew", "--force", "--dir"]).arg(&dir));
+    assert!(renewed.contains("renewed cam-bin"), "{renewed}");
+    // curl with the agent's files proves the identity to the device port.
+    let who = curl(
+        &[
+            "--cacert",
+            root.to_str().unwrap(),
+            "--cert",
+            dir.join("chain.pem").to_str().unwrap(),
+            "--key",
+            dir.join("key.pem").to_str().unwrap(),
+        ],
+        &format!("{}/portcullis/whoami", s.url()),
+    );
+    assert_eq!(who.status, 200);
+    // A wrong token fails with the server's reason and a non-zero exit.
+    s.add_device("cam-bin2", &[]);
+    let bad = Command::new(&agent)
+        .args(["enroll", "--server", &s.url(), "--ca"])
+        .arg(&root)
+        .args(["--id", "cam-bin2", "--token", "pct_nope", "--dir"])
+        .arg(s.path("agent-bin2"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid device id or enrollment token"));
 }
 
 #[test]
@@ -237,8 +302,11 @@ async fn agent_enrolls_renews_and_live_state_applies_to_open_connections() {
     assert_eq!(conn.get("/portcullis/whoami").await.unwrap().0, 200);
     // A suspended device cannot re-enroll either.
     s.cli_ok(&["device", "suspend", "cam-agent"]);
+    let before = s.certificate_count().await;
     let err = portcullis_agent::renew(&agent_dir, true).await.unwrap_err();
     assert!(format!("{err:#}").contains("403"), "{err:#}");
+    assert!(format!("{err:#}").contains("suspended"), "{err:#}");
+    assert_eq!(s.certificate_count().await, before);
     s.cli_ok(&["device", "resume", "cam-agent"]);
 
     s.cli_ok(&["device", "revoke", "cam-agent"]);

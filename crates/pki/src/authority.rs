@@ -238,16 +238,15 @@ impl Authority {
         let id = DeviceId::try_new(device).map_err(|_| Error::BadCredentials)?;
         let now = OffsetDateTime::now_utc();
         let hash = token.hash();
-        let Some(record) = self.store.device(&id).await? else {
+        let Some((state, check)) = self.store.check_token(&id, &hash, now).await? else {
             return Err(Error::BadCredentials);
         };
-        let check = self.store.check_token(&id, &hash, now).await?;
         if check == TokenCheck::Unknown {
             return Err(Error::BadCredentials);
         }
         // The caller holds a token of this device, so it may learn the device's state.
-        if record.state != DeviceState::Active {
-            return Err(Error::DeviceNotActive { id, state: record.state });
+        if state != DeviceState::Active {
+            return Err(Error::DeviceNotActive { id, state });
         }
         if check != TokenCheck::Valid {
             return Err(portcullis_store::Error::Token(check).into());

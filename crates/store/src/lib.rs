@@ -86,13 +86,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Adds another enrollment token for an existing, non-revoked device.
     async fn add_token(&self, device: &DeviceId, token: NewToken, actor: Actor) -> Result<()>;
 
-    /// Checks a presented token without consuming it.
+    /// Checks a presented token without consuming it, in one read with the device's
+    /// state. `None` if the device does not exist.
     async fn check_token(
         &self,
         device: &DeviceId,
         hash: &TokenHash,
         now: OffsetDateTime,
-    ) -> Result<TokenCheck>;
+    ) -> Result<Option<(DeviceState, TokenCheck)>>;
 
     /// Atomically consumes the token and records the certificate issued with it.
     /// Fails with [`Error::Token`] (and writes nothing) if the token is no longer usable.

@@ -83,7 +83,8 @@ pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
-const READERS: usize = 4;
+/// Read connections kept open; more are opened under load and closed after.
+const READERS: usize = 64;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
@@ -488,9 +489,18 @@ impl Store for SqliteStore {
         device: &DeviceId,
         hash: &TokenHash,
         now: OffsetDateTime,
-    ) -> Result<TokenCheck> {
+    ) -> Result<Option<(DeviceState, TokenCheck)>> {
         let (device, hash) = (device.clone(), hash.clone());
-        self.read(move |c| token_state(c, &device, &hash, now)).await
+        self.read(move |c| {
+            let state: Option<String> = c
+                .prepare_cached("SELECT state FROM devices WHERE id = ?1")?
+                .query_row([device.as_str()], |r| r.get(0))
+                .optional()?;
+            let Some(state) = state else { return Ok(None) };
+            let state = state.parse().map_err(|_| corrupt("state", &state))?;
+            Ok(Some((state, token_state(c, &device, &hash, now)?)))
+        })
+        .await
     }
 
     async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<()> {

@@ -49,14 +49,17 @@ async fn token_lifecycle() {
     let t = add(&s, "cam-1").await;
     let other = add(&s, "cam-2").await;
     let now = OffsetDateTime::now_utc();
-    assert_eq!(s.check_token(&id("cam-1"), &t.hash(), now).await.unwrap(), TokenCheck::Valid);
-    assert_eq!(s.check_token(&id("cam-1"), &other.hash(), now).await.unwrap(), TokenCheck::Unknown);
+    assert_eq!(s.check_token(&id("cam-1"), &t.hash(), now).await.unwrap().unwrap().1, TokenCheck::Valid);
     assert_eq!(
-        s.check_token(&id("cam-1"), &t.hash(), now + time::Duration::hours(2)).await.unwrap(),
+        s.check_token(&id("cam-1"), &other.hash(), now).await.unwrap().unwrap().1,
+        TokenCheck::Unknown
+    );
+    assert_eq!(
+        s.check_token(&id("cam-1"), &t.hash(), now + time::Duration::hours(2)).await.unwrap().unwrap().1,
         TokenCheck::Expired
     );
     s.enroll(&t.hash(), cert("cam-1", "01"), now).await.unwrap();
-    assert_eq!(s.check_token(&id("cam-1"), &t.hash(), now).await.unwrap(), TokenCheck::Used);
+    assert_eq!(s.check_token(&id("cam-1"), &t.hash(), now).await.unwrap().unwrap().1, TokenCheck::Used);
     let again = s.enroll(&t.hash(), cert("cam-1", "02"), now).await;
     assert!(matches!(again, Err(Error::Token(TokenCheck::Used))), "{again:?}");
     assert_eq!(s.certificates(Some(&id("cam-1"))).await.unwrap().len(), 1);

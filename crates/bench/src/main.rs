@@ -1,0 +1,192 @@
+//! `portcullis-enroll-bench`: end-to-end EST enrollments per second against a running
+//! `portcullis up`, next to the in-process ceiling (CSR verify + sign only) measured in
+//! the same run on the same machine.
+//!
+//! Each simulated device has its own key and CSR, made before the clock starts (that is
+//! the device's own CPU in a real fleet). Timed, per device: a fresh TCP connection, a
+//! full TLS 1.3 handshake (no resumption), `POST /.well-known/est/simpleenroll` with its
+//! one-time token, and the server's durable commit of the certificate before it answers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine;
+use clap::Parser;
+use portcullis_admin::AdminClient;
+use portcullis_agent::EstClient;
+use portcullis_core::{DeviceId, Token, TrustDomain};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "EST enrollment throughput, end to end and in-process")]
+struct Args {
+    /// Device port URL of the running server.
+    #[arg(long)]
+    server: String,
+    /// Root CA (PEM) of the running server.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Admin API address of the running server.
+    #[arg(long)]
+    admin: SocketAddr,
+    /// File holding the admin token.
+    #[arg(long)]
+    admin_token: PathBuf,
+    /// Enrollments to run.
+    #[arg(short, long, default_value_t = 5000)]
+    n: usize,
+    /// Concurrent agents.
+    #[arg(short, long, default_value_t = 64)]
+    concurrency: usize,
+    /// Device id prefix (use a new one per run against the same data dir).
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+}
+
+struct Device {
+    id: DeviceId,
+    token: Token,
+    csr: Vec<u8>,
+}
+
+fn csr_for(id: &DeviceId) -> anyhow::Result<Vec<u8>> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, id.as_str());
+    Ok(p.serialize_request(&key)?.der().to_vec())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// CSR decode + verify + certificate signing on every core, no I/O: the ceiling.
+fn ceiling(csrs: &[Vec<u8>]) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let ca =
+        Arc::new(portcullis_pki::Ca::init(&dir.path().join("ca"), TrustDomain::try_new("bench.local")?)?);
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        csrs.iter().map(|c| base64::engine::general_purpose::STANDARD.encode(c).into_bytes()).collect(),
+    );
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let next = Arc::new(AtomicUsize::new(0));
+    let id = DeviceId::try_new("ceiling")?;
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (ca, bodies, next, id) = (ca.clone(), bodies.clone(), next.clone(), id.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(body) = bodies.get(i) else { return Ok(()) };
+                    let csr = portcullis_pki::csr::parse_est_body(body)?;
+                    ca.issue_device(&id, &csr, Duration::from_secs(30 * 86400))?;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow::anyhow!("ceiling thread panicked"))??;
+    }
+    Ok(bodies.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let ca_pem = std::fs::read(&args.ca).with_context(|| format!("read {}", args.ca.display()))?;
+    let token = std::fs::read_to_string(&args.admin_token).context("admin token")?;
+    let admin = Arc::new(AdminClient::remote(args.admin, Token::from_presented(token.trim())));
+
+    eprintln!("registering {} devices and making their CSRs ...", args.n);
+    let mut devices = Vec::with_capacity(args.n);
+    for i in 0..args.n {
+        let id = DeviceId::try_new(format!("{}-{i:06}", args.prefix))?;
+        let r = admin.post("/v1/devices", &json!({ "id": id })).await?;
+        let token = Token::from_presented(r["token"].as_str().context("token")?);
+        let csr = csr_for(&id)?;
+        devices.push(Device { id, token, csr });
+    }
+    let devices = Arc::new(devices);
+    let client = EstClient::new(&args.server, &ca_pem, None)?.without_resumption();
+
+    eprintln!("enrolling with {} concurrent agents ...", args.concurrency);
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (devices, client, next) = (devices.clone(), client.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(d) = devices.get(i) else { return (lat, errors) };
+                let t = Instant::now();
+                match client.simple_enroll(&d.id, &d.token, &d.csr).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(e) => {
+                        errors += 1;
+                        if errors <= 3 {
+                            eprintln!("enrollment failed: {e:#}");
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = t0.elapsed();
+    lat.sort();
+    let e2e = lat.len() as f64 / elapsed.as_secs_f64();
+
+    // Every returned certificate must be in the registry.
+    let stored: serde_json::Value = admin.get("/v1/certificates").await?;
+    let stored = stored["certificates"]
+        .as_array()
+        .map(|a| {
+            a.iter().filter(|c| c["device"].as_str().is_some_and(|d| d.starts_with(&args.prefix))).count()
+        })
+        .unwrap_or(0);
+
+    eprintln!("measuring the in-process ceiling ...");
+    let csrs: Vec<Vec<u8>> = devices.iter().map(|d| d.csr.clone()).collect();
+    let ceil = ceiling(&csrs)?;
+
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "enrollments": lat.len(),
+            "errors": errors,
+            "stored": stored,
+            "concurrency": args.concurrency,
+            "seconds": elapsed.as_secs_f64(),
+            "e2e_per_sec": e2e.round(),
+            "latency_ms": {
+                "p50": percentile(&lat, 0.50).as_secs_f64() * 1e3,
+                "p99": percentile(&lat, 0.99).as_secs_f64() * 1e3,
+                "max": lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            },
+            "ceiling_per_sec": ceil.round(),
+            "ratio_e2e_to_ceiling": (e2e / ceil * 1000.0).round() / 1000.0,
+        }))?
+    );
+    if errors > 0 || stored != lat.len() {
+        anyhow::bail!("{errors} enrollments failed; {stored} of {} stored", lat.len());
+    }
+    Ok(())
+}
