@@ -18,5 +18,4 @@ dev=$(awk '/device port/ {print $NF}' "$work/up.out")
 adm=$(awk '/admin API/ {print $NF}' "$work/up.out")
 target/release/portcullis --data-dir "$work/data" ca cert >"$work/root.pem"
 target/release/portcullis-enroll-bench --server "https://$dev" --ca "$work/root.pem" \
-  --admin "$adm" --admin-token "$work/data/admin.token" -n "$N" -c "$C"
-echo "server CPU seconds: $(ps -o times= -p "$pid")" >&2
+  --admin "$adm" --admin-token "$work/data/admin.token" -n "$N" -c "$C" --server-pid "$pid"

@@ -44,6 +44,7 @@ pub fn router(authority: Arc<Authority>, token: AdminToken, operator: &str) -> R
     let state = AppState { authority, actor: Actor::Operator(operator.to_owned()) };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}", get(show_device))
         .route("/v1/devices/{id}/suspend", post(suspend))
@@ -138,6 +139,14 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 fn err(e: portcullis_pki::Error) -> Problem {
     est::problem(&e)
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.authority.metrics().encode(),
+    )
+        .into_response()
 }
 
 async fn healthz(State(s): State<AppState>) -> Result<Json<Value>, Problem> {

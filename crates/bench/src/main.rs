@@ -42,6 +42,9 @@ struct Args {
     /// Concurrent agents.
     #[arg(short, long, default_value_t = 64)]
     concurrency: usize,
+    /// PID of the server, to report its CPU time per enrollment (Linux /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Device id prefix (use a new one per run against the same data dir).
     #[arg(long, default_value = "bench")]
     prefix: String,
@@ -58,6 +61,16 @@ fn csr_for(id: &DeviceId) -> anyhow::Result<Vec<u8>> {
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name.push(rcgen::DnType::CommonName, id.as_str());
     Ok(p.serialize_request(&key)?.der().to_vec())
+}
+
+/// User + system CPU seconds of a process so far (USER_HZ is 100 on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -120,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("enrolling with {} concurrent agents ...", args.concurrency);
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = args.server_pid.and_then(cpu_seconds);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
@@ -151,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         errors += e;
     }
     let elapsed = t0.elapsed();
+    let server_cpu = args.server_pid.and_then(cpu_seconds).zip(cpu0).map(|(b, a)| b - a);
     lat.sort();
     let e2e = lat.len() as f64 / elapsed.as_secs_f64();
 
@@ -181,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 "p99": percentile(&lat, 0.99).as_secs_f64() * 1e3,
                 "max": lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
             },
+            "server_cpu_ms_per_enrollment": server_cpu.map(|c| c * 1e3 / lat.len().max(1) as f64),
             "ceiling_per_sec": ceil.round(),
             "ratio_e2e_to_ceiling": (e2e / ceil * 1000.0).round() / 1000.0,
         }))?

@@ -20,6 +20,7 @@ fn every_admin_endpoint_requires_the_bearer_token() {
     let token = std::fs::read_to_string(s.data_dir().join("admin.token")).unwrap();
     let endpoints = [
         ("GET", "/healthz"),
+        ("GET", "/metrics"),
         ("GET", "/v1/devices"),
         ("POST", "/v1/devices"),
         ("GET", "/v1/devices/x"),

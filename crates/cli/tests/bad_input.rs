@@ -87,6 +87,24 @@ fn token_failures() {
     refused(&s, curl_enroll(&s, "cam-4", &t4, &valid_body(&s, "cam-4")), 403, "revoked");
     assert_eq!(count(&s), after_first);
     still_serving(&s, "ok-1");
+
+    // Each refusal is counted by reason at /metrics.
+    let metrics = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.admin_client().get_text("/metrics"))
+        .unwrap();
+    for (result, n) in [
+        ("bad_credentials", 4),
+        ("token_used", 1),
+        ("token_expired", 1),
+        ("device_not_active", 2),
+        ("issued", 2),
+    ] {
+        let line = format!("portcullis_est_enrollments_total{{via=\"enroll\",result=\"{result}\"}} {n}");
+        assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ use x509_parser::prelude::FromDer;
 
 use crate::ca::{Ca, CaError, IssuedCert};
 use crate::csr::{self, CsrError};
+use crate::metrics::Metrics;
 use crate::tls::PeerCertificate;
 
 /// How the CA issues.
@@ -163,12 +164,14 @@ pub struct Authority {
     store: Arc<dyn Store>,
     policy: IssuancePolicy,
     crl: RwLock<Arc<Vec<u8>>>,
+    metrics: Metrics,
 }
 
 impl Authority {
     /// Binds `ca` to `store` and signs a first CRL.
     pub async fn new(ca: Ca, store: Arc<dyn Store>, policy: IssuancePolicy) -> Result<Self, Error> {
-        let a = Self { ca, store, policy, crl: RwLock::new(Arc::new(Vec::new())) };
+        let a =
+            Self { ca, store, policy, crl: RwLock::new(Arc::new(Vec::new())), metrics: Metrics::default() };
         a.refresh_crl().await?;
         Ok(a)
     }
@@ -186,6 +189,11 @@ impl Authority {
     /// The issuance policy.
     pub fn policy(&self) -> &IssuancePolicy {
         &self.policy
+    }
+
+    /// Counters for `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The trust domain.
@@ -235,6 +243,12 @@ impl Authority {
     /// EST simpleenroll: authenticates `device:token`, validates the CSR, issues and
     /// durably records the certificate. Nothing is issued unless every check passes.
     pub async fn enroll(&self, device: &str, token: &Token, body: &[u8]) -> Result<IssuedCert, Error> {
+        let r = self.enroll_inner(device, token, body).await;
+        self.metrics.enrollment("enroll", outcome(&r));
+        r
+    }
+
+    async fn enroll_inner(&self, device: &str, token: &Token, body: &[u8]) -> Result<IssuedCert, Error> {
         let id = DeviceId::try_new(device).map_err(|_| Error::BadCredentials)?;
         let now = OffsetDateTime::now_utc();
         let hash = token.hash();
@@ -263,6 +277,12 @@ impl Authority {
 
     /// EST simplereenroll: a fresh certificate for an authenticated, active device.
     pub async fn reenroll(&self, device: &AuthenticatedDevice, body: &[u8]) -> Result<IssuedCert, Error> {
+        let r = self.reenroll_inner(device, body).await;
+        self.metrics.enrollment("reenroll", outcome(&r));
+        r
+    }
+
+    async fn reenroll_inner(&self, device: &AuthenticatedDevice, body: &[u8]) -> Result<IssuedCert, Error> {
         let csr = csr::parse_est_body(body)?;
         let issued = self.ca.issue_device(&device.id, &csr, self.policy.device_cert_lifetime)?;
         self.store
@@ -292,6 +312,24 @@ impl Authority {
     /// registry. Call per request: a resumed or long-lived connection must not outlive a
     /// revocation.
     pub async fn authenticate(
+        &self,
+        peer: Option<&PeerCertificate>,
+    ) -> Result<AuthenticatedDevice, AuthError> {
+        let r = self.authenticate_inner(peer).await;
+        self.metrics.client_auth(match &r {
+            Ok(_) => "ok",
+            Err(AuthError::NoCertificate) => "no_certificate",
+            Err(AuthError::Untrusted(_)) => "untrusted",
+            Err(AuthError::NotADevice | AuthError::UnknownCertificate(_)) => "unknown",
+            Err(AuthError::Expired { .. }) => "expired",
+            Err(AuthError::CertificateRevoked(_) | AuthError::DeviceRevoked(_)) => "revoked",
+            Err(AuthError::DeviceSuspended(_)) => "suspended",
+            Err(AuthError::Store(_)) => "error",
+        });
+        r
+    }
+
+    async fn authenticate_inner(
         &self,
         peer: Option<&PeerCertificate>,
     ) -> Result<AuthenticatedDevice, AuthError> {
@@ -345,6 +383,7 @@ impl Authority {
     ) -> Result<Device, Error> {
         let device = self.store.set_device_state(id, to, reason, actor).await?;
         tracing::info!(device = %id, state = %to, "device state changed");
+        self.metrics.state_change(to.as_str());
         if to == DeviceState::Revoked {
             self.refresh_crl().await?;
         }
@@ -359,6 +398,7 @@ impl Authority {
         if let Ok(mut slot) = self.crl.write() {
             *slot = Arc::new(der);
         }
+        self.metrics.crl_signed();
         tracing::debug!(number, entries = revoked.len(), "signed CRL");
         Ok(())
     }
@@ -379,5 +419,20 @@ impl Authority {
         }
         out.push_str("-----END X509 CRL-----\n");
         out
+    }
+}
+
+fn outcome<T>(r: &Result<T, Error>) -> &'static str {
+    match r {
+        Ok(_) => "issued",
+        Err(Error::BadCredentials) => "bad_credentials",
+        Err(Error::TokenUsed) => "token_used",
+        Err(Error::TokenExpired) => "token_expired",
+        Err(Error::DeviceNotActive { .. }) => "device_not_active",
+        Err(Error::Csr(
+            CsrError::WeakKey { .. } | CsrError::UnsupportedKey(_) | CsrError::WeakSignature(_),
+        )) => "key_rejected",
+        Err(Error::Csr(_)) => "csr_invalid",
+        Err(_) => "error",
     }
 }

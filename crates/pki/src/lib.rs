@@ -20,6 +20,7 @@ pub mod csr;
 pub mod est;
 mod files;
 mod http_problem;
+mod metrics;
 pub mod pkcs7;
 pub mod tls;
 
@@ -28,4 +29,5 @@ pub use ca::{Ca, CaError, IssuedCert, ServerIdentity};
 pub use csr::{CsrError, KeyKind, ValidCsr};
 pub use files::{write_private, write_public};
 pub use http_problem::Problem;
+pub use metrics::Metrics;
 pub use tls::{ClientCertVerifier, PeerCertificate};
