@@ -38,7 +38,11 @@ pub enum ClientError {
 
 enum Target {
     Remote(SocketAddr),
-    Local(Router),
+    /// The router, and whatever guard (a data-dir lock) must live as long as it.
+    Local {
+        router: Router,
+        _guard: Box<dyn std::any::Any + Send + Sync>,
+    },
 }
 
 /// Talks to the admin API: over HTTP to a running server, or in-process to a router
@@ -53,7 +57,7 @@ impl fmt::Debug for AdminClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let target = match &self.target {
             Target::Remote(a) => a.to_string(),
-            Target::Local(_) => "in-process".to_owned(),
+            Target::Local { .. } => "in-process".to_owned(),
         };
         f.debug_struct("AdminClient").field("target", &target).finish_non_exhaustive()
     }
@@ -65,9 +69,9 @@ impl AdminClient {
         Self { target: Target::Remote(addr), token }
     }
 
-    /// A client calling `router` in-process.
-    pub fn local(router: Router, token: Token) -> Self {
-        Self { target: Target::Local(router), token }
+    /// A client calling `router` in-process, keeping `guard` alive as long as it.
+    pub fn local(router: Router, token: Token, guard: impl std::any::Any + Send + Sync) -> Self {
+        Self { target: Target::Local { router, _guard: Box::new(guard) }, token }
     }
 
     /// True if this client talks to a running server.
@@ -96,7 +100,7 @@ impl AdminClient {
     async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<Bytes, ClientError> {
         let host = match &self.target {
             Target::Remote(a) => a.to_string(),
-            Target::Local(_) => "localhost".to_owned(),
+            Target::Local { .. } => "localhost".to_owned(),
         };
         let mut req = Request::builder()
             .method(method)
@@ -122,7 +126,7 @@ impl AdminClient {
                 let bytes = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?;
                 (status, bytes.to_bytes())
             }
-            Target::Local(router) => {
+            Target::Local { router, .. } => {
                 let req = req
                     .body(axum::body::Body::from(payload))
                     .map_err(|e| ClientError::Http(e.to_string()))?;

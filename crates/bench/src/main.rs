@@ -23,6 +23,33 @@ use serde_json::json;
 
 #[derive(Parser)]
 #[command(about = "EST enrollment throughput, end to end and in-process")]
+enum Cmd {
+    /// End-to-end enrollments against a running `portcullis up`, next to the ceiling.
+    Enroll(Args),
+    /// Fresh-connection HTTPS GETs against any server (the TLS baseline, e.g. nginx).
+    Handshake(HandshakeArgs),
+}
+
+#[derive(clap::Args)]
+struct HandshakeArgs {
+    /// Base URL, e.g. https://127.0.0.1:8443
+    #[arg(long)]
+    server: String,
+    /// Root CA (PEM) that the server's certificate chains to.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Path to GET.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Requests, each on a new connection with a full handshake.
+    #[arg(short, long, default_value_t = 5000)]
+    n: usize,
+    /// Concurrent clients.
+    #[arg(short, long, default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// Device port URL of the running server.
     #[arg(long)]
@@ -114,7 +141,49 @@ fn ceiling(csrs: &[Vec<u8>]) -> anyhow::Result<f64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    match Cmd::parse() {
+        Cmd::Enroll(args) => enroll(args).await,
+        Cmd::Handshake(args) => handshake(args).await,
+    }
+}
+
+async fn handshake(args: HandshakeArgs) -> anyhow::Result<()> {
+    let ca_pem = std::fs::read(&args.ca).with_context(|| format!("read {}", args.ca.display()))?;
+    let client = EstClient::new(&args.server, &ca_pem, None)?.without_resumption();
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, next, path, n) = (client.clone(), next.clone(), args.path.clone(), args.n);
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                if matches!(client.get(&path).await, Ok((200, _))) {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "server": args.server, "path": args.path, "requests": args.n, "ok": ok,
+            "concurrency": args.concurrency, "seconds": secs, "per_sec": (ok as f64 / secs).round(),
+        }))?
+    );
+    if ok != args.n {
+        anyhow::bail!("{} of {} requests failed", args.n - ok, args.n);
+    }
+    Ok(())
+}
+
+async fn enroll(args: Args) -> anyhow::Result<()> {
     let ca_pem = std::fs::read(&args.ca).with_context(|| format!("read {}", args.ca.display()))?;
     let token = std::fs::read_to_string(&args.admin_token).context("admin token")?;
     let admin = Arc::new(AdminClient::remote(args.admin, Token::from_presented(token.trim())));

@@ -87,6 +87,28 @@ impl Instance {
         Ok(Arc::new(a))
     }
 
+    /// Takes the instance's exclusive lock: one server (or one offline CLI command) per
+    /// data dir at a time. Held until the returned file is dropped.
+    pub fn lock(&self) -> anyhow::Result<std::fs::File> {
+        let path = self.dir.join("portcullis.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another portcullis process is using {} (a running server whose admin API is unreachable?)",
+                self.dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+
     pub fn write_admin_addr(&self, addr: std::net::SocketAddr) -> anyhow::Result<()> {
         write_public(&self.admin_addr_path(), format!("{addr}\n").as_bytes())
             .with_context(|| format!("cannot write {}", self.admin_addr_path().display()))

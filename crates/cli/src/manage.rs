@@ -22,9 +22,10 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     {
         return Ok(AdminClient::remote(addr, token));
     }
+    let lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
     let router = portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli");
-    Ok(AdminClient::local(router, token))
+    Ok(AdminClient::local(router, token, lock))
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {

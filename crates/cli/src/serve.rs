@@ -20,6 +20,7 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
         inst.init(cfg.trust_domain.clone())?;
         eprintln!("portcullis: initialised {} (trust domain {})", cfg.data_dir.display(), cfg.trust_domain);
     }
+    let _lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
     let token = inst.admin_token()?;
 

@@ -128,6 +128,7 @@ fn management_works_without_a_running_server_and_secrets_stay_out_of_logs() {
     assert!(token.starts_with("pct_"));
     assert!(cli(&["device", "list"]).contains("sensor-1"));
 
+    // Two servers on one data dir would split the registry's truth: the second refuses.
     let log = dir.path().join("server.log");
     let s = Server::start_logged(dir, "", Some(&log));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -141,6 +142,14 @@ fn management_works_without_a_running_server_and_secrets_stay_out_of_logs() {
             &s.path("agent"),
         ))
         .unwrap();
+    let second = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(s.data_dir())
+        .args(["up", "--device-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another portcullis process"));
     let text = std::fs::read_to_string(s.path("agent/cert.pem")).unwrap();
     assert!(text.contains("BEGIN CERTIFICATE"));
     let show = s.cli_ok(&["device", "show", "sensor-1", "--json"]);
