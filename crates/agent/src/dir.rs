@@ -2,7 +2,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use portcullis_core::{DeviceId, Fingerprint, Serial};
-use portcullis_pki::{write_private, write_public};
+use portcullis_pki::{pem_encode, write_private, write_public};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -50,18 +50,6 @@ pub struct Status {
 #[derive(Debug)]
 pub struct AgentDir {
     dir: PathBuf,
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 impl AgentDir {
@@ -137,13 +125,16 @@ impl AgentDir {
         if cert.public_key().raw != public_key {
             return Err(Error::State("server returned a certificate for another key".into()));
         }
-        let leaf_pem = pem("CERTIFICATE", leaf);
+        let leaf_pem = pem_encode("CERTIFICATE", leaf);
         write_public(&self.dir.join(CA), ca_pem).map_err(self.io("cannot write", CA))?;
         let meta = serde_json::to_vec_pretty(&Meta { server: server.to_owned(), device: device.clone() })
             .unwrap_or_default();
         write_public(&self.dir.join(META), &meta).map_err(self.io("cannot write", META))?;
-        write_public(&self.dir.join(CHAIN), format!("{leaf_pem}{}", pem("CERTIFICATE", issuing)).as_bytes())
-            .map_err(self.io("cannot write", CHAIN))?;
+        write_public(
+            &self.dir.join(CHAIN),
+            format!("{leaf_pem}{}", pem_encode("CERTIFICATE", issuing)).as_bytes(),
+        )
+        .map_err(self.io("cannot write", CHAIN))?;
         write_public(&self.dir.join(CERT), leaf_pem.as_bytes()).map_err(self.io("cannot write", CERT))?;
         fs::rename(self.dir.join(STAGED_KEY), self.dir.join(KEY))
             .map_err(self.io("cannot rename", STAGED_KEY))?;

@@ -184,14 +184,7 @@ impl EstClient {
     ) -> Result<(Vec<u8>, Vec<u8>), Error> {
         let mut send = self.connect().await?;
         let issuing = self.issuing(&mut send).await?;
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{}", token.expose()));
-        let body = base64::engine::general_purpose::STANDARD.encode(csr_der);
-        let req = self
-            .csr_request("/.well-known/est/simpleenroll")
-            .header(header::AUTHORIZATION, format!("Basic {basic}"))
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| EstError::Http(e.to_string()))?;
-        let leaf = self.leaf(&mut send, req).await?;
+        let leaf = self.leaf(&mut send, self.enroll_request(id, token, csr_der)?).await?;
         Ok((issuing, leaf))
     }
 
@@ -204,14 +197,21 @@ impl EstClient {
         csr_der: &[u8],
     ) -> Result<Vec<u8>, Error> {
         let mut send = self.connect().await?;
+        self.leaf(&mut send, self.enroll_request(id, token, csr_der)?).await
+    }
+
+    fn enroll_request(
+        &self,
+        id: &DeviceId,
+        token: &Token,
+        csr_der: &[u8],
+    ) -> Result<Request<Full<Bytes>>, EstError> {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{}", token.expose()));
         let body = base64::engine::general_purpose::STANDARD.encode(csr_der);
-        let req = self
-            .csr_request("/.well-known/est/simpleenroll")
+        self.csr_request("/.well-known/est/simpleenroll")
             .header(header::AUTHORIZATION, format!("Basic {basic}"))
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| EstError::Http(e.to_string()))?;
-        self.leaf(&mut send, req).await
+            .map_err(|e| EstError::Http(e.to_string()))
     }
 
     /// `cacerts` then `simplereenroll` over mTLS. Returns (issuing CA, leaf).

@@ -410,15 +410,7 @@ impl Authority {
 
     /// The current CRL, PEM.
     pub fn crl_pem(&self) -> String {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(self.crl_der().as_slice());
-        let mut out = String::from("-----BEGIN X509 CRL-----\n");
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-            out.push('\n');
-        }
-        out.push_str("-----END X509 CRL-----\n");
-        out
+        crate::files::pem_encode("X509 CRL", self.crl_der().as_slice())
     }
 }
 

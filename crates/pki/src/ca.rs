@@ -165,15 +165,7 @@ fn dn(cn: &str, org: &str) -> DistinguishedName {
 
 /// The PEM encoding of a DER certificate.
 pub(crate) fn cert_pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    crate::files::pem_encode("CERTIFICATE", der)
 }
 
 impl Ca {

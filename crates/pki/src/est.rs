@@ -88,12 +88,7 @@ pub fn problem(e: &Error) -> Problem {
 fn pkcs7_response(certs: &[&[u8]]) -> Response {
     match pkcs7::certs_only(certs) {
         Ok(der) => {
-            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-            let mut body = String::with_capacity(b64.len() + b64.len() / 64 + 2);
-            for chunk in b64.as_bytes().chunks(64) {
-                body.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-                body.push('\n');
-            }
+            let body = crate::files::base64_lines(&der);
             (
                 [
                     (

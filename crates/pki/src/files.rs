@@ -29,3 +29,21 @@ pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
 pub fn write_public(path: &Path, contents: &[u8]) -> io::Result<()> {
     write_mode(path, contents, 0o644)
 }
+
+/// Base64 of `der` in lines of 64 characters, each ending in `\n` (RFC 7468 layout).
+pub fn base64_lines(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 1);
+    for chunk in b64.as_bytes().chunks(64) {
+        // Base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}
+
+/// PEM armour (RFC 7468) around `der` with `label`, e.g. `CERTIFICATE` or `X509 CRL`.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    format!("-----BEGIN {label}-----\n{}-----END {label}-----\n", base64_lines(der))
+}

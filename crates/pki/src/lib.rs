@@ -27,7 +27,7 @@ pub mod tls;
 pub use authority::{AuthError, AuthenticatedDevice, Authority, Error, IssuancePolicy, Registered};
 pub use ca::{Ca, CaError, IssuedCert, ServerIdentity};
 pub use csr::{CsrError, KeyKind, ValidCsr};
-pub use files::{write_private, write_public};
+pub use files::{base64_lines, pem_encode, write_private, write_public};
 pub use http_problem::Problem;
 pub use metrics::Metrics;
 pub use tls::{ClientCertVerifier, PeerCertificate};

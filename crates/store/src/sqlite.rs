@@ -396,6 +396,24 @@ fn insert_cert(conn: &Connection, c: &NewCertificate, now: OffsetDateTime) -> Re
     Ok(())
 }
 
+/// Inserts an issued certificate and its event.
+fn record_issued(conn: &Connection, cert: &NewCertificate, actor: &Actor, now: OffsetDateTime) -> Result<()> {
+    insert_cert(conn, cert, now)?;
+    event(
+        conn,
+        now,
+        actor,
+        "certificate.issued",
+        Some(&cert.device),
+        Some(&cert.serial),
+        serde_json::json!({
+            "via": cert.issued_via,
+            "fingerprint": cert.fingerprint,
+            "not_after": ts(cert.not_after),
+        }),
+    )
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_device(&self, device: NewDevice, token: NewToken, actor: Actor) -> Result<Device> {
@@ -517,20 +535,7 @@ impl Store for SqliteStore {
             }
             c.prepare_cached("UPDATE enrollment_tokens SET used_at = ?1, used_for = ?2 WHERE hash = ?3 AND used_at IS NULL")?
                 .execute(params![ts(now), cert.serial.as_str(), hash.as_bytes()])?;
-            insert_cert(c, &cert, now)?;
-            event(
-                c,
-                now,
-                &Actor::Device(cert.device.clone()),
-                "certificate.issued",
-                Some(&cert.device),
-                Some(&cert.serial),
-                serde_json::json!({
-                    "via": cert.issued_via,
-                    "fingerprint": cert.fingerprint,
-                    "not_after": ts(cert.not_after),
-                }),
-            )
+            record_issued(c, &cert, &Actor::Device(cert.device.clone()), now)
         })
         .await
     }
@@ -543,20 +548,7 @@ impl Store for SqliteStore {
             if d.state != DeviceState::Active {
                 return Err(Error::InvalidTransition { id: d.id, from: d.state, action: "re-enroll" });
             }
-            insert_cert(c, &cert, now)?;
-            event(
-                c,
-                now,
-                &actor,
-                "certificate.issued",
-                Some(&cert.device),
-                Some(&cert.serial),
-                serde_json::json!({
-                    "via": cert.issued_via,
-                    "fingerprint": cert.fingerprint,
-                    "not_after": ts(cert.not_after),
-                }),
-            )
+            record_issued(c, &cert, &actor, now)
         })
         .await
     }

@@ -261,14 +261,7 @@ pub fn certs_from_pkcs7_b64(body: &[u8]) -> Vec<Vec<u8>> {
 }
 
 pub fn pem_cert(der: &[u8]) -> String {
-    let b = b64(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).expect("ascii"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    portcullis_pki::pem_encode("CERTIFICATE", der)
 }
 
 /// A rustls client config trusting `root_pem`.
