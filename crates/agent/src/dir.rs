@@ -44,6 +44,9 @@ pub struct Status {
     pub remaining_secs: i64,
     /// True when less than a third of the lifetime is left.
     pub renewal_due: bool,
+    /// When a third of the lifetime will be left.
+    #[serde(with = "time::serde::rfc3339")]
+    pub renew_at: OffsetDateTime,
 }
 
 /// The agent's state directory.
@@ -180,6 +183,8 @@ impl AgentDir {
             not_after: OffsetDateTime::from_unix_timestamp(na).unwrap_or(OffsetDateTime::UNIX_EPOCH),
             remaining_secs: remaining,
             renewal_due: remaining * 3 < (na - nb),
+            renew_at: OffsetDateTime::from_unix_timestamp(na - (na - nb) / 3)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
         })
     }
 }

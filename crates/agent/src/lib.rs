@@ -113,6 +113,41 @@ pub async fn renew(dir: &Path, force: bool) -> Result<Renewal, Error> {
     Ok(Renewal::Renewed(agent_dir.status()?))
 }
 
+/// Keeps the identity in `dir` fresh until `stop` resolves: renews when a third of the
+/// lifetime is left, checks at least every `check_every`, retries failures with
+/// backoff (capped at `check_every`). Reports each outcome through `on_event`.
+pub async fn run(
+    dir: &Path,
+    check_every: std::time::Duration,
+    mut on_event: impl FnMut(&Result<Renewal, Error>),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    use std::time::Duration;
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let outcome = renew(dir, false).await;
+        on_event(&outcome);
+        let wait = match &outcome {
+            Ok(Renewal::Renewed(s) | Renewal::NotDue(s)) => {
+                backoff = Duration::from_secs(1);
+                let until = s.renew_at - time::OffsetDateTime::now_utc();
+                Duration::try_from(until).unwrap_or(Duration::ZERO).clamp(Duration::from_secs(1), check_every)
+            }
+            // Local state is broken: nothing a retry can fix.
+            Err(e @ (Error::State(_) | Error::Io { .. })) => return Err(Error::State(e.to_string())),
+            Err(_) => {
+                backoff = (backoff * 2).min(check_every);
+                backoff
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut stop => return Ok(()),
+        }
+    }
+}
+
 /// What is stored in `dir`.
 pub fn status(dir: &Path) -> Result<Status, Error> {
     AgentDir::open(dir)?.status()

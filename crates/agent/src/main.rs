@@ -48,6 +48,15 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Stay running and renew whenever a third of the lifetime is left (a service).
+    Run {
+        /// The agent's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Check at least this often, e.g. 30m, 1h.
+        #[arg(long, default_value = "1h")]
+        check_every: String,
+    },
     /// Show the stored identity.
     Status {
         /// The agent's directory.
@@ -73,7 +82,7 @@ fn print_status(s: &portcullis_agent::Status, json: bool) {
     println!("fingerprint:  {}", s.fingerprint);
     println!("valid:        {} .. {}", fmt(s.not_before), fmt(s.not_after));
     println!("remaining:    {}h", s.remaining_secs / 3600);
-    println!("renewal due:  {}", if s.renewal_due { "yes" } else { "no" });
+    println!("renewal due:  {} (at {})", if s.renewal_due { "yes" } else { "no" }, fmt(s.renew_at));
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -100,8 +109,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Status { dir, json } => print_status(&portcullis_agent::status(&dir)?, json),
+        Cmd::Run { dir, check_every } => {
+            let every = portcullis_core::parse_duration(&check_every)
+                .map_err(anyhow::Error::msg)
+                .context("--check-every")?;
+            let report = |r: &Result<Renewal, portcullis_agent::Error>| match r {
+                Ok(Renewal::Renewed(s)) => {
+                    println!("renewed {} (serial {}, valid until {})", s.device, s.serial, s.not_after)
+                }
+                Ok(Renewal::NotDue(s)) => tracing::debug!(renew_at = %s.renew_at, "not due"),
+                Err(e) => eprintln!("portcullis-agent: renewal failed, will retry: {e:#}"),
+            };
+            portcullis_agent::run(&dir, every, report, shutdown_signal()).await?;
+        }
     }
     Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
 }
 
 fn main() -> ExitCode {

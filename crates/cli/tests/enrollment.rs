@@ -145,12 +145,7 @@ fn count(s: &Server) -> usize {
 /// The `portcullis-agent` binary as an operator would use it.
 #[test]
 fn agent_binary_enroll_status_renew() {
-    let agent = std::path::Path::new(BIN).with_file_name("portcullis-agent");
-    assert!(
-        agent.exists(),
-        "{} missing: run `cargo test --workspace` (it builds every binary)",
-        agent.display()
-    );
+    let agent = agent_bin();
     let s = Server::start();
     let (root, _) = s.ca_files();
     let token = s.add_device("cam-bin", &[]);
@@ -334,4 +329,43 @@ fn up_prints_listeners_and_stops_cleanly_on_sigterm() {
     let dir = s.into_dir();
     let s2 = Server::start_in(dir, "");
     assert_eq!(std::fs::read(s2.data_dir().join("ca/root.crt")).unwrap(), root_before);
+}
+
+/// `portcullis-agent run` keeps a short-lived identity fresh by itself.
+#[test]
+fn agent_run_renews_before_expiry() {
+    let agent = agent_bin();
+    let s = Server::start_with_config("[pki]\ndevice_cert_lifetime = \"9s\"\n");
+    let (root, _) = s.ca_files();
+    let token = s.add_device("cam-run", &[]);
+    let dir = s.path("agent-run");
+    run(Command::new(&agent)
+        .args(["enroll", "--server", &s.url(), "--ca"])
+        .arg(&root)
+        .args(["--id", "cam-run", "--token", &token, "--dir"])
+        .arg(&dir));
+    let first = portcullis_agent::status(&dir).unwrap();
+    let mut child = Command::new(&agent)
+        .args(["run", "--check-every", "1s", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A third of 9 s (plus the 0.9 s backdate) is left about 6 s after issuance.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut renewed = None;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = portcullis_agent::status(&dir).unwrap();
+        if now.serial != first.serial {
+            renewed = Some((now, time::OffsetDateTime::now_utc()));
+            break;
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let exit = child.wait().unwrap();
+    let (renewed, seen_at) = renewed.expect("the agent did not renew within 20 s");
+    assert!(renewed.not_after > first.not_after);
+    assert!(seen_at < first.not_after, "renewed only after the old certificate expired");
+    assert!(exit.success(), "agent did not stop cleanly on SIGTERM: {exit:?}");
 }

@@ -312,8 +312,9 @@ impl Ca {
     ) -> Result<IssuedCert, CaError> {
         let serial_bytes = random_bytes::<16>();
         p.serial_number = Some(SerialNumber::from_slice(&serial_bytes));
-        p.not_before = now - BACKDATE;
         let lifetime = time::Duration::try_from(lifetime).unwrap_or(time::Duration::days(30));
+        // Backdate for clock skew, but never by more than a tenth of a short lifetime.
+        p.not_before = now - BACKDATE.min(lifetime / 10);
         p.not_after = now + lifetime;
         p.use_authority_key_identifier_extension = true;
         p.key_identifier_method = KeyIdMethod::Sha256;

@@ -15,6 +15,25 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
+/// The `portcullis-agent` binary beside `portcullis`. Cargo builds only this package's
+/// binaries for its tests, so build the agent's on first use.
+pub fn agent_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = Path::new(BIN).with_file_name("portcullis-agent");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "portcullis-agent", "--bin", "portcullis-agent"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo");
+            assert!(status.success(), "cannot build portcullis-agent");
+            assert!(path.exists(), "{} missing after build", path.display());
+            path
+        })
+        .clone()
+}
+
 pub struct Server {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
