@@ -20,14 +20,6 @@ fn still_serving(s: &Server, id: &str) {
     assert_eq!(r.status, 200, "server stopped serving: {}", String::from_utf8_lossy(&r.body));
 }
 
-fn count(s: &Server) -> usize {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.certificate_count())
-}
-
 fn valid_body(s: &Server, name: &str) -> Vec<u8> {
     let (_, csr) = openssl_csr(s.dir.path(), name, &p256(), &[]);
     b64(&std::fs::read(&csr).unwrap()).into_bytes()
@@ -47,7 +39,7 @@ fn token_failures() {
     let token = s.add_device("cam-1", &[]);
     let other = s.add_device("cam-2", &[]);
     let body = valid_body(&s, "cam-1");
-    let before = count(&s);
+    let before = s.certificate_count_now();
 
     refused(&s, curl_enroll(&s, "cam-1", "pct_wrong", &body), 401, "invalid device id or enrollment token");
     refused(&s, curl_enroll(&s, "cam-1", &other, &body), 401, "invalid device id or enrollment token");
@@ -58,7 +50,7 @@ fn token_failures() {
         "invalid device id or enrollment token",
     );
     refused(&s, curl_enroll(&s, "../etc", &token, &body), 401, "invalid device id or enrollment token");
-    assert_eq!(count(&s), before, "a refused enrollment issued a certificate");
+    assert_eq!(s.certificate_count_now(), before, "a refused enrollment issued a certificate");
 
     // No credentials at all.
     let (root, _) = s.ca_files();
@@ -70,9 +62,9 @@ fn token_failures() {
 
     // Used once: fine; twice: refused as reused.
     assert_eq!(curl_enroll(&s, "cam-1", &token, &body).status, 200);
-    let after_first = count(&s);
+    let after_first = s.certificate_count_now();
     refused(&s, curl_enroll(&s, "cam-1", &token, &valid_body(&s, "cam-1b")), 401, "already been used");
-    assert_eq!(count(&s), after_first);
+    assert_eq!(s.certificate_count_now(), after_first);
 
     // Expired.
     let short = s.add_device("cam-3", &["--token-ttl", "1s"]);
@@ -85,7 +77,7 @@ fn token_failures() {
     refused(&s, curl_enroll(&s, "cam-4", &t4, &valid_body(&s, "cam-4")), 403, "suspended");
     s.cli_ok(&["device", "revoke", "cam-4"]);
     refused(&s, curl_enroll(&s, "cam-4", &t4, &valid_body(&s, "cam-4")), 403, "revoked");
-    assert_eq!(count(&s), after_first);
+    assert_eq!(s.certificate_count_now(), after_first);
     still_serving(&s, "ok-1");
 
     // Each refusal is counted by reason at /metrics.
@@ -110,7 +102,7 @@ fn token_failures() {
 #[test]
 fn malformed_csrs() {
     let s = Server::start();
-    let before = count(&s);
+    let before = s.certificate_count_now();
     let dir = s.dir.path();
 
     let t = s.add_device("m-1", &[]);
@@ -169,7 +161,7 @@ fn malformed_csrs() {
     let big = vec![b'A'; 64 * 1024 + 1];
     refused(&s, curl_enroll(&s, "m-1", &t, &big), 413, "65536");
 
-    assert_eq!(count(&s), before, "a malformed request issued a certificate");
+    assert_eq!(s.certificate_count_now(), before, "a malformed request issued a certificate");
     // The token was not consumed by any of the failures.
     assert_eq!(curl_enroll(&s, "m-1", &t, &valid_body(&s, "m-1")).status, 200);
     still_serving(&s, "ok-2");
@@ -226,21 +218,11 @@ fn foreign_ca_client_certificate_is_refused() {
         "ext.cnf",
     ]));
     let (root, _) = s.ca_files();
-    let before = count(&s);
+    let before = s.certificate_count_now();
     let body = dir.join("evil.b64");
     std::fs::write(&body, valid_body(&s, "evil2")).unwrap();
-    let common = |path: &str, extra: &[&str]| {
-        let mut args = vec![
-            "--cacert",
-            root.to_str().unwrap(),
-            "--cert",
-            dir.join("evil.crt").to_str().unwrap().to_owned().leak(),
-            "--key",
-            key.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        curl(&args, &format!("{}{path}", s.url()))
-    };
+    let evil_crt = dir.join("evil.crt");
+    let common = |path: &str, extra: &[&str]| curl_mtls(&s, &evil_crt, &key, path, extra);
     let r = common(
         "/.well-known/est/simplereenroll",
         &["-H", "Content-Type: application/pkcs10", "--data-binary", &format!("@{}", body.display())],
@@ -250,7 +232,7 @@ fn foreign_ca_client_certificate_is_refused() {
     // No certificate at all on a route that needs one.
     let r = curl(&["--cacert", root.to_str().unwrap()], &format!("{}/portcullis/whoami", s.url()));
     refused(&s, r, 401, "client certificate is required");
-    assert_eq!(count(&s), before);
+    assert_eq!(s.certificate_count_now(), before);
     still_serving(&s, "ok-3");
 }
 
@@ -272,7 +254,7 @@ fn slow_clients_time_out_and_others_are_served() {
     let s = Server::start_with_config(
         "[device]\nheader_timeout = \"1s\"\nrequest_timeout = \"2s\"\nhandshake_timeout = \"1s\"\n",
     );
-    let before = count(&s);
+    let before = s.certificate_count_now();
     let t = s.add_device("slow", &[]);
 
     // 1. A request head that never completes: the connection is closed.
@@ -313,7 +295,7 @@ fn slow_clients_time_out_and_others_are_served() {
     assert_eq!(n, 0);
     assert!(t0.elapsed() < Duration::from_secs(10));
 
-    assert_eq!(count(&s), before + 1, "only the fast client got a certificate");
+    assert_eq!(s.certificate_count_now(), before + 1, "only the fast client got a certificate");
     // The slow device's token is still unused.
     assert_eq!(curl_enroll(&s, "slow", &t, &valid_body(&s, "slow")).status, 200);
 }

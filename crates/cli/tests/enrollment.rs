@@ -52,19 +52,7 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
     let serial = serial.trim().trim_start_matches("serial=").to_ascii_uppercase();
 
     // mTLS with curl works while the device is active.
-    let mtls = |path: &str| {
-        curl(
-            &[
-                "--cacert",
-                root.to_str().unwrap(),
-                "--cert",
-                cert_path.to_str().unwrap(),
-                "--key",
-                key.to_str().unwrap(),
-            ],
-            &format!("{}{path}", s.url()),
-        )
-    };
+    let mtls = |path: &str| curl_mtls(&s, &cert_path, &key, path, &[]);
     let who = mtls("/portcullis/whoami");
     assert_eq!(who.status, 200);
     assert_eq!(who.json()["device"], "cam-curl");
@@ -105,7 +93,7 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
             || String::from_utf8_lossy(&v.stderr).contains("revoked")
     );
 
-    let issued_before = count(&s);
+    let issued_before = s.certificate_count_now();
     let refused = mtls("/portcullis/whoami");
     assert_eq!(refused.status, 403);
     assert!(refused.detail().contains("revoked"), "{}", refused.detail());
@@ -113,33 +101,18 @@ fn openssl_and_curl_enroll_verify_and_see_revocation() {
         let (_, csr2) = openssl_csr(dir, "cam-curl-2", &p256(), &[]);
         let body = dir.join("re.b64");
         std::fs::write(&body, b64(&std::fs::read(&csr2).unwrap())).unwrap();
-        curl(
-            &[
-                "--cacert",
-                root.to_str().unwrap(),
-                "--cert",
-                cert_path.to_str().unwrap(),
-                "--key",
-                key.to_str().unwrap(),
-                "-H",
-                "Content-Type: application/pkcs10",
-                "--data-binary",
-                &format!("@{}", body.display()),
-            ],
-            &format!("{}/.well-known/est/simplereenroll", s.url()),
+        let data = format!("@{}", body.display());
+        curl_mtls(
+            &s,
+            &cert_path,
+            &key,
+            "/.well-known/est/simplereenroll",
+            &["-H", "Content-Type: application/pkcs10", "--data-binary", &data],
         )
     };
     assert_eq!(reenroll.status, 403);
     assert!(reenroll.detail().contains("revoked"), "{}", reenroll.detail());
-    assert_eq!(count(&s), issued_before, "a refused re-enrollment issued a certificate");
-}
-
-fn count(s: &Server) -> usize {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.certificate_count())
+    assert_eq!(s.certificate_count_now(), issued_before, "a refused re-enrollment issued a certificate");
 }
 
 /// The `portcullis-agent` binary as an operator would use it.
@@ -166,17 +139,7 @@ fn agent_binary_enroll_status_renew() {
     let renewed = run(Command::new(&agent).args(["renew", "--force", "--dir"]).arg(&dir));
     assert!(renewed.contains("renewed cam-bin"), "{renewed}");
     // curl with the agent's files proves the identity to the device port.
-    let who = curl(
-        &[
-            "--cacert",
-            root.to_str().unwrap(),
-            "--cert",
-            dir.join("chain.pem").to_str().unwrap(),
-            "--key",
-            dir.join("key.pem").to_str().unwrap(),
-        ],
-        &format!("{}/portcullis/whoami", s.url()),
-    );
+    let who = curl_mtls(&s, &dir.join("chain.pem"), &dir.join("key.pem"), "/portcullis/whoami", &[]);
     assert_eq!(who.status, 200);
     // A wrong token fails with the server's reason and a non-zero exit.
     s.add_device("cam-bin2", &[]);

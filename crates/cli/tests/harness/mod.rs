@@ -157,6 +157,15 @@ impl Server {
         v["certificates"].as_array().map(Vec::len).unwrap_or(0)
     }
 
+    /// [`Self::certificate_count`] for synchronous tests.
+    pub fn certificate_count_now(&self) -> usize {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(self.certificate_count())
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -269,6 +278,21 @@ pub fn curl_enroll(s: &Server, user: &str, token: &str, body: &[u8]) -> CurlResu
         ],
         &format!("{}/.well-known/est/simpleenroll", s.url()),
     )
+}
+
+/// `curl` over mTLS with `cert`/`key` to `path` on the device port.
+pub fn curl_mtls(s: &Server, cert: &Path, key: &Path, path: &str, extra: &[&str]) -> CurlResult {
+    let (root, _) = s.ca_files();
+    let mut args = vec![
+        "--cacert",
+        root.to_str().expect("path"),
+        "--cert",
+        cert.to_str().expect("path"),
+        "--key",
+        key.to_str().expect("path"),
+    ];
+    args.extend_from_slice(extra);
+    curl(&args, &format!("{}{path}", s.url()))
 }
 
 /// Certificates in a base64 certs-only PKCS#7 body, DER.
