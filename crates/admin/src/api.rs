@@ -33,15 +33,37 @@ impl fmt::Debug for AdminToken {
     }
 }
 
+/// What the admin API may ask of the running gateway.
+#[derive(Clone)]
+pub struct GatewayHooks {
+    /// The routes and their counters.
+    pub describe: Arc<dyn Fn() -> Value + Send + Sync>,
+    /// Re-reads the configuration; on error the previous routes keep serving.
+    pub reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync>,
+}
+
+impl fmt::Debug for GatewayHooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GatewayHooks")
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     authority: Arc<Authority>,
     actor: Actor,
+    gateway: Option<GatewayHooks>,
 }
 
-/// The admin API. `operator` names who acts in the event log.
-pub fn router(authority: Arc<Authority>, token: AdminToken, operator: &str) -> Router {
-    let state = AppState { authority, actor: Actor::Operator(operator.to_owned()) };
+/// The admin API. `operator` names who acts in the event log; `gateway` is present when
+/// the API runs inside `portcullis up`.
+pub fn router(
+    authority: Arc<Authority>,
+    token: AdminToken,
+    operator: &str,
+    gateway: Option<GatewayHooks>,
+) -> Router {
+    let state = AppState { authority, actor: Actor::Operator(operator.to_owned()), gateway };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -57,6 +79,8 @@ pub fn router(authority: Arc<Authority>, token: AdminToken, operator: &str) -> R
         .route("/v1/ca/root", get(ca_root))
         .route("/v1/ca/chain", get(ca_chain))
         .route("/v1/ca/crl", get(ca_crl))
+        .route("/v1/gateway/routes", get(gateway_routes))
+        .route("/v1/gateway/reload", post(gateway_reload))
         .fallback(not_found)
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
@@ -305,6 +329,31 @@ async fn list_events(State(s): State<AppState>, Query(q): Query<EventQuery>) -> 
     };
     let events = s.authority.store().events(filter).await.map_err(|e| err(e.into()))?;
     Ok(Json(json!({ "events": events })))
+}
+
+fn gateway(s: &AppState) -> Result<&GatewayHooks, Problem> {
+    s.gateway.as_ref().ok_or_else(|| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway-not-running",
+            "the gateway runs only inside `portcullis up`",
+        )
+    })
+}
+
+async fn gateway_routes(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    Ok(Json((gateway(&s)?.describe)()))
+}
+
+async fn gateway_reload(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    match (gateway(&s)?.reload)() {
+        Ok(n) => Ok(Json(json!({ "reloaded": true, "routes": n }))),
+        Err(e) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reload-failed",
+            format!("configuration not reloaded, previous routes keep serving: {e}"),
+        )),
+    }
 }
 
 fn pem(body: String) -> Response {

@@ -9,5 +9,5 @@
 mod api;
 mod client;
 
-pub use api::{AdminToken, router};
+pub use api::{AdminToken, GatewayHooks, router};
 pub use client::{AdminClient, ClientError};

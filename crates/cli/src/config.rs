@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use portcullis_core::{TrustDomain, parse_duration};
-use portcullis_gateway::ListenerConfig;
+use portcullis_gateway::{ListenerConfig, Rate, RouteConfig};
 use portcullis_pki::IssuancePolicy;
 use serde::Deserialize;
 
@@ -19,6 +19,36 @@ struct Raw {
     device: RawDevice,
     admin: RawAdmin,
     pki: RawPki,
+    gateway: RawGateway,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGateway {
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    rate_limit: Option<RawRate>,
+    max_body_bytes: Option<u64>,
+    timeout: Option<String>,
+    #[serde(default)]
+    client_cert_header: bool,
+    openapi: Option<String>,
+    action: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: f64,
+    burst: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +118,7 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub policy: IssuancePolicy,
     pub server_cert_lifetime: Duration,
+    pub routes: Vec<RouteConfig>,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -144,7 +175,35 @@ impl Config {
         if raw.device.max_connections == 0 {
             bail!("config key device.max_connections: must be at least 1");
         }
+        let mut routes = Vec::with_capacity(raw.gateway.routes.len());
+        for (i, r) in raw.gateway.routes.into_iter().enumerate() {
+            let key = |k: &str| format!("config key gateway.routes[{i}].{k}");
+            let groups = r
+                .groups
+                .iter()
+                .map(|g| portcullis_core::GroupName::try_new(g.as_str()))
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| key("groups"))?;
+            match r.action.as_deref() {
+                None | Some("block") | Some("log") => {}
+                Some(other) => bail!("{}: {other:?} is neither \"block\" nor \"log\"", key("action")),
+            }
+            routes.push(RouteConfig {
+                prefix: r.prefix,
+                upstream: r.upstream,
+                groups,
+                rate: r.rate_limit.map(|x| Rate { per_second: x.per_second, burst: x.burst }),
+                max_body_bytes: r.max_body_bytes.unwrap_or(1024 * 1024),
+                timeout: match r.timeout {
+                    Some(t) => dur(&key("timeout"), &t)?,
+                    None => Duration::from_secs(30),
+                },
+                client_cert_header: r.client_cert_header,
+                openapi: r.openapi,
+            });
+        }
         Ok(Self {
+            routes,
             data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("portcullis-data")),
             trust_domain,
             device_addr: addr("device.addr", &raw.device.addr)?,
@@ -184,6 +243,8 @@ mod tests {
         let text = include_str!("../../../portcullis.example.toml");
         let c = Config::from_toml(text).unwrap();
         assert_eq!(c.trust_domain.as_str(), "fleet.example.com");
+        assert_eq!(c.routes.len(), 1);
+        portcullis_gateway::RouteTable::try_new(c.routes).unwrap();
     }
 
     #[test]

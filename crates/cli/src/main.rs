@@ -61,6 +61,9 @@ enum Cmd {
     /// The CA's public material.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// The gateway's routes on the device port.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
     /// The append-only event log.
     Events {
         /// Only this device's events.
@@ -123,6 +126,17 @@ enum DeviceCmd {
 }
 
 #[derive(Subcommand)]
+enum GatewayCmd {
+    /// Show the routes with forwarded and rejected counts by reason.
+    Routes {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the configuration's routes; on error the previous routes keep serving.
+    Reload,
+}
+
+#[derive(Subcommand)]
 enum CaCmd {
     /// Print the root CA certificate (PEM): the trust anchor devices need.
     Cert,
@@ -146,8 +160,8 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut cfg = Config::load(cli.config.as_deref())?;
-    if let Some(d) = cli.data_dir {
-        cfg.data_dir = d;
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
     }
     match cli.cmd {
         Cmd::Init { trust_domain } => {
@@ -172,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.trust_domain =
                     td.parse().map_err(anyhow::Error::new).map_err(|e| e.context("--trust-domain"))?;
             }
-            serve::up(cfg).await
+            serve::up(cfg, cli.config).await
         }
         Cmd::Device(cmd) => {
             let c = manage::client(&cfg).await?;
@@ -200,6 +214,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 CaCmd::Cert => manage::pem(&c, "/v1/ca/root").await,
                 CaCmd::Chain => manage::pem(&c, "/v1/ca/chain").await,
                 CaCmd::Crl => manage::pem(&c, "/v1/ca/crl").await,
+            }
+        }
+        Cmd::Gateway(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                GatewayCmd::Routes { json } => manage::gateway_routes(&c, json).await,
+                GatewayCmd::Reload => manage::gateway_reload(&c).await,
             }
         }
         Cmd::Events { device, json } => {

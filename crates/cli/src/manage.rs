@@ -24,7 +24,7 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     }
     let lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
-    let router = portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli");
+    let router = portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli", None);
     Ok(AdminClient::local(router, token, lock))
 }
 
@@ -160,5 +160,44 @@ pub async fn events(c: &AdminClient, device: Option<&str>, as_json: bool) -> any
 pub async fn pem(c: &AdminClient, path: &str) -> anyhow::Result<()> {
     let text = c.get_text(path).await.context("cannot fetch from the admin API")?;
     print!("{text}");
+    Ok(())
+}
+
+pub async fn gateway_routes(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
+    let r = c.get("/v1/gateway/routes").await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<28} {:<16} {:>10}  REJECTED (by reason)",
+        "PREFIX", "UPSTREAM", "GROUPS", "FORWARDED"
+    );
+    for route in r["routes"].as_array().into_iter().flatten() {
+        let counts = &route["counts"];
+        let rejected: Vec<String> = counts
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| k.as_str() != "forwarded" && v.as_u64().unwrap_or(0) > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let groups: Vec<&str> =
+            route["groups"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        println!(
+            "{:<20} {:<28} {:<16} {:>10}  {}",
+            s(route, "prefix"),
+            s(route, "upstream"),
+            if groups.is_empty() { "*".to_owned() } else { groups.join(",") },
+            counts["forwarded"].as_u64().unwrap_or(0),
+            if rejected.is_empty() { "-".to_owned() } else { rejected.join(" ") }
+        );
+    }
+    Ok(())
+}
+
+pub async fn gateway_reload(c: &AdminClient) -> anyhow::Result<()> {
+    let r = c.post("/v1/gateway/reload", &json!({})).await?;
+    println!("reloaded: {} routes", r["routes"].as_u64().unwrap_or(0));
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! `portcullis up`: the device port and the admin API, until SIGINT/SIGTERM.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use portcullis_admin::AdminToken;
+use portcullis_admin::{AdminToken, GatewayHooks};
+use portcullis_gateway::{Gateway, RouteTable};
 use portcullis_pki::{ClientCertVerifier, est, tls};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -14,7 +16,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::instance::Instance;
 
-pub async fn up(cfg: Config) -> anyhow::Result<()> {
+pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let inst = Instance::new(&cfg.data_dir);
     if !inst.is_initialised() {
         inst.init(cfg.trust_domain.clone())?;
@@ -58,16 +60,40 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%device_addr, %admin_addr, trust_domain = %authority.trust_domain(), "portcullis up");
 
+    let table = RouteTable::try_new(cfg.routes.clone()).context("gateway routes")?;
+    tracing::info!(routes = table.len(), "gateway routes loaded");
+    let gateway = Arc::new(Gateway::new(authority.clone(), table));
+    let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
+        let gateway = gateway.clone();
+        Arc::new(move || {
+            let fresh = Config::load(config_path.as_deref()).map_err(|e| format!("{e:#}"))?;
+            let table = RouteTable::try_new(fresh.routes).map_err(|e| e.to_string())?;
+            let n = table.len();
+            gateway.replace(table);
+            tracing::info!(routes = n, "gateway routes reloaded");
+            Ok(n)
+        })
+    };
+    let hooks = GatewayHooks {
+        describe: {
+            let gateway = gateway.clone();
+            Arc::new(move || gateway.describe())
+        },
+        reload: reload.clone(),
+    };
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let device = tokio::spawn(portcullis_gateway::serve(
         device_listener,
         tls_config,
         verifier,
-        est::router(authority.clone()),
+        est::router(authority.clone()).merge(portcullis_gateway::router(gateway)),
         cfg.listener.clone(),
         stop_rx.clone(),
     ));
-    let admin_app = portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api");
+    let hup = spawn_reload_on_sighup(reload, stop_rx.clone())?;
+    let admin_app =
+        portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api", Some(hooks));
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(async move {
         let r = axum::serve(admin_listener, admin_app)
@@ -84,10 +110,31 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(device, admin, crl_task);
+    let _ = tokio::join!(device, admin, crl_task, hup);
     let _ = std::fs::remove_file(inst.admin_addr_path());
     eprintln!("portcullis: stopped");
     Ok(())
+}
+
+/// SIGHUP re-reads the gateway routes; a failure is logged and changes nothing.
+fn spawn_reload_on_sighup(
+    reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    if let Err(e) = reload() {
+                        tracing::error!(error = %e, "reload failed; the previous routes keep serving");
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    }))
 }
 
 /// Re-signs the CRL at a quarter of its validity so it never lapses.

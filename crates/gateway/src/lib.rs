@@ -1,4 +1,5 @@
-//! The device port: a TLS listener that knows which device is calling.
+//! The device port: a TLS listener that knows which device is calling, and the gateway
+//! that forwards authenticated requests to the fleet's HTTP APIs.
 //!
 //! Each accepted connection gets a bounded TLS handshake; the client certificate it
 //! presented (if any) is verified against the CA and attached to every request on that
@@ -7,9 +8,16 @@
 //! the request head and the whole request each have a deadline, and the number of
 //! concurrent connections is capped.
 //!
-//! Today it serves the built-in routes (EST, CRL). Proxying to upstreams with OpenAPI
-//! validation and rate limits is a later addition and will live here.
+//! The [`Gateway`] answers every path the built-in routes (EST, CRL) do not: longest
+//! prefix route, device authenticated per request, group allow-list, per-device GCRA
+//! rate limit, gateway-owned headers stripped and identity headers set, pooled upstream
+//! connections, 502/504 as problem documents. OpenAPI validation and https upstreams are
+//! not built yet; a route asking for either is refused at load (fail closed).
 
 mod listener;
+mod proxy;
+mod ratelimit;
 
 pub use listener::{ListenerConfig, serve};
+pub use proxy::{Gateway, RouteConfig, RouteError, RouteTable, router};
+pub use ratelimit::{Limiter, Rate};

@@ -2,9 +2,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use portcullis_core::{DeviceId, DeviceState, Fingerprint, GroupName, Serial, Token, TrustDomain};
-use portcullis_store::{
-    Actor, CertificateRecord, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck,
-};
+use portcullis_store::{Actor, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
@@ -84,6 +82,8 @@ impl AuthError {
 pub struct AuthenticatedDevice {
     /// Its id.
     pub id: DeviceId,
+    /// Its group, as the registry says now.
+    pub group: GroupName,
     /// Serial of the certificate it presented.
     pub serial: Serial,
     /// Fingerprint of that certificate.
@@ -350,11 +350,12 @@ impl Authority {
                 })
             })
             .ok_or(AuthError::NotADevice)?;
-        let (record, state): (CertificateRecord, DeviceState) = self
+        let status = self
             .store
             .certificate(&serial)
             .await?
             .ok_or_else(|| AuthError::UnknownCertificate(serial.clone()))?;
+        let (record, state) = (&status.certificate, status.device_state);
         let fingerprint = Fingerprint::of(leaf);
         if record.device != named || record.fingerprint != fingerprint {
             return Err(AuthError::UnknownCertificate(serial));
@@ -370,7 +371,13 @@ impl Authority {
         if record.not_after <= OffsetDateTime::now_utc() {
             return Err(AuthError::Expired { not_after: record.not_after });
         }
-        Ok(AuthenticatedDevice { id: named, serial, fingerprint, not_after: record.not_after })
+        Ok(AuthenticatedDevice {
+            id: named,
+            group: status.group,
+            serial,
+            fingerprint,
+            not_after: record.not_after,
+        })
     }
 
     /// Suspends, resumes or revokes a device. Revocation re-signs the CRL before returning.

@@ -15,8 +15,8 @@ mod model;
 mod sqlite;
 
 pub use model::{
-    Actor, CertificateRecord, Device, Event, EventFilter, Group, NewCertificate, NewDevice, NewToken,
-    RevokedEntry, TokenCheck,
+    Actor, CertificateRecord, CertificateStatus, Device, Event, EventFilter, Group, NewCertificate,
+    NewDevice, NewToken, RevokedEntry, TokenCheck,
 };
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
@@ -102,8 +102,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Records a certificate issued on re-enrollment by an authenticated device.
     async fn record_certificate(&self, cert: NewCertificate, actor: Actor) -> Result<()>;
 
-    /// One certificate with the live state of its device.
-    async fn certificate(&self, serial: &Serial) -> Result<Option<(CertificateRecord, DeviceState)>>;
+    /// One certificate with the live state and group of its device.
+    async fn certificate(&self, serial: &Serial) -> Result<Option<CertificateStatus>>;
 
     /// Certificates, newest first, optionally of one device.
     async fn certificates(&self, device: Option<&DeviceId>) -> Result<Vec<CertificateRecord>>;

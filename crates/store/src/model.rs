@@ -153,6 +153,18 @@ pub struct CertificateRecord {
     pub der: Vec<u8>,
 }
 
+/// A certificate with the live registry state of its device: what every per-request
+/// authentication reads.
+#[derive(Debug, Clone)]
+pub struct CertificateStatus {
+    /// The certificate.
+    pub certificate: CertificateRecord,
+    /// Its device's state now.
+    pub device_state: DeviceState,
+    /// Its device's group now.
+    pub group: GroupName,
+}
+
 /// One entry of the CRL.
 #[derive(Debug, Clone)]
 pub struct RevokedEntry {

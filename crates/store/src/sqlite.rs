@@ -9,8 +9,8 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use crate::{
-    Actor, CertificateRecord, Device, Error, Event, EventFilter, Group, NewCertificate, NewDevice, NewToken,
-    Result, RevokedEntry, Store, TokenCheck,
+    Actor, CertificateRecord, CertificateStatus, Device, Error, Event, EventFilter, Group, NewCertificate,
+    NewDevice, NewToken, Result, RevokedEntry, Store, TokenCheck,
 };
 
 /// Migrations, applied in order; `PRAGMA user_version` holds how many have run.
@@ -553,7 +553,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn certificate(&self, serial: &Serial) -> Result<Option<(CertificateRecord, DeviceState)>> {
+    async fn certificate(&self, serial: &Serial) -> Result<Option<CertificateStatus>> {
         let serial = serial.clone();
         self.read(move |c| {
             let cert = c
@@ -561,11 +561,12 @@ impl Store for SqliteStore {
                 .query_row([serial.as_str()], cert_row)
                 .optional()?;
             let Some(cert) = cert else { return Ok(None) };
-            let state: String = c
-                .prepare_cached("SELECT state FROM devices WHERE id = ?1")?
-                .query_row([cert.device.as_str()], |r| r.get(0))?;
-            let state = state.parse().map_err(|_| corrupt("state", &state))?;
-            Ok(Some((cert, state)))
+            let (state, group): (String, String) = c
+                .prepare_cached("SELECT state, group_name FROM devices WHERE id = ?1")?
+                .query_row([cert.device.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let device_state = state.parse().map_err(|_| corrupt("state", &state))?;
+            let group = GroupName::try_new(group.clone()).map_err(|_| corrupt("group", &group))?;
+            Ok(Some(CertificateStatus { certificate: cert, device_state, group }))
         })
         .await
     }

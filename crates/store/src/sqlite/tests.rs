@@ -110,8 +110,9 @@ async fn revoke_revokes_certificates_and_is_final() {
     let revoked = s.revoked(now).await.unwrap();
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0].serial.as_str(), "a");
-    let (c, state) = s.certificate(&Serial::parse("0a").unwrap()).await.unwrap().unwrap();
-    assert_eq!((c.state, state), (CertState::Revoked, DeviceState::Revoked));
+    let st = s.certificate(&Serial::parse("0a").unwrap()).await.unwrap().unwrap();
+    assert_eq!((st.certificate.state, st.device_state), (CertState::Revoked, DeviceState::Revoked));
+    assert_eq!(st.group, GroupName::default_group());
     let resume = s.set_device_state(&id("cam-1"), DeviceState::Active, None, Actor::System).await;
     assert!(matches!(resume, Err(Error::InvalidTransition { .. })));
     let kinds: Vec<String> =

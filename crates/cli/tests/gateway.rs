@@ -1,0 +1,317 @@
+//! The gateway on the device port, against a real upstream that records what reaches it,
+//! driven with curl and client certificates.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use harness::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use portcullis_core::{DeviceId, Token};
+
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// An HTTP upstream on 127.0.0.1 that records every request; `/slow` answers after 3 s.
+struct Upstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    fn start() -> Self {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let rec = seen.clone();
+        // Its own thread and runtime, so tests of either flavour can use it; it lives
+        // until the test process ends.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(serve_upstream(std_listener, rec));
+        });
+        Self { addr, seen }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn last(&self) -> Seen {
+        self.seen.lock().unwrap().last().cloned().expect("upstream saw nothing")
+    }
+}
+
+async fn serve_upstream(std_listener: std::net::TcpListener, rec: Arc<Mutex<Vec<Seen>>>) {
+    let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { return };
+        let rec = rec.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let rec = rec.clone();
+                async move {
+                    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+                    let headers = req.headers().clone();
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    if path.starts_with("/slow") {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    rec.lock().unwrap().push(Seen { path, headers, body });
+                    Ok::<_, Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/json")
+                            .header("connection", "keep-alive")
+                            .body(Full::new(Bytes::from_static(b"{\"upstream\":true}")))
+                            .unwrap(),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+fn config(up: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[[gateway.routes]]
+prefix = "/api/"
+upstream = "http://{up}"
+max_body_bytes = 100
+client_cert_header = true
+
+[[gateway.routes]]
+prefix = "/api/v2/"
+upstream = "http://{up}/base"
+
+[[gateway.routes]]
+prefix = "/cams/"
+upstream = "http://{up}"
+groups = ["cameras"]
+
+[[gateway.routes]]
+prefix = "/limited/"
+upstream = "http://{up}"
+rate_limit = {{ per_second = 0.5, burst = 2 }}
+
+[[gateway.routes]]
+prefix = "/slow"
+upstream = "http://{up}"
+timeout = "1s"
+
+[[gateway.routes]]
+prefix = "/dead/"
+upstream = "http://127.0.0.1:1"
+{extra}
+"#
+    )
+}
+
+/// Enrolls `id` in `group` with the agent library; returns (chain, key) paths.
+fn enroll(s: &Server, id: &str, group: &str) -> (PathBuf, PathBuf) {
+    let token = s.add_device(id, &["--group", group]);
+    let dir = s.path(id);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(portcullis_agent::enroll(
+        &s.url(),
+        &s.root_pem(),
+        &DeviceId::try_new(id).unwrap(),
+        &Token::from_presented(&token),
+        &dir,
+    ))
+    .unwrap();
+    (dir.join("chain.pem"), dir.join("key.pem"))
+}
+
+#[test]
+fn authenticated_requests_are_forwarded_with_a_trusted_identity() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, ""));
+    let (cam, cam_key) = enroll(&s, "cam-01", "cameras");
+    let (root, _) = s.ca_files();
+
+    // No certificate: 401, nothing reaches the upstream.
+    let r = curl(&["--cacert", root.to_str().unwrap()], &format!("{}/api/x", s.url()));
+    assert_eq!(r.status, 401);
+    assert_eq!(up.count(), 0);
+
+    // A device, trying to spoof identity headers: forwarded with the real ones only.
+    let r = curl_mtls(
+        &s,
+        &cam,
+        &cam_key,
+        "/api/devices/cam-01/telemetry?x=1",
+        &[
+            "-H",
+            "X-Portcullis-Device: cam-99",
+            "-H",
+            "X-Portcullis-Group: admins",
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+            "-H",
+            "Forwarded: for=203.0.113.9",
+            "-H",
+            "Client-Cert: :Zm9v:",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "{\"t\":21}",
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["upstream"], true);
+    let seen = up.last();
+    assert_eq!(seen.path, "/api/devices/cam-01/telemetry?x=1");
+    assert_eq!(seen.headers["x-portcullis-device"], "cam-01");
+    assert_eq!(seen.headers["x-portcullis-group"], "cameras");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert!(seen.headers.get("forwarded").is_none());
+    assert_eq!(seen.headers.get_all("x-portcullis-device").iter().count(), 1);
+    let cc = seen.headers["client-cert"].to_str().unwrap();
+    assert!(cc.starts_with(':') && cc.ends_with(':') && cc.len() > 100, "{cc}");
+    assert_ne!(cc, ":Zm9v:");
+    assert_eq!(&seen.body[..], b"{\"t\":21}");
+
+    // Longest prefix wins, and the upstream base path is kept.
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/api/v2/ping", &[]).status, 200);
+    assert_eq!(up.last().path, "/base/api/v2/ping");
+    // Built-in routes still answer beside the gateway.
+    let crl = curl(&["--cacert", root.to_str().unwrap()], &format!("{}/crl.pem", s.url()));
+    assert_eq!(crl.status, 200);
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/portcullis/whoami", &[]).status, 200);
+}
+
+#[test]
+fn each_rejection_has_its_status_and_reaches_nothing() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, ""));
+    let (cam, cam_key) = enroll(&s, "cam-02", "cameras");
+    let (th, th_key) = enroll(&s, "thermo-01", "sensors");
+    let before = up.count();
+
+    let r = curl_mtls(&s, &cam, &cam_key, "/nowhere", &[]);
+    assert_eq!(r.status, 404);
+    assert!(r.detail().contains("no route"));
+    let r = curl_mtls(&s, &th, &th_key, "/cams/x", &[]);
+    assert_eq!(r.status, 403);
+    assert!(r.detail().contains("group sensors may not use route /cams/"), "{}", r.detail());
+    let big = "x".repeat(101);
+    let r = curl_mtls(&s, &cam, &cam_key, "/api/x", &["--data", &big]);
+    assert_eq!(r.status, 413);
+    let r = curl_mtls(&s, &cam, &cam_key, "/api/../admin", &["--path-as-is"]);
+    assert_eq!(r.status, 400);
+    let r = curl_mtls(&s, &cam, &cam_key, "/api/a%2F..%2Fb", &["--path-as-is"]);
+    assert_eq!(r.status, 400);
+    assert_eq!(up.count(), before, "a rejected request reached the upstream");
+
+    // Rate limit: burst of 2, then 429 with Retry-After.
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/limited/a", &[]).status, 200);
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/limited/a", &[]).status, 200);
+    let hdr = s.path("hdr.txt");
+    let r = curl_mtls(&s, &cam, &cam_key, "/limited/a", &["-D", hdr.to_str().unwrap()]);
+    assert_eq!(r.status, 429);
+    let headers = std::fs::read_to_string(&hdr).unwrap().to_ascii_lowercase();
+    assert!(headers.contains("retry-after: 2"), "{headers}");
+    // Another device has its own budget.
+    assert_eq!(curl_mtls(&s, &th, &th_key, "/limited/a", &[]).status, 200);
+
+    // Upstream down: 502; too slow: 504.
+    let r = curl_mtls(&s, &cam, &cam_key, "/dead/x", &[]);
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["status"], 502);
+    let r = curl_mtls(&s, &cam, &cam_key, "/slow", &[]);
+    assert_eq!(r.status, 504);
+
+    // Counters per route and reason.
+    let routes = s.cli_ok(&["gateway", "routes", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    let limited = v["routes"].as_array().unwrap().iter().find(|r| r["prefix"] == "/limited/").unwrap();
+    assert_eq!(limited["counts"]["forwarded"], 3);
+    assert_eq!(limited["counts"]["rate_limited"], 1);
+    let table = s.cli_ok(&["gateway", "routes"]);
+    assert!(table.contains("group_denied=1"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_applies_to_an_open_keep_alive_connection() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, ""));
+    let token = s.add_device("cam-03", &["--group", "cameras"]);
+    let dir = s.path("cam-03");
+    let root = s.root_pem();
+    portcullis_agent::enroll(
+        &s.url(),
+        &root,
+        &DeviceId::try_new("cam-03").unwrap(),
+        &Token::from_presented(&token),
+        &dir,
+    )
+    .await
+    .unwrap();
+    let agent = portcullis_agent::AgentDir::open(&dir).unwrap();
+    let client =
+        portcullis_agent::EstClient::new(&s.url(), &root, Some(agent.identity_pem().unwrap())).unwrap();
+    let mut conn = client.open().await.unwrap();
+    assert_eq!(conn.get("/api/one").await.unwrap().0, 200);
+    let forwarded = up.count();
+    s.cli_ok(&["device", "revoke", "cam-03"]);
+    let (status, body) = conn.get("/api/two").await.unwrap();
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(up.count(), forwarded, "a revoked device's request reached the upstream");
+}
+
+#[test]
+fn reload_by_signal_and_api_keeps_old_routes_on_error() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, ""));
+    let (cam, cam_key) = enroll(&s, "cam-04", "cameras");
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/new/x", &[]).status, 404);
+    let cfg_path = s.path("portcullis.toml");
+
+    // Add a route and send SIGHUP.
+    let extra = format!("\n[[gateway.routes]]\nprefix = \"/new/\"\nupstream = \"http://{}\"\n", up.addr);
+    std::fs::write(&cfg_path, config(up.addr, &extra)).unwrap();
+    let pid = s.child.as_ref().unwrap().id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let mut ok = false;
+    for _ in 0..50 {
+        if curl_mtls(&s, &cam, &cam_key, "/new/x", &[]).status == 200 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "SIGHUP did not load the new route");
+
+    // A broken config: the API reports why, and every route keeps serving.
+    std::fs::write(
+        &cfg_path,
+        config(up.addr, "\n[[gateway.routes]]\nprefix = \"/bad/\"\nupstream = \"ftp://x\"\n"),
+    )
+    .unwrap();
+    let out = s.cli(&["gateway", "reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("previous routes keep serving") && err.contains("/bad/"), "{err}");
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/new/x", &[]).status, 200);
+
+    // A good config through the API.
+    std::fs::write(&cfg_path, config(up.addr, "")).unwrap();
+    assert!(s.cli_ok(&["gateway", "reload"]).contains("reloaded: 6 routes"));
+    assert_eq!(curl_mtls(&s, &cam, &cam_key, "/new/x", &[]).status, 404);
+}

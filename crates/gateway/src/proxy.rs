@@ -1,0 +1,559 @@
+//! Authenticated reverse proxying: route by longest prefix, authenticate the device
+//! against the live registry, check its group and rate, strip every header the gateway
+//! owns, set the identity headers, forward with pooled connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use portcullis_core::{DeviceId, GroupName};
+use portcullis_pki::{Authority, PeerCertificate, Problem, est};
+use serde::Serialize;
+
+use crate::ratelimit::{Limiter, Rate};
+
+/// Most devices whose rate state one route keeps.
+const MAX_TRACKED_DEVICES: usize = 100_000;
+
+/// Why a route could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The prefix is not an absolute path.
+    #[error("route prefix {0:?} must start with '/'")]
+    Prefix(String),
+    /// Two routes share a prefix.
+    #[error("route prefix {0:?} appears twice")]
+    Duplicate(String),
+    /// The upstream URL is unusable.
+    #[error("route {prefix:?}: upstream {upstream:?}: {reason}")]
+    Upstream {
+        /// The route.
+        prefix: String,
+        /// The URL.
+        upstream: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The route asks for something not built yet; refusing is the fail-closed answer.
+    #[error("route {prefix:?}: {what} is not supported yet; refusing to load a route that expects it")]
+    Unsupported {
+        /// The route.
+        prefix: String,
+        /// The missing feature.
+        what: &'static str,
+    },
+    /// A rate is not positive.
+    #[error("route {0:?}: rate_limit needs per_second > 0 and burst >= 1")]
+    Rate(String),
+}
+
+/// One route, validated.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Path prefix; the longest matching prefix wins.
+    pub prefix: String,
+    /// `http://host:port[/base]`.
+    pub upstream: String,
+    /// Groups allowed to use the route; empty = every group.
+    pub groups: Vec<GroupName>,
+    /// Per-device rate.
+    pub rate: Option<Rate>,
+    /// Largest request body forwarded.
+    pub max_body_bytes: u64,
+    /// Deadline for the upstream's response head.
+    pub timeout: Duration,
+    /// Send the device's certificate as RFC 9440 `Client-Cert`.
+    pub client_cert_header: bool,
+    /// An OpenAPI document to validate against (not supported yet: refused).
+    pub openapi: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Counters {
+    forwarded: AtomicU64,
+    unauthenticated: AtomicU64,
+    forbidden: AtomicU64,
+    group_denied: AtomicU64,
+    rate_limited: AtomicU64,
+    body_too_large: AtomicU64,
+    bad_path: AtomicU64,
+    upstream_error: AtomicU64,
+    upstream_timeout: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Route {
+    cfg: RouteConfig,
+    base: Uri,
+    limiter: Option<Limiter<DeviceId>>,
+    counters: Counters,
+}
+
+/// The loaded routes. Replaced whole on reload.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Validates `configs` into a table; any error leaves the caller's current table alone.
+    pub fn try_new(configs: Vec<RouteConfig>) -> Result<Self, RouteError> {
+        let mut routes: Vec<Route> = Vec::with_capacity(configs.len());
+        for cfg in configs {
+            if !cfg.prefix.starts_with('/') {
+                return Err(RouteError::Prefix(cfg.prefix));
+            }
+            if routes.iter().any(|r| r.cfg.prefix == cfg.prefix) {
+                return Err(RouteError::Duplicate(cfg.prefix));
+            }
+            if cfg.openapi.is_some() {
+                return Err(RouteError::Unsupported { prefix: cfg.prefix, what: "OpenAPI validation" });
+            }
+            let bad = |reason| RouteError::Upstream {
+                prefix: cfg.prefix.clone(),
+                upstream: cfg.upstream.clone(),
+                reason,
+            };
+            let base: Uri = cfg.upstream.parse().map_err(|_| bad("not a URL"))?;
+            match base.scheme_str() {
+                Some("http") => {}
+                Some("https") => {
+                    return Err(RouteError::Unsupported { prefix: cfg.prefix, what: "an https upstream" });
+                }
+                _ => return Err(bad("scheme must be http")),
+            }
+            if base.authority().is_none() {
+                return Err(bad("no host"));
+            }
+            if base.query().is_some() {
+                return Err(bad("must not have a query"));
+            }
+            let limiter = match cfg.rate {
+                Some(r) if !(r.per_second > 0.0 && r.burst >= 1) => return Err(RouteError::Rate(cfg.prefix)),
+                Some(r) => Some(Limiter::new(r, MAX_TRACKED_DEVICES)),
+                None => None,
+            };
+            routes.push(Route { cfg, base, limiter, counters: Counters::default() });
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
+        Ok(Self { routes })
+    }
+
+    fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(&r.cfg.prefix))
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when no route is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// The gateway: the current route table and a pooled upstream client.
+#[derive(Debug)]
+pub struct Gateway {
+    table: RwLock<Arc<RouteTable>>,
+    authority: Arc<Authority>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Gateway {
+    /// A gateway over `table` that authenticates with `authority`.
+    pub fn new(authority: Arc<Authority>, table: RouteTable) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self { table: RwLock::new(Arc::new(table)), authority, client }
+    }
+
+    /// Swaps in a new table; requests in flight finish on the old one.
+    pub fn replace(&self, table: RouteTable) {
+        if let Ok(mut t) = self.table.write() {
+            *t = Arc::new(table);
+        }
+    }
+
+    fn current(&self) -> Arc<RouteTable> {
+        self.table.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// The routes and their counters, for the admin API.
+    pub fn describe(&self) -> serde_json::Value {
+        let table = self.current();
+        let routes: Vec<_> = table
+            .routes
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "prefix": r.cfg.prefix,
+                    "upstream": r.cfg.upstream,
+                    "groups": r.cfg.groups,
+                    "rate_limit": r.cfg.rate.map(|x| serde_json::json!({"per_second": x.per_second, "burst": x.burst})),
+                    "max_body_bytes": r.cfg.max_body_bytes,
+                    "timeout_ms": r.cfg.timeout.as_millis() as u64,
+                    "client_cert_header": r.cfg.client_cert_header,
+                    "counts": r.counters,
+                })
+            })
+            .collect();
+        serde_json::json!({ "routes": routes })
+    }
+}
+
+/// The proxy as a fallback router: everything the built-in routes do not answer.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new().fallback(proxy).with_state(gateway)
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Paths an upstream might normalise into another route's space are refused outright.
+fn suspicious(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    path.split('/').any(|seg| seg == ".." || seg == ".")
+        || path.contains("//")
+        || lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\')
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn owned_by_gateway(name: &str) -> bool {
+    name.starts_with("x-portcullis-")
+        || name.starts_with("x-forwarded-")
+        || matches!(name, "forwarded" | "client-cert" | "client-cert-chain" | "x-real-ip")
+}
+
+fn strip(headers: &mut HeaderMap, owned: bool) {
+    // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if owned {
+        let names: Vec<HeaderName> =
+            headers.keys().filter(|n| owned_by_gateway(n.as_str())).cloned().collect();
+        for n in names {
+            headers.remove(n);
+        }
+    }
+}
+
+async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = Instant::now();
+    let path = req.uri().path().to_owned();
+    let table = gw.current();
+    let Some(route) = table.find(&path) else {
+        return Problem::new(StatusCode::NOT_FOUND, "no-route", format!("no route for {path}"))
+            .into_response();
+    };
+    let (outcome, resp) = forward(&gw, route, req).await;
+    tracing::info!(
+        target: "portcullis::access",
+        route = %route.cfg.prefix,
+        path = %path,
+        device = outcome.device.as_ref().map(|d| d.as_str()).unwrap_or("-"),
+        status = resp.status().as_u16(),
+        outcome = outcome.reason,
+        latency_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+struct Outcome {
+    device: Option<DeviceId>,
+    reason: &'static str,
+}
+
+async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Response) {
+    let c = &route.counters;
+    let reject = |device: Option<DeviceId>, reason: &'static str, p: Problem| {
+        (Outcome { device, reason }, p.into_response())
+    };
+
+    if suspicious(req.uri().path()) {
+        bump(&c.bad_path);
+        return reject(
+            None,
+            "bad_path",
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad-path",
+                "path contains dot segments, empty segments or encoded separators",
+            ),
+        );
+    }
+    let peer = req.extensions().get::<PeerCertificate>().cloned();
+    let device = match gw.authority.authenticate(peer.as_ref()).await {
+        Ok(d) => d,
+        Err(e) => {
+            let forbidden = e.is_forbidden();
+            bump(if forbidden { &c.forbidden } else { &c.unauthenticated });
+            return reject(
+                None,
+                if forbidden { "forbidden" } else { "unauthenticated" },
+                est::auth_problem(&e),
+            );
+        }
+    };
+    let id = Some(device.id.clone());
+    if !route.cfg.groups.is_empty() && !route.cfg.groups.contains(&device.group) {
+        bump(&c.group_denied);
+        return reject(
+            id,
+            "group_denied",
+            Problem::new(
+                StatusCode::FORBIDDEN,
+                "group-denied",
+                format!("group {} may not use route {}", device.group, route.cfg.prefix),
+            ),
+        );
+    }
+    if let Some(limiter) = &route.limiter
+        && let Err(wait) = limiter.check(&device.id, Instant::now())
+    {
+        bump(&c.rate_limited);
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut resp = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            format!("rate limit of route {} exceeded; retry in {secs} s", route.cfg.prefix),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return (Outcome { device: id, reason: "rate_limited" }, resp);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > route.cfg.max_body_bytes) {
+        bump(&c.body_too_large);
+        return reject(
+            id,
+            "body_too_large",
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                format!(
+                    "request body exceeds the {} bytes allowed on {}",
+                    route.cfg.max_body_bytes, route.cfg.prefix
+                ),
+            ),
+        );
+    }
+
+    let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let (mut parts, body) = req.into_parts();
+    strip(&mut parts.headers, true);
+    let h = &mut parts.headers;
+    let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set(h, "x-portcullis-device", device.id.as_str());
+    set(h, "x-portcullis-group", device.group.as_str());
+    set(h, "x-forwarded-proto", "https");
+    if let Some(r) = remote {
+        set(h, "x-forwarded-for", &r.ip().to_string());
+    }
+    if route.cfg.client_cert_header
+        && let Some(leaf) = peer.as_ref().and_then(|p| p.chain.first())
+    {
+        // RFC 9440: a structured-field byte sequence of the DER certificate.
+        let v = format!(":{}:", base64::engine::general_purpose::STANDARD.encode(leaf));
+        set(h, "client-cert", &v);
+    }
+
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let base_path = route.base.path().trim_end_matches('/');
+    let uri = format!(
+        "{}://{}{}{}",
+        route.base.scheme_str().unwrap_or("http"),
+        route.base.authority().map(|a| a.as_str()).unwrap_or_default(),
+        base_path,
+        path_and_query
+    );
+    parts.uri = match uri.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            bump(&c.bad_path);
+            return reject(
+                id,
+                "bad_path",
+                Problem::new(StatusCode::BAD_REQUEST, "bad-path", "request target cannot be forwarded"),
+            );
+        }
+    };
+    if let Some(a) = route.base.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.version = http::Version::HTTP_11;
+    let limited =
+        http_body_util::Limited::new(body, usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX));
+    let upstream_req = http::Request::from_parts(parts, Body::new(limited));
+
+    match tokio::time::timeout(route.cfg.timeout, gw.client.request(upstream_req)).await {
+        Ok(Ok(resp)) => {
+            bump(&c.forwarded);
+            let (mut parts, body) = resp.into_parts();
+            strip(&mut parts.headers, false);
+            (Outcome { device: id, reason: "forwarded" }, Response::from_parts(parts, Body::new(body)))
+        }
+        Ok(Err(e)) => {
+            bump(&c.upstream_error);
+            tracing::warn!(route = %route.cfg.prefix, error = %e, "upstream request failed");
+            reject(
+                id,
+                "upstream_error",
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    format!("upstream of {} is unavailable", route.cfg.prefix),
+                ),
+            )
+        }
+        Err(_) => {
+            bump(&c.upstream_timeout);
+            reject(
+                id,
+                "upstream_timeout",
+                Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    format!(
+                        "upstream of {} did not answer within {} ms",
+                        route.cfg.prefix,
+                        route.cfg.timeout.as_millis()
+                    ),
+                ),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(prefix: &str, upstream: &str) -> RouteConfig {
+        RouteConfig {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            groups: vec![],
+            rate: None,
+            max_body_bytes: 1024,
+            timeout: Duration::from_secs(1),
+            client_cert_header: false,
+            openapi: None,
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = RouteTable::try_new(vec![
+            cfg("/api/", "http://a:1"),
+            cfg("/api/v2/", "http://b:1"),
+            cfg("/", "http://c:1"),
+        ])
+        .unwrap();
+        assert_eq!(t.find("/api/v2/x").unwrap().cfg.upstream, "http://b:1");
+        assert_eq!(t.find("/api/v1").unwrap().cfg.upstream, "http://a:1");
+        assert_eq!(t.find("/other").unwrap().cfg.upstream, "http://c:1");
+    }
+
+    #[test]
+    fn invalid_routes_are_refused() {
+        assert!(matches!(RouteTable::try_new(vec![cfg("api", "http://a:1")]), Err(RouteError::Prefix(_))));
+        assert!(matches!(
+            RouteTable::try_new(vec![cfg("/a", "http://a:1"), cfg("/a", "http://b:1")]),
+            Err(RouteError::Duplicate(_))
+        ));
+        assert!(matches!(RouteTable::try_new(vec![cfg("/a", "ftp://a")]), Err(RouteError::Upstream { .. })));
+        assert!(matches!(
+            RouteTable::try_new(vec![cfg("/a", "https://a")]),
+            Err(RouteError::Unsupported { .. })
+        ));
+        let mut with_spec = cfg("/a", "http://a:1");
+        with_spec.openapi = Some("spec.yaml".into());
+        assert!(matches!(RouteTable::try_new(vec![with_spec]), Err(RouteError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn suspicious_paths() {
+        for p in ["/api/../admin", "/api/./x", "/api//x", "/api/%2e%2e/x", "/api/a%2Fb", "/api\\x"] {
+            assert!(suspicious(p), "{p}");
+        }
+        assert!(!suspicious("/api/devices/cam-01/telemetry"));
+    }
+
+    #[test]
+    fn gateway_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x-portcullis-device",
+            "X-Forwarded-For",
+            "forwarded",
+            "client-cert",
+            "client-cert-chain",
+            "connection",
+            "x-keep",
+        ] {
+            h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static("v"));
+        }
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-keep"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip(&mut h, true);
+        let left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+}
