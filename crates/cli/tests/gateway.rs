@@ -243,6 +243,22 @@ fn each_rejection_has_its_status_and_reaches_nothing() {
     assert_eq!(limited["counts"]["rate_limited"], 1);
     let table = s.cli_ok(&["gateway", "routes"]);
     assert!(table.contains("group_denied=1"), "{table}");
+    let metrics = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(s.admin_client().get_text("/metrics"))
+        .unwrap();
+    for line in [
+        r#"portcullis_gateway_requests_total{route="/limited/",outcome="rate_limited"} 1"#,
+        r#"portcullis_gateway_requests_total{route="/limited/",outcome="forwarded"} 3"#,
+        r#"portcullis_gateway_requests_total{route="/cams/",outcome="group_denied"} 1"#,
+        r#"portcullis_gateway_requests_total{route="none",outcome="no_route"} 1"#,
+        r#"portcullis_gateway_requests_total{route="/dead/",outcome="upstream_error"} 1"#,
+        r#"portcullis_gateway_request_duration_seconds_count{route="/limited/"} 4"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use portcullis_core::{DeviceId, GroupName};
 use portcullis_pki::{Authority, PeerCertificate, Problem, est};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 use crate::ratelimit::{Limiter, Rate};
@@ -165,12 +168,36 @@ impl RouteTable {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+/// Gateway metrics, registered beside the CA's.
+struct GatewayMetrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabel, Histogram>,
+}
+
+impl std::fmt::Debug for GatewayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayMetrics")
+    }
+}
+
 /// The gateway: the current route table and a pooled upstream client.
 #[derive(Debug)]
 pub struct Gateway {
     table: RwLock<Arc<RouteTable>>,
     authority: Arc<Authority>,
     client: Client<HttpConnector, Body>,
+    metrics: GatewayMetrics,
 }
 
 impl Gateway {
@@ -183,7 +210,23 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Self { table: RwLock::new(Arc::new(table)), authority, client }
+        let metrics = GatewayMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ])
+            }),
+        };
+        authority.metrics().register(|r| {
+            r.register("gateway_requests", "Gateway requests by route and outcome", metrics.requests.clone());
+            r.register(
+                "gateway_request_duration_seconds",
+                "Gateway request latency by route, upstream included",
+                metrics.latency.clone(),
+            );
+        });
+        Self { table: RwLock::new(Arc::new(table)), authority, client, metrics }
     }
 
     /// Swaps in a new table; requests in flight finish on the old one.
@@ -286,10 +329,20 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let table = gw.current();
     let Some(route) = table.find(&path) else {
+        gw.metrics.requests.get_or_create(&RequestLabels { route: "none".into(), outcome: "no_route" }).inc();
         return Problem::new(StatusCode::NOT_FOUND, "no-route", format!("no route for {path}"))
             .into_response();
     };
     let (outcome, resp) = forward(&gw, route, req).await;
+    let route_label = route.cfg.prefix.clone();
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabels { route: route_label.clone(), outcome: outcome.reason })
+        .inc();
+    gw.metrics
+        .latency
+        .get_or_create(&RouteLabel { route: route_label })
+        .observe(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
         route = %route.cfg.prefix,

@@ -20,7 +20,7 @@ pub mod csr;
 pub mod est;
 mod files;
 mod http_problem;
-mod metrics;
+pub mod metrics;
 pub mod pkcs7;
 pub mod tls;
 

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
+pub use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Enrollment {
@@ -80,6 +80,14 @@ impl Metrics {
 
     pub(crate) fn crl_signed(&self) {
         self.crl_signed.inc();
+    }
+
+    /// Lets another component register its metrics in the same registry, so `/metrics`
+    /// serves one exposition.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        if let Ok(mut r) = self.registry.lock() {
+            f(&mut r);
+        }
     }
 
     /// The Prometheus text exposition of every counter.
