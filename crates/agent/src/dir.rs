@@ -53,6 +53,8 @@ pub struct Status {
 #[derive(Debug)]
 pub struct AgentDir {
     dir: PathBuf,
+    /// Held by writers (enroll, renew): one key rotation at a time per directory.
+    _lock: Option<fs::File>,
 }
 
 impl AgentDir {
@@ -61,7 +63,7 @@ impl AgentDir {
         move |source| Error::Io { action, path, source }
     }
 
-    /// Creates (mode 0700) or opens `dir` for a new enrollment.
+    /// Creates (mode 0700) or opens `dir` for a new enrollment, locked for writing.
     pub fn create(dir: &Path) -> Result<Self, Error> {
         use std::os::unix::fs::DirBuilderExt;
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| Error::Io {
@@ -69,18 +71,25 @@ impl AgentDir {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self { dir: dir.to_path_buf(), _lock: Some(lock(dir)?) })
     }
 
-    /// Opens an enrolled directory, finishing a key rotation a crash interrupted.
+    /// Opens an enrolled directory to read it. Changes nothing.
     pub fn open(dir: &Path) -> Result<Self, Error> {
-        let d = Self { dir: dir.to_path_buf() };
         if !dir.join(META).exists() {
             return Err(Error::State(format!(
                 "{} holds no enrolled identity; run `portcullis-agent enroll`",
                 dir.display()
             )));
         }
+        Ok(Self { dir: dir.to_path_buf(), _lock: None })
+    }
+
+    /// Opens an enrolled directory for a key rotation: takes the directory's lock and
+    /// finishes a rotation a crash interrupted.
+    pub fn open_for_update(dir: &Path) -> Result<Self, Error> {
+        let mut d = Self::open(dir)?;
+        d._lock = Some(lock(dir)?);
         d.recover()?;
         Ok(d)
     }
@@ -187,6 +196,19 @@ impl AgentDir {
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
         })
     }
+}
+
+/// Waits for the directory's exclusive lock (another enroll/renew finishing first).
+fn lock(dir: &Path) -> Result<fs::File, Error> {
+    let path = dir.join("agent.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::Io { action: "cannot open", path: path.clone(), source })?;
+    f.lock().map_err(|source| Error::Io { action: "cannot lock", path, source })?;
+    Ok(f)
 }
 
 /// The first certificate in a PEM file, DER.

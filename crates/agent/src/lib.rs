@@ -91,7 +91,7 @@ pub async fn enroll(
 /// Renews the certificate in `dir` if less than a third of its lifetime is left (or
 /// always, with `force`), with a fresh key, over mTLS with the current certificate.
 pub async fn renew(dir: &Path, force: bool) -> Result<Renewal, Error> {
-    let agent_dir = AgentDir::open(dir)?;
+    let agent_dir = AgentDir::open_for_update(dir)?;
     let status = agent_dir.status()?;
     if !force && !status.renewal_due {
         return Ok(Renewal::NotDue(status));

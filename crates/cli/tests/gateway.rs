@@ -185,6 +185,21 @@ fn authenticated_requests_are_forwarded_with_a_trusted_identity() {
     assert_ne!(cc, ":Zm9v:");
     assert_eq!(&seen.body[..], b"{\"t\":21}");
 
+    // HTTP/2 by ALPN, forwarded upstream as HTTP/1.1 with the same identity.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--http2", "--cacert"])
+        .arg(&root)
+        .arg("--cert")
+        .arg(&cam)
+        .arg("--key")
+        .arg(&cam_key)
+        .arg(format!("{}/api/h2", s.url()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
+    assert_eq!(up.last().path, "/api/h2");
+    assert_eq!(up.last().headers["x-portcullis-device"], "cam-01");
+
     // Longest prefix wins, and the upstream base path is kept.
     assert_eq!(curl_mtls(&s, &cam, &cam_key, "/api/v2/ping", &[]).status, 200);
     assert_eq!(up.last().path, "/base/api/v2/ping");

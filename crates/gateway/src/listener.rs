@@ -5,7 +5,7 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use http::StatusCode;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use portcullis_pki::{ClientCertVerifier, PeerCertificate};
 use tokio::net::TcpListener;
@@ -105,8 +105,20 @@ pub async fn serve(
                 req.extensions_mut().insert(ConnectInfo(remote));
                 req
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(cfg.header_timeout).max_buf_size(64 * 1024);
+            // HTTP/2 when ALPN says so (or the client sends its preface), else HTTP/1.1.
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.header_timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(128)
+                .max_header_list_size(64 * 1024)
+                .keep_alive_interval(Some(cfg.header_timeout))
+                .keep_alive_timeout(cfg.header_timeout);
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             tokio::pin!(conn);
             tokio::select! {

@@ -426,8 +426,13 @@ async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Respons
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > route.cfg.max_body_bytes) {
+    if let Some(len) = declared
+        && len > route.cfg.max_body_bytes
+    {
         bump(&c.body_too_large);
+        if len <= est::DRAIN_CAP as u64 {
+            est::drain(req.into_body()).await;
+        }
         return reject(
             id,
             "body_too_large",

@@ -134,8 +134,30 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     }
 }
 
-/// Reads at most [`MAX_BODY`] bytes, refusing early on a larger Content-Length.
+/// How much of an oversized body is read and discarded before answering 413. An HTTP/2
+/// client still sending when the answer comes sees its stream reset and no status; a
+/// bounded drain lets ordinary clients read the precise error.
+pub const DRAIN_CAP: usize = 1024 * 1024;
+
+/// Reads and discards up to [`DRAIN_CAP`] bytes of `body`, with a 5 second deadline.
+pub async fn drain(body: Body) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_CAP {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Reads at most [`MAX_BODY`] bytes, refusing a larger body (declared or actual) with 413.
 async fn read_body(req: Request) -> Result<(HeaderMap, Bytes), Problem> {
+    use http_body_util::BodyExt;
     let too_large = |len: Option<usize>| {
         let detail = match len {
             Some(len) => format!("request body is {len} bytes, more than the {MAX_BODY} allowed"),
@@ -152,10 +174,26 @@ async fn read_body(req: Request) -> Result<(HeaderMap, Bytes), Problem> {
     if let Some(len) = declared
         && len > MAX_BODY
     {
+        if len <= DRAIN_CAP {
+            drain(body).await;
+        }
         return Err(too_large(Some(len)));
     }
-    let bytes = axum::body::to_bytes(Body::new(body), MAX_BODY).await.map_err(|_| too_large(None))?;
-    Ok((parts.headers, bytes))
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| {
+            Problem::new(StatusCode::BAD_REQUEST, "body-unreadable", "request body could not be read")
+        })?;
+        if let Some(d) = frame.data_ref() {
+            if buf.len() + d.len() > MAX_BODY {
+                drain(body).await;
+                return Err(too_large(None));
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok((parts.headers, buf.freeze()))
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Result<(String, Token), Problem> {

@@ -146,7 +146,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The device port's server configuration: our server chain, client certificates
-/// requested, HTTP/1.1 via ALPN, the server's cipher suite order.
+/// requested, HTTP/2 or HTTP/1.1 via ALPN, the server's cipher suite order.
 pub fn server_config(
     verifier: &ClientCertVerifier,
     chain: Vec<CertificateDer<'static>>,
@@ -156,7 +156,7 @@ pub fn server_config(
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(DeferredVerifier(verifier.inner.clone())))
         .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
