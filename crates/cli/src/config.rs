@@ -26,6 +26,7 @@ struct Raw {
 #[serde(deny_unknown_fields, default)]
 struct RawGateway {
     routes: Vec<RawRoute>,
+    unauthenticated_per_ip: Option<RawRate>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +61,7 @@ struct RawDevice {
     header_timeout: String,
     request_timeout: String,
     max_connections: usize,
+    handshakes_per_ip: Option<RawRate>,
 }
 
 impl Default for RawDevice {
@@ -71,6 +73,7 @@ impl Default for RawDevice {
             header_timeout: "10s".into(),
             request_timeout: "30s".into(),
             max_connections: 10_000,
+            handshakes_per_ip: None,
         }
     }
 }
@@ -119,6 +122,7 @@ pub struct Config {
     pub policy: IssuancePolicy,
     pub server_cert_lifetime: Duration,
     pub routes: Vec<RouteConfig>,
+    pub unauthenticated_per_ip: Option<Rate>,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -127,6 +131,16 @@ fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
         bail!("config key {key}: must be greater than zero");
     }
     Ok(d)
+}
+
+fn rate(key: &str, raw: Option<RawRate>) -> anyhow::Result<Option<Rate>> {
+    match raw {
+        None => Ok(None),
+        Some(r) if r.per_second > 0.0 && r.per_second.is_finite() && r.burst >= 1 => {
+            Ok(Some(Rate { per_second: r.per_second, burst: r.burst }))
+        }
+        Some(_) => bail!("config key {key}: per_second must be > 0 and burst >= 1"),
+    }
 }
 
 fn addr(key: &str, v: &str) -> anyhow::Result<SocketAddr> {
@@ -192,7 +206,7 @@ impl Config {
                 prefix: r.prefix,
                 upstream: r.upstream,
                 groups,
-                rate: r.rate_limit.map(|x| Rate { per_second: x.per_second, burst: x.burst }),
+                rate: rate(&key("rate_limit"), r.rate_limit)?,
                 max_body_bytes: r.max_body_bytes.unwrap_or(1024 * 1024),
                 timeout: match r.timeout {
                     Some(t) => dur(&key("timeout"), &t)?,
@@ -202,7 +216,13 @@ impl Config {
                 openapi: r.openapi,
             });
         }
+        // On unless configured otherwise: a flood without credentials gets 429s, not work.
+        let unauthenticated_per_ip = match raw.gateway.unauthenticated_per_ip {
+            Some(r) => rate("gateway.unauthenticated_per_ip", Some(r))?,
+            None => Some(Rate { per_second: 10.0, burst: 50 }),
+        };
         Ok(Self {
+            unauthenticated_per_ip,
             routes,
             data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("portcullis-data")),
             trust_domain,
@@ -213,6 +233,7 @@ impl Config {
                 header_timeout: dur("device.header_timeout", &raw.device.header_timeout)?,
                 request_timeout: dur("device.request_timeout", &raw.device.request_timeout)?,
                 max_connections: raw.device.max_connections,
+                handshakes_per_ip: rate("device.handshakes_per_ip", raw.device.handshakes_per_ip)?,
             },
             admin_addr: addr("admin.addr", &raw.admin.addr)?,
             policy: IssuancePolicy {

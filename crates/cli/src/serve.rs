@@ -62,7 +62,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
 
     let table = RouteTable::try_new(cfg.routes.clone()).context("gateway routes")?;
     tracing::info!(routes = table.len(), "gateway routes loaded");
-    let gateway = Arc::new(Gateway::new(authority.clone(), table));
+    let gateway = Arc::new(Gateway::new(authority.clone(), table, cfg.unauthenticated_per_ip));
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
         let gateway = gateway.clone();
         Arc::new(move || {

@@ -346,3 +346,30 @@ fn reload_by_signal_and_api_keeps_old_routes_on_error() {
     assert!(s.cli_ok(&["gateway", "reload"]).contains("reloaded: 6 routes"));
     assert_eq!(curl_mtls(&s, &cam, &cam_key, "/new/x", &[]).status, 404);
 }
+
+#[test]
+fn floods_from_one_address_are_throttled_before_any_work() {
+    let up = Upstream::start();
+    let extra = "\n[device]\nhandshakes_per_ip = { per_second = 0.2, burst = 6 }\n\n[gateway]\nunauthenticated_per_ip = { per_second = 0.2, burst = 2 }\n";
+    // [device] and [gateway] must come before the route tables in TOML.
+    let s = Server::start_with_config(&format!("{extra}{}", config(up.addr, "")));
+    let (root, _) = s.ca_files();
+    let url = format!("{}/api/x", s.url());
+    let no_cert = || curl(&["--cacert", root.to_str().unwrap()], &url);
+    // Unauthenticated: two 401s, then 429 with Retry-After; nothing forwarded.
+    assert_eq!(no_cert().status, 401);
+    assert_eq!(no_cert().status, 401);
+    let r = no_cert();
+    assert_eq!(r.status, 429);
+    assert!(r.detail().contains("unauthenticated"), "{}", r.detail());
+    assert_eq!(up.count(), 0);
+    // Handshakes: the burst of 6 is spent (3 above + the CLI uses none); the next
+    // connections are closed before TLS.
+    let mut refused = 0;
+    for _ in 0..6 {
+        if no_cert().status == 0 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 3, "only {refused} of 6 connections over the handshake limit were closed");
+}

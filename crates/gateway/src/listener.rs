@@ -1,3 +1,4 @@
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::ratelimit::{Limiter, Rate};
+
 /// Limits of the device port.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
@@ -25,6 +28,9 @@ pub struct ListenerConfig {
     pub request_timeout: Duration,
     /// Most concurrent connections; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// New connections (TLS handshakes) per source IP; beyond it the connection is
+    /// closed before any TLS work. `None`: no limit.
+    pub handshakes_per_ip: Option<Rate>,
 }
 
 impl Default for ListenerConfig {
@@ -34,6 +40,7 @@ impl Default for ListenerConfig {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            handshakes_per_ip: None,
         }
     }
 }
@@ -51,6 +58,7 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(tls);
     let app = app.layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout));
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let per_ip = cfg.handshakes_per_ip.map(|r| Limiter::<IpAddr>::new(r, 100_000));
     let (conn_done_tx, mut conn_done_rx) = watch::channel(());
     loop {
         let permit = tokio::select! {
@@ -69,6 +77,12 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        if let Some(limiter) = &per_ip
+            && limiter.check(&remote.ip(), std::time::Instant::now()).is_err()
+        {
+            tracing::debug!(peer = %remote, "handshake rate limit exceeded; connection closed");
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let verifier = verifier.clone();

@@ -2,7 +2,7 @@
 //! against the live registry, check its group and rate, strip every header the gateway
 //! owns, set the identity headers, forward with pooled connections.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -191,9 +191,11 @@ impl std::fmt::Debug for GatewayMetrics {
     }
 }
 
-/// The gateway: the current route table and a pooled upstream client.
+/// The gateway: the current route table, a pooled upstream client, and the per-IP
+/// limit on requests that fail authentication.
 #[derive(Debug)]
 pub struct Gateway {
+    unauthenticated: Option<Limiter<IpAddr>>,
     table: RwLock<Arc<RouteTable>>,
     authority: Arc<Authority>,
     client: Client<HttpConnector, Body>,
@@ -201,8 +203,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway over `table` that authenticates with `authority`.
-    pub fn new(authority: Arc<Authority>, table: RouteTable) -> Self {
+    /// A gateway over `table` that authenticates with `authority`; requests that fail
+    /// authentication are limited to `unauthenticated_per_ip` per source address.
+    pub fn new(authority: Arc<Authority>, table: RouteTable, unauthenticated_per_ip: Option<Rate>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -226,7 +229,13 @@ impl Gateway {
                 metrics.latency.clone(),
             );
         });
-        Self { table: RwLock::new(Arc::new(table)), authority, client, metrics }
+        Self {
+            unauthenticated: unauthenticated_per_ip.map(|r| Limiter::new(r, 100_000)),
+            table: RwLock::new(Arc::new(table)),
+            authority,
+            client,
+            metrics,
+        }
     }
 
     /// Swaps in a new table; requests in flight finish on the old one.
@@ -328,12 +337,20 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let started = Instant::now();
     let path = req.uri().path().to_owned();
     let table = gw.current();
+    let (parts, body) = req.into_parts();
     let Some(route) = table.find(&path) else {
         gw.metrics.requests.get_or_create(&RequestLabels { route: "none".into(), outcome: "no_route" }).inc();
+        est::drain(body).await;
         return Problem::new(StatusCode::NOT_FOUND, "no-route", format!("no route for {path}"))
             .into_response();
     };
-    let (outcome, resp) = forward(&gw, route, req).await;
+    let mut body = Some(body);
+    let (outcome, resp) = forward(&gw, route, parts, &mut body).await;
+    if let Some(unsent) = body {
+        // Refused before forwarding: read (a bounded amount of) what the client is still
+        // sending, so an HTTP/2 client gets the answer instead of a stream reset.
+        est::drain(unsent).await;
+    }
     let route_label = route.cfg.prefix.clone();
     gw.metrics
         .requests
@@ -356,18 +373,40 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     resp
 }
 
+/// 429 with `Retry-After` in whole seconds, rounded up.
+fn too_many(wait: Duration, what: &str) -> Response {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut resp = Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        format!("rate limit exceeded for {what}; retry in {secs} s"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
 struct Outcome {
     device: Option<DeviceId>,
     reason: &'static str,
 }
 
-async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Response) {
+/// Decides on and, if admitted, forwards one request. The body is taken out of `body`
+/// only when the request is forwarded; the caller drains what is left.
+async fn forward(
+    gw: &Gateway,
+    route: &Route,
+    parts: http::request::Parts,
+    body: &mut Option<Body>,
+) -> (Outcome, Response) {
     let c = &route.counters;
     let reject = |device: Option<DeviceId>, reason: &'static str, p: Problem| {
         (Outcome { device, reason }, p.into_response())
     };
 
-    if suspicious(req.uri().path()) {
+    if suspicious(parts.uri.path()) {
         bump(&c.bad_path);
         return reject(
             None,
@@ -379,10 +418,21 @@ async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Respons
             ),
         );
     }
-    let peer = req.extensions().get::<PeerCertificate>().cloned();
+    let peer = parts.extensions.get::<PeerCertificate>().cloned();
     let device = match gw.authority.authenticate(peer.as_ref()).await {
         Ok(d) => d,
         Err(e) => {
+            // Unauthenticated floods (the Mirai case) are throttled per source address.
+            if let (Some(limiter), Some(ConnectInfo(addr))) =
+                (&gw.unauthenticated, parts.extensions.get::<ConnectInfo<SocketAddr>>())
+                && let Err(wait) = limiter.check(&addr.ip(), Instant::now())
+            {
+                bump(&c.rate_limited);
+                return (
+                    Outcome { device: None, reason: "unauthenticated_rate_limited" },
+                    too_many(wait, "unauthenticated requests from your address"),
+                );
+            }
             let forbidden = e.is_forbidden();
             bump(if forbidden { &c.forbidden } else { &c.unauthenticated });
             return reject(
@@ -409,20 +459,11 @@ async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Respons
         && let Err(wait) = limiter.check(&device.id, Instant::now())
     {
         bump(&c.rate_limited);
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut resp = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            format!("rate limit of route {} exceeded; retry in {secs} s", route.cfg.prefix),
-        )
-        .into_response();
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return (Outcome { device: id, reason: "rate_limited" }, resp);
+        let what = format!("requests of this device on route {}", route.cfg.prefix);
+        return (Outcome { device: id, reason: "rate_limited" }, too_many(wait, &what));
     }
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
@@ -430,9 +471,6 @@ async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Respons
         && len > route.cfg.max_body_bytes
     {
         bump(&c.body_too_large);
-        if len <= est::DRAIN_CAP as u64 {
-            est::drain(req.into_body()).await;
-        }
         return reject(
             id,
             "body_too_large",
@@ -447,8 +485,9 @@ async fn forward(gw: &Gateway, route: &Route, req: Request) -> (Outcome, Respons
         );
     }
 
-    let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let (mut parts, body) = req.into_parts();
+    let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let mut parts = parts;
+    let body = body.take().unwrap_or_default();
     strip(&mut parts.headers, true);
     let h = &mut parts.headers;
     let set = |h: &mut HeaderMap, name: &'static str, value: &str| {

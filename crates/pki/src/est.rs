@@ -224,9 +224,11 @@ fn basic_credentials(headers: &HeaderMap) -> Result<(String, Token), Problem> {
 
 async fn simpleenroll(State(a): State<Arc<Authority>>, req: Request) -> Response {
     let result = async {
-        let (id, token) = basic_credentials(req.headers())?;
-        check_content_type(req.headers())?;
-        let (_, body) = read_body(req).await?;
+        // The body is read first, whatever the verdict, so that an HTTP/2 client still
+        // sending it receives the precise error rather than a stream reset.
+        let (headers, body) = read_body(req).await?;
+        let (id, token) = basic_credentials(&headers)?;
+        check_content_type(&headers)?;
         a.enroll(&id, &token, &body).await.map_err(|e| {
             tracing::warn!(device = %id, error = %e, "enrollment refused");
             problem(&e)
@@ -245,12 +247,12 @@ async fn simplereenroll(
     req: Request,
 ) -> Response {
     let result = async {
+        let (headers, body) = read_body(req).await?;
         let device = a.authenticate(peer.as_deref()).await.map_err(|e| {
             tracing::warn!(error = %e, "re-enrollment refused");
             auth_problem(&e)
         })?;
-        check_content_type(req.headers())?;
-        let (_, body) = read_body(req).await?;
+        check_content_type(&headers)?;
         a.reenroll(&device, &body).await.map_err(|e| {
             tracing::warn!(device = %device.id, error = %e, "re-enrollment refused");
             problem(&e)
