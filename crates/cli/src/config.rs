@@ -43,6 +43,8 @@ struct RawRoute {
     client_cert_header: bool,
     openapi: Option<String>,
     action: Option<String>,
+    #[serde(default)]
+    bind_device: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,6 +216,7 @@ impl Config {
                 },
                 client_cert_header: r.client_cert_header,
                 openapi: r.openapi,
+                bind_device: r.bind_device,
             });
         }
         // On unless configured otherwise: a flood without credentials gets 429s, not work.

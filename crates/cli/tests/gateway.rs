@@ -92,6 +92,7 @@ prefix = "/api/"
 upstream = "http://{up}"
 max_body_bytes = 100
 client_cert_header = true
+bind_device = ["/api/devices/{{device}}"]
 
 [[gateway.routes]]
 prefix = "/api/v2/"
@@ -184,6 +185,13 @@ fn authenticated_requests_are_forwarded_with_a_trusted_identity() {
     assert!(cc.starts_with(':') && cc.ends_with(':') && cc.len() > 100, "{cc}");
     assert_ne!(cc, ":Zm9v:");
     assert_eq!(&seen.body[..], b"{\"t\":21}");
+
+    // Identity binding: cam-01 may not speak for cam-02.
+    let before = up.count();
+    let r = curl_mtls(&s, &cam, &cam_key, "/api/devices/cam-02/telemetry", &["--data", "{}"]);
+    assert_eq!(r.status, 403);
+    assert!(r.detail().contains("path names device \"cam-02\" but the caller is cam-01"), "{}", r.detail());
+    assert_eq!(up.count(), before);
 
     // HTTP/2 by ALPN, forwarded upstream as HTTP/1.1 with the same identity.
     let out = std::process::Command::new("curl")

@@ -59,6 +59,16 @@ pub enum RouteError {
     /// A rate is not positive.
     #[error("route {0:?}: rate_limit needs per_second > 0 and burst >= 1")]
     Rate(String),
+    /// A `bind_device` template is malformed.
+    #[error("route {prefix:?}: bind_device template {template:?} {reason}")]
+    Binding {
+        /// The route.
+        prefix: String,
+        /// The template.
+        template: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
 }
 
 /// One route, validated.
@@ -80,6 +90,57 @@ pub struct RouteConfig {
     pub client_cert_header: bool,
     /// An OpenAPI document to validate against (not supported yet: refused).
     pub openapi: Option<String>,
+    /// Path templates binding a segment to the caller, e.g. `/api/devices/{device}`: a
+    /// request whose path matches a template must name the calling device there (403
+    /// otherwise). `{*}` matches any one segment.
+    pub bind_device: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Lit(String),
+    Device,
+    Any,
+}
+
+/// Compiles `/a/{device}/b` into segments; exactly one `{device}` is required.
+fn compile_binding(prefix: &str, t: &str) -> Result<Vec<Seg>, RouteError> {
+    let bad = |reason| RouteError::Binding { prefix: prefix.to_owned(), template: t.to_owned(), reason };
+    let Some(rest) = t.strip_prefix('/') else { return Err(bad("must start with '/'")) };
+    let segs: Vec<Seg> = rest
+        .split('/')
+        .map(|s| match s {
+            "{device}" => Seg::Device,
+            "{*}" => Seg::Any,
+            lit => Seg::Lit(lit.to_owned()),
+        })
+        .collect();
+    if segs.iter().filter(|s| **s == Seg::Device).count() != 1 {
+        return Err(bad("needs exactly one {device} segment"));
+    }
+    if segs.iter().any(|s| matches!(s, Seg::Lit(l) if l.is_empty() || l.contains(['{', '}']))) {
+        return Err(bad("has an empty or unknown {placeholder} segment"));
+    }
+    Ok(segs)
+}
+
+/// If `path` matches a binding template, the device segment it names; `None` otherwise.
+fn bound_device<'p>(bindings: &[Vec<Seg>], path: &'p str) -> Option<&'p str> {
+    let segs: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    bindings.iter().find_map(|t| {
+        if segs.len() < t.len() {
+            return None;
+        }
+        let mut named = None;
+        for (seg, want) in segs.iter().zip(t) {
+            match want {
+                Seg::Lit(l) if l != seg => return None,
+                Seg::Device => named = Some(*seg),
+                _ => {}
+            }
+        }
+        named
+    })
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -91,6 +152,7 @@ struct Counters {
     rate_limited: AtomicU64,
     body_too_large: AtomicU64,
     bad_path: AtomicU64,
+    binding_mismatch: AtomicU64,
     upstream_error: AtomicU64,
     upstream_timeout: AtomicU64,
 }
@@ -98,6 +160,7 @@ struct Counters {
 #[derive(Debug)]
 struct Route {
     cfg: RouteConfig,
+    bindings: Vec<Vec<Seg>>,
     base: Uri,
     limiter: Option<Limiter<DeviceId>>,
     counters: Counters,
@@ -147,7 +210,12 @@ impl RouteTable {
                 Some(r) => Some(Limiter::new(r, MAX_TRACKED_DEVICES)),
                 None => None,
             };
-            routes.push(Route { cfg, base, limiter, counters: Counters::default() });
+            let bindings = cfg
+                .bind_device
+                .iter()
+                .map(|t| compile_binding(&cfg.prefix, t))
+                .collect::<Result<Vec<_>, _>>()?;
+            routes.push(Route { cfg, bindings, base, limiter, counters: Counters::default() });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
         Ok(Self { routes })
@@ -264,6 +332,7 @@ impl Gateway {
                     "max_body_bytes": r.cfg.max_body_bytes,
                     "timeout_ms": r.cfg.timeout.as_millis() as u64,
                     "client_cert_header": r.cfg.client_cert_header,
+                    "bind_device": r.cfg.bind_device,
                     "counts": r.counters,
                 })
             })
@@ -443,6 +512,20 @@ async fn forward(
         }
     };
     let id = Some(device.id.clone());
+    if let Some(named) = bound_device(&route.bindings, parts.uri.path())
+        && named != device.id.as_str()
+    {
+        bump(&c.binding_mismatch);
+        return reject(
+            id,
+            "binding_mismatch",
+            Problem::new(
+                StatusCode::FORBIDDEN,
+                "identity-binding",
+                format!("path names device {named:?} but the caller is {}", device.id),
+            ),
+        );
+    }
     if !route.cfg.groups.is_empty() && !route.cfg.groups.contains(&device.group) {
         bump(&c.group_denied);
         return reject(
@@ -592,7 +675,23 @@ mod tests {
             timeout: Duration::from_secs(1),
             client_cert_header: false,
             openapi: None,
+            bind_device: vec![],
         }
+    }
+
+    #[test]
+    fn identity_binding_templates() {
+        let b = vec![compile_binding("/api/", "/api/devices/{device}").unwrap()];
+        assert_eq!(bound_device(&b, "/api/devices/cam-01/telemetry"), Some("cam-01"));
+        assert_eq!(bound_device(&b, "/api/devices/cam-01"), Some("cam-01"));
+        assert_eq!(bound_device(&b, "/api/devices"), None);
+        assert_eq!(bound_device(&b, "/api/other/cam-01"), None);
+        let any = vec![compile_binding("/", "/{*}/by-device/{device}").unwrap()];
+        assert_eq!(bound_device(&any, "/v1/by-device/x/y"), Some("x"));
+        assert!(compile_binding("/", "/no/placeholder").is_err());
+        assert!(compile_binding("/", "/{device}/{device}").is_err());
+        assert!(compile_binding("/", "relative/{device}").is_err());
+        assert!(compile_binding("/", "/a/{dev}/{device}").is_err());
     }
 
     #[test]
