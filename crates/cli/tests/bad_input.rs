@@ -81,12 +81,7 @@ fn token_failures() {
     still_serving(&s, "ok-1");
 
     // Each refusal is counted by reason at /metrics.
-    let metrics = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.admin_client().get_text("/metrics"))
-        .unwrap();
+    let metrics = s.metrics_now();
     for (result, n) in [
         ("bad_credentials", 4),
         ("token_used", 1),

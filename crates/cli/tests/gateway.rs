@@ -266,12 +266,7 @@ fn each_rejection_has_its_status_and_reaches_nothing() {
     assert_eq!(limited["counts"]["rate_limited"], 1);
     let table = s.cli_ok(&["gateway", "routes"]);
     assert!(table.contains("group_denied=1"), "{table}");
-    let metrics = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(s.admin_client().get_text("/metrics"))
-        .unwrap();
+    let metrics = s.metrics_now();
     for line in [
         r#"portcullis_gateway_requests_total{route="/limited/",outcome="rate_limited"} 1"#,
         r#"portcullis_gateway_requests_total{route="/limited/",outcome="forwarded"} 3"#,

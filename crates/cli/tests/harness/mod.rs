@@ -166,6 +166,16 @@ impl Server {
             .block_on(self.certificate_count())
     }
 
+    /// The admin API's `/metrics` text.
+    pub fn metrics_now(&self) -> String {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(self.admin_client().get_text("/metrics"))
+            .expect("metrics")
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
