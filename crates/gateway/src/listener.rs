@@ -110,7 +110,7 @@ pub async fn serve(
                 if let Err(e) = &verified {
                     tracing::info!(peer = %remote, error = %e, "client certificate not verified");
                 }
-                PeerCertificate { chain, verified }
+                PeerCertificate::new(chain, verified)
             });
             let svc = app.map_request(move |mut req: http::Request<Incoming>| {
                 if let Some(p) = &peer {

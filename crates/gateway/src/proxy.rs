@@ -160,6 +160,9 @@ struct Counters {
 #[derive(Debug)]
 struct Route {
     cfg: RouteConfig,
+    /// Handles into the metric families for the hot path, resolved once per load.
+    forwarded: Counter,
+    latency: Histogram,
     bindings: Vec<Vec<Seg>>,
     base: Uri,
     limiter: Option<Limiter<DeviceId>>,
@@ -215,7 +218,15 @@ impl RouteTable {
                 .iter()
                 .map(|t| compile_binding(&cfg.prefix, t))
                 .collect::<Result<Vec<_>, _>>()?;
-            routes.push(Route { cfg, bindings, base, limiter, counters: Counters::default() });
+            routes.push(Route {
+                forwarded: Counter::default(),
+                latency: Histogram::new(std::iter::empty()),
+                cfg,
+                bindings,
+                base,
+                limiter,
+                counters: Counters::default(),
+            });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
         Ok(Self { routes })
@@ -251,6 +262,20 @@ struct RouteLabel {
 struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram>,
+}
+
+impl GatewayMetrics {
+    /// Points each route's hot-path handles at its series in the families.
+    fn bind(&self, table: &mut RouteTable) {
+        for r in &mut table.routes {
+            let route = r.cfg.prefix.clone();
+            r.forwarded = self
+                .requests
+                .get_or_create(&RequestLabels { route: route.clone(), outcome: "forwarded" })
+                .clone();
+            r.latency = self.latency.get_or_create(&RouteLabel { route }).clone();
+        }
+    }
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -297,6 +322,8 @@ impl Gateway {
                 metrics.latency.clone(),
             );
         });
+        let mut table = table;
+        metrics.bind(&mut table);
         Self {
             unauthenticated: unauthenticated_per_ip.map(|r| Limiter::new(r, 100_000)),
             table: RwLock::new(Arc::new(table)),
@@ -307,7 +334,8 @@ impl Gateway {
     }
 
     /// Swaps in a new table; requests in flight finish on the old one.
-    pub fn replace(&self, table: RouteTable) {
+    pub fn replace(&self, mut table: RouteTable) {
+        self.metrics.bind(&mut table);
         if let Ok(mut t) = self.table.write() {
             *t = Arc::new(table);
         }
@@ -420,15 +448,15 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         // sending, so an HTTP/2 client gets the answer instead of a stream reset.
         est::drain(unsent).await;
     }
-    let route_label = route.cfg.prefix.clone();
-    gw.metrics
-        .requests
-        .get_or_create(&RequestLabels { route: route_label.clone(), outcome: outcome.reason })
-        .inc();
-    gw.metrics
-        .latency
-        .get_or_create(&RouteLabel { route: route_label })
-        .observe(started.elapsed().as_secs_f64());
+    if outcome.reason == "forwarded" {
+        route.forwarded.inc();
+    } else {
+        gw.metrics
+            .requests
+            .get_or_create(&RequestLabels { route: route.cfg.prefix.clone(), outcome: outcome.reason })
+            .inc();
+    }
+    route.latency.observe(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
         route = %route.cfg.prefix,

@@ -165,13 +165,22 @@ pub struct Authority {
     policy: IssuancePolicy,
     crl: RwLock<Arc<Vec<u8>>>,
     metrics: Metrics,
+    /// Bumped by every change that can make an authenticated device unauthenticated;
+    /// per-connection authentication results are reused only within one generation.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Authority {
     /// Binds `ca` to `store` and signs a first CRL.
     pub async fn new(ca: Ca, store: Arc<dyn Store>, policy: IssuancePolicy) -> Result<Self, Error> {
-        let a =
-            Self { ca, store, policy, crl: RwLock::new(Arc::new(Vec::new())), metrics: Metrics::default() };
+        let a = Self {
+            ca,
+            store,
+            policy,
+            crl: RwLock::new(Arc::new(Vec::new())),
+            metrics: Metrics::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        };
         a.refresh_crl().await?;
         Ok(a)
     }
@@ -334,6 +343,27 @@ impl Authority {
         peer: Option<&PeerCertificate>,
     ) -> Result<AuthenticatedDevice, AuthError> {
         let peer = peer.ok_or(AuthError::NoCertificate)?;
+        // Reuse this connection's last answer while no registry state has changed since:
+        // every suspension, resumption and revocation bumps the generation first, so
+        // the next request after one re-reads the registry.
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if let Ok(cached) = peer.cached.lock()
+            && let Some((g, device)) = cached.as_ref()
+            && *g == generation
+        {
+            if device.not_after <= OffsetDateTime::now_utc() {
+                return Err(AuthError::Expired { not_after: device.not_after });
+            }
+            return Ok(device.clone());
+        }
+        let device = self.authenticate_fresh(peer).await?;
+        if let Ok(mut cached) = peer.cached.lock() {
+            *cached = Some((generation, device.clone()));
+        }
+        Ok(device)
+    }
+
+    async fn authenticate_fresh(&self, peer: &PeerCertificate) -> Result<AuthenticatedDevice, AuthError> {
         peer.verified.clone().map_err(AuthError::Untrusted)?;
         let leaf = peer.chain.first().ok_or(AuthError::NoCertificate)?;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
@@ -389,6 +419,9 @@ impl Authority {
         actor: Actor,
     ) -> Result<Device, Error> {
         let device = self.store.set_device_state(id, to, reason, actor).await?;
+        // After the write, before anyone is told it happened: no connection may reuse an
+        // authentication made under the old state.
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tracing::info!(device = %id, state = %to, "device state changed");
         self.metrics.state_change(to.as_str());
         if to == DeviceState::Revoked {

@@ -24,9 +24,20 @@ use crate::Ca;
 #[derive(Clone)]
 pub struct PeerCertificate {
     /// End-entity certificate first, then whatever intermediates the client sent.
-    pub chain: Vec<CertificateDer<'static>>,
+    /// Shared: every request on the connection carries a cheap clone.
+    pub chain: Arc<Vec<CertificateDer<'static>>>,
     /// `Ok` if the chain verified against this CA at handshake time; else why not.
     pub verified: Result<(), String>,
+    /// The connection's last successful authentication, tagged with the registry
+    /// generation it was made under (see [`crate::Authority::authenticate`]).
+    pub(crate) cached: Arc<std::sync::Mutex<Option<(u64, crate::AuthenticatedDevice)>>>,
+}
+
+impl PeerCertificate {
+    /// The certificate a connection presented and the outcome of verifying it.
+    pub fn new(chain: Vec<CertificateDer<'static>>, verified: Result<(), String>) -> Self {
+        Self { chain: Arc::new(chain), verified, cached: Arc::default() }
+    }
 }
 
 impl fmt::Debug for PeerCertificate {
