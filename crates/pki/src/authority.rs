@@ -165,7 +165,8 @@ pub struct Authority {
     policy: IssuancePolicy,
     crl: RwLock<Arc<Vec<u8>>>,
     metrics: Metrics,
-    /// Bumped by every change that can make an authenticated device unauthenticated;
+    /// Bumped by every change that can make an authenticated device unauthenticated (or
+    /// change what authentication returns, such as a future move between groups);
     /// per-connection authentication results are reused only within one generation.
     generation: std::sync::atomic::AtomicU64,
 }
