@@ -12,26 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5000}
 C=${2:-64}
-command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+need nginx nginx
 cargo build --release -q -p portcullis -p portcullis-bench
 B=target/release/portcullis-enroll-bench
-work=$(mktemp -d)
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-PORTCULLIS_LOG=warn target/release/portcullis --data-dir "$work/data" up \
-  --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >"$work/up.out" 2>"$work/up.err" &
-pid=$!
-pids+=("$pid")
-for _ in $(seq 100); do grep -q "admin API" "$work/up.out" 2>/dev/null && break; sleep 0.1; done
-dev=$(awk '/device port/ {print $NF}' "$work/up.out")
-adm=$(awk '/admin API/ {print $NF}' "$work/up.out")
-target/release/portcullis --data-dir "$work/data" ca cert >"$work/root.pem"
+start_portcullis
 
 # nginx with the same kind of certificate (P-256, issued by the Portcullis CA).
 mkdir -p "$work/nginx"
 cp "$work/data/tls/server.crt" "$work/nginx/server.crt"
 cp "$work/data/tls/server.key" "$work/nginx/server.key"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$work/nginx/nginx.conf" <<CONF
 worker_processes 2;
 pid $work/nginx/nginx.pid;

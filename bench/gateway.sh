@@ -10,17 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
 C=${2:-32}
-for tool in nginx ab; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx apache2-utils >/dev/null; }
-done
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+need nginx nginx
+need ab apache2-utils
 cargo build --release -q -p portcullis -p portcullis-agent
-work=$(mktemp -d)
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port); ng_port=$(free_port)
 
-mkdir -p "$work/data"
 cat >"$work/portcullis.toml" <<CONF
 [gateway]
 unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
@@ -28,14 +24,7 @@ unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
 prefix = "/api/"
 upstream = "http://127.0.0.1:$up_port"
 CONF
-PORTCULLIS_LOG=warn target/release/portcullis --config "$work/portcullis.toml" --data-dir "$work/data" up \
-  --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >"$work/up.out" 2>"$work/up.err" &
-pids+=("$!")
-for _ in $(seq 100); do grep -q "admin API" "$work/up.out" 2>/dev/null && break; sleep 0.1; done
-dev=$(awk '/device port/ {print $NF}' "$work/up.out")
-P="target/release/portcullis --config $work/portcullis.toml --data-dir $work/data"
-$P ca cert >"$work/root.pem"
-$P ca chain >"$work/chain.pem"
+start_portcullis "$work/portcullis.toml"
 token=$($P device add bench-cam 2>/dev/null)
 target/release/portcullis-agent enroll --server "https://$dev" --ca "$work/root.pem" --id bench-cam \
   --token "$token" --dir "$work/agent" >/dev/null
