@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use portcullis_core::{TrustDomain, parse_duration};
+use portcullis_gateway::openapi::Action;
 use portcullis_gateway::{ListenerConfig, Rate, RouteConfig};
 use portcullis_pki::IssuancePolicy;
 use serde::Deserialize;
@@ -41,8 +42,12 @@ struct RawRoute {
     timeout: Option<String>,
     #[serde(default)]
     client_cert_header: bool,
-    openapi: Option<String>,
+    openapi: Option<PathBuf>,
+    openapi_base: Option<String>,
+    #[serde(default)]
+    strict_query: bool,
     action: Option<String>,
+    upstream_ca: Option<PathBuf>,
     #[serde(default)]
     bind_device: Vec<String>,
 }
@@ -171,16 +176,18 @@ impl Config {
                 toml::from_str(&text).with_context(|| format!("invalid config {}", p.display()))?
             }
         };
-        Self::validate(raw)
+        // Files a route names are relative to the configuration file.
+        let dir = path.and_then(Path::parent).unwrap_or(Path::new(""));
+        Self::validate(raw, dir)
     }
 
     /// Parses configuration text (for tests of the example file).
     #[cfg(test)]
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        Self::validate(toml::from_str(text)?)
+        Self::validate(toml::from_str(text)?, Path::new(""))
     }
 
-    fn validate(raw: Raw) -> anyhow::Result<Self> {
+    fn validate(raw: Raw, dir: &Path) -> anyhow::Result<Self> {
         let trust_domain =
             TrustDomain::try_new(raw.trust_domain.unwrap_or_else(|| "portcullis.local".into()))
                 .context("config key trust_domain")?;
@@ -200,10 +207,11 @@ impl Config {
                 .map(|g| portcullis_core::GroupName::try_new(g.as_str()))
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| key("groups"))?;
-            match r.action.as_deref() {
-                None | Some("block") | Some("log") => {}
+            let action = match r.action.as_deref() {
+                None | Some("block") => Action::Block,
+                Some("log") => Action::Log,
                 Some(other) => bail!("{}: {other:?} is neither \"block\" nor \"log\"", key("action")),
-            }
+            };
             routes.push(RouteConfig {
                 prefix: r.prefix,
                 upstream: r.upstream,
@@ -215,7 +223,11 @@ impl Config {
                     None => Duration::from_secs(30),
                 },
                 client_cert_header: r.client_cert_header,
-                openapi: r.openapi,
+                openapi: r.openapi.map(|p| dir.join(p)),
+                openapi_base: r.openapi_base,
+                strict_query: r.strict_query,
+                action,
+                upstream_ca: r.upstream_ca.map(|p| dir.join(p)),
                 bind_device: r.bind_device,
             });
         }

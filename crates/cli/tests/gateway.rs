@@ -4,85 +4,12 @@
 
 mod harness;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use harness::upstream::{Upstream, enroll};
 use harness::*;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use portcullis_core::{DeviceId, Token};
-
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-/// An HTTP upstream on 127.0.0.1 that records every request; `/slow` answers after 3 s.
-struct Upstream {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Upstream {
-    fn start() -> Self {
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
-        let rec = seen.clone();
-        // Its own thread and runtime, so tests of either flavour can use it; it lives
-        // until the test process ends.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(serve_upstream(std_listener, rec));
-        });
-        Self { addr, seen }
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    fn last(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("upstream saw nothing")
-    }
-}
-
-async fn serve_upstream(std_listener: std::net::TcpListener, rec: Arc<Mutex<Vec<Seen>>>) {
-    let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else { return };
-        let rec = rec.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let rec = rec.clone();
-                async move {
-                    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-                    let headers = req.headers().clone();
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                    if path.starts_with("/slow") {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                    }
-                    rec.lock().unwrap().push(Seen { path, headers, body });
-                    Ok::<_, Infallible>(
-                        http::Response::builder()
-                            .header("content-type", "application/json")
-                            .header("connection", "keep-alive")
-                            .body(Full::new(Bytes::from_static(b"{\"upstream\":true}")))
-                            .unwrap(),
-                    )
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
-        });
-    }
-}
 
 fn config(up: SocketAddr, extra: &str) -> String {
     format!(
@@ -119,22 +46,6 @@ upstream = "http://127.0.0.1:1"
 {extra}
 "#
     )
-}
-
-/// Enrolls `id` in `group` with the agent library; returns (chain, key) paths.
-fn enroll(s: &Server, id: &str, group: &str) -> (PathBuf, PathBuf) {
-    let token = s.add_device(id, &["--group", group]);
-    let dir = s.path(id);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(portcullis_agent::enroll(
-        &s.url(),
-        &s.root_pem(),
-        &DeviceId::try_new(id).unwrap(),
-        &Token::from_presented(&token),
-        &dir,
-    ))
-    .unwrap();
-    (dir.join("chain.pem"), dir.join("key.pem"))
 }
 
 #[test]

@@ -15,6 +15,7 @@
 //! not built yet; a route asking for either is refused at load (fail closed).
 
 mod listener;
+pub mod openapi;
 mod proxy;
 mod ratelimit;
 

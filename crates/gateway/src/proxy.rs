@@ -13,6 +13,9 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -22,8 +25,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
+use std::path::PathBuf;
 
+use crate::openapi::{Action, Caller, Spec, SpecOptions, Violation};
 use crate::ratelimit::{Limiter, Rate};
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 /// Most devices whose rate state one route keeps.
 const MAX_TRACKED_DEVICES: usize = 100_000;
@@ -48,13 +55,23 @@ pub enum RouteError {
         /// What is wrong.
         reason: &'static str,
     },
-    /// The route asks for something not built yet; refusing is the fail-closed answer.
-    #[error("route {prefix:?}: {what} is not supported yet; refusing to load a route that expects it")]
-    Unsupported {
+    /// The OpenAPI document cannot be read or compiled.
+    #[error("route {prefix:?}: OpenAPI document {path}: {reason}")]
+    OpenApi {
         /// The route.
         prefix: String,
-        /// The missing feature.
-        what: &'static str,
+        /// The document.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The upstream's TLS trust cannot be set up.
+    #[error("route {prefix:?}: upstream TLS: {reason}")]
+    UpstreamTls {
+        /// The route.
+        prefix: String,
+        /// What is wrong.
+        reason: String,
     },
     /// A rate is not positive.
     #[error("route {0:?}: rate_limit needs per_second > 0 and burst >= 1")]
@@ -88,8 +105,16 @@ pub struct RouteConfig {
     pub timeout: Duration,
     /// Send the device's certificate as RFC 9440 `Client-Cert`.
     pub client_cert_header: bool,
-    /// An OpenAPI document to validate against (not supported yet: refused).
-    pub openapi: Option<String>,
+    /// An OpenAPI 3.0/3.1 document (YAML or JSON) every request must match.
+    pub openapi: Option<PathBuf>,
+    /// Path the document's paths are relative to (default: its first `servers` URL).
+    pub openapi_base: Option<String>,
+    /// Refuse query parameters the matched operation does not declare.
+    pub strict_query: bool,
+    /// What to do with a request that violates the document.
+    pub action: Action,
+    /// CA certificates (PEM) trusted for an https upstream instead of the system roots.
+    pub upstream_ca: Option<PathBuf>,
     /// Path templates binding a segment to the caller, e.g. `/api/devices/{device}`: a
     /// request whose path matches a template must name the calling device there (403
     /// otherwise). `{*}` matches any one segment.
@@ -153,6 +178,11 @@ struct Counters {
     body_too_large: AtomicU64,
     bad_path: AtomicU64,
     binding_mismatch: AtomicU64,
+    no_operation: AtomicU64,
+    method_not_allowed: AtomicU64,
+    unsupported_media_type: AtomicU64,
+    invalid_request: AtomicU64,
+    violations_logged: AtomicU64,
     upstream_error: AtomicU64,
     upstream_timeout: AtomicU64,
 }
@@ -167,6 +197,8 @@ struct Route {
     base: Uri,
     limiter: Option<Limiter<DeviceId>>,
     counters: Counters,
+    spec: Option<Spec>,
+    client: UpstreamClient,
 }
 
 /// The loaded routes. Replaced whole on reload.
@@ -186,22 +218,20 @@ impl RouteTable {
             if routes.iter().any(|r| r.cfg.prefix == cfg.prefix) {
                 return Err(RouteError::Duplicate(cfg.prefix));
             }
-            if cfg.openapi.is_some() {
-                return Err(RouteError::Unsupported { prefix: cfg.prefix, what: "OpenAPI validation" });
-            }
             let bad = |reason| RouteError::Upstream {
                 prefix: cfg.prefix.clone(),
                 upstream: cfg.upstream.clone(),
                 reason,
             };
             let base: Uri = cfg.upstream.parse().map_err(|_| bad("not a URL"))?;
-            match base.scheme_str() {
-                Some("http") => {}
-                Some("https") => {
-                    return Err(RouteError::Unsupported { prefix: cfg.prefix, what: "an https upstream" });
+            let tls = match base.scheme_str() {
+                Some("http") if cfg.upstream_ca.is_some() => {
+                    return Err(bad("upstream_ca needs an https upstream"));
                 }
-                _ => return Err(bad("scheme must be http")),
-            }
+                Some("http") => None,
+                Some("https") => Some(upstream_tls(&cfg)?),
+                _ => return Err(bad("scheme must be http or https")),
+            };
             if base.authority().is_none() {
                 return Err(bad("no host"));
             }
@@ -218,7 +248,24 @@ impl RouteTable {
                 .iter()
                 .map(|t| compile_binding(&cfg.prefix, t))
                 .collect::<Result<Vec<_>, _>>()?;
+            let spec = match &cfg.openapi {
+                None => None,
+                Some(path) => {
+                    let fail = |reason: String| RouteError::OpenApi {
+                        prefix: cfg.prefix.clone(),
+                        path: path.display().to_string(),
+                        reason,
+                    };
+                    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+                    let opts =
+                        SpecOptions { base_path: cfg.openapi_base.clone(), strict_query: cfg.strict_query };
+                    Some(Spec::load(&bytes, &opts).map_err(|e| fail(e.to_string()))?)
+                }
+            };
+            let client = upstream_client(tls);
             routes.push(Route {
+                spec,
+                client,
                 forwarded: Counter::default(),
                 latency: Histogram::new(std::iter::empty()),
                 cfg,
@@ -247,6 +294,78 @@ impl RouteTable {
     }
 }
 
+/// Client TLS for an https upstream: the route's CA file, else the system roots; the
+/// upstream's certificate is always verified.
+fn upstream_tls(cfg: &RouteConfig) -> Result<rustls::ClientConfig, RouteError> {
+    let fail = |reason: String| RouteError::UpstreamTls { prefix: cfg.prefix.clone(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.upstream_ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            use rustls::pki_types::pem::PemObject;
+            let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(fail(format!("{}: no PEM certificate", path.display())));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(fail("no system CA certificates found; set upstream_ca".into()));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// A pooled client for one route: https verified with `tls` (only), or plain http.
+fn upstream_client(tls: Option<rustls::ClientConfig>) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.enforce_http(false);
+    let connector = match tls {
+        Some(cfg) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(cfg)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http),
+        // An http route never speaks TLS: the connector refuses https outright.
+        None => HttpsConnector::from((http, Arc::new(no_tls()))),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+/// A client config that trusts nothing (for plain-http routes).
+fn no_tls() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+        Ok(b) => b.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth(),
+        // ring supports the default versions; should that ever change, fall back to the
+        // process default, which trusts nothing either.
+        Err(_) => rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct RequestLabels {
     route: String,
@@ -261,6 +380,7 @@ struct RouteLabel {
 /// Gateway metrics, registered beside the CA's.
 struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
+    violations: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram>,
 }
 
@@ -291,7 +411,6 @@ pub struct Gateway {
     unauthenticated: Option<Limiter<IpAddr>>,
     table: RwLock<Arc<RouteTable>>,
     authority: Arc<Authority>,
-    client: Client<HttpConnector, Body>,
     metrics: GatewayMetrics,
 }
 
@@ -299,15 +418,9 @@ impl Gateway {
     /// A gateway over `table` that authenticates with `authority`; requests that fail
     /// authentication are limited to `unauthenticated_per_ip` per source address.
     pub fn new(authority: Arc<Authority>, table: RouteTable, unauthenticated_per_ip: Option<Rate>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         let metrics = GatewayMetrics {
             requests: Family::default(),
+            violations: Family::default(),
             latency: Family::new_with_constructor(|| {
                 Histogram::new([
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -316,6 +429,11 @@ impl Gateway {
         };
         authority.metrics().register(|r| {
             r.register("gateway_requests", "Gateway requests by route and outcome", metrics.requests.clone());
+            r.register(
+                "gateway_violations_logged",
+                "OpenAPI violations forwarded in log (shadow) mode, by route and reason",
+                metrics.violations.clone(),
+            );
             r.register(
                 "gateway_request_duration_seconds",
                 "Gateway request latency by route, upstream included",
@@ -328,7 +446,6 @@ impl Gateway {
             unauthenticated: unauthenticated_per_ip.map(|r| Limiter::new(r, 100_000)),
             table: RwLock::new(Arc::new(table)),
             authority,
-            client,
             metrics,
         }
     }
@@ -361,6 +478,12 @@ impl Gateway {
                     "timeout_ms": r.cfg.timeout.as_millis() as u64,
                     "client_cert_header": r.cfg.client_cert_header,
                     "bind_device": r.cfg.bind_device,
+                    "openapi": r.cfg.openapi.as_ref().map(|p| p.display().to_string()),
+                    "openapi_version": r.spec.as_ref().map(|s| s.version()),
+                    "openapi_base": r.spec.as_ref().map(|s| s.base_path()),
+                    "operations": r.spec.as_ref().map(|s| s.operations()),
+                    "action": r.cfg.action,
+                    "strict_query": r.cfg.strict_query,
                     "counts": r.counters,
                 })
             })
@@ -462,8 +585,10 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         route = %route.cfg.prefix,
         path = %path,
         device = outcome.device.as_ref().map(|d| d.as_str()).unwrap_or("-"),
+        operation = outcome.operation.unwrap_or("-"),
         status = resp.status().as_u16(),
         outcome = outcome.reason,
+        violation = outcome.logged.unwrap_or("-"),
         latency_us = started.elapsed().as_micros() as u64,
         "request"
     );
@@ -485,22 +610,54 @@ fn too_many(wait: Duration, what: &str) -> Response {
     resp
 }
 
-struct Outcome {
+struct Outcome<'r> {
     device: Option<DeviceId>,
     reason: &'static str,
+    operation: Option<&'r str>,
+    /// A violation forwarded in log mode.
+    logged: Option<&'static str>,
+}
+
+impl Outcome<'_> {
+    fn of(device: Option<DeviceId>, reason: &'static str) -> Self {
+        Self { device, reason, operation: None, logged: None }
+    }
+}
+
+fn violation_counter<'c>(c: &'c Counters, reason: &str) -> &'c AtomicU64 {
+    match reason {
+        "no_operation" => &c.no_operation,
+        "method_not_allowed" => &c.method_not_allowed,
+        "unsupported_media_type" => &c.unsupported_media_type,
+        "binding_mismatch" => &c.binding_mismatch,
+        "group_denied" => &c.group_denied,
+        "body_too_large" => &c.body_too_large,
+        _ => &c.invalid_request,
+    }
+}
+
+fn violation_response(v: Violation) -> Response {
+    let allow = v.allow.clone();
+    let mut resp = Problem::new(v.status, v.kind, v.detail).with_invalid_params(v.params).into_response();
+    if let Some(a) = allow
+        && let Ok(h) = HeaderValue::from_str(&a)
+    {
+        resp.headers_mut().insert(header::ALLOW, h);
+    }
+    resp
 }
 
 /// Decides on and, if admitted, forwards one request. The body is taken out of `body`
 /// only when the request is forwarded; the caller drains what is left.
-async fn forward(
+async fn forward<'r>(
     gw: &Gateway,
-    route: &Route,
+    route: &'r Route,
     parts: http::request::Parts,
     body: &mut Option<Body>,
-) -> (Outcome, Response) {
+) -> (Outcome<'r>, Response) {
     let c = &route.counters;
     let reject = |device: Option<DeviceId>, reason: &'static str, p: Problem| {
-        (Outcome { device, reason }, p.into_response())
+        (Outcome::of(device, reason), p.into_response())
     };
 
     if suspicious(parts.uri.path()) {
@@ -526,7 +683,7 @@ async fn forward(
             {
                 bump(&c.rate_limited);
                 return (
-                    Outcome { device: None, reason: "unauthenticated_rate_limited" },
+                    Outcome::of(None, "unauthenticated_rate_limited"),
                     too_many(wait, "unauthenticated requests from your address"),
                 );
             }
@@ -571,7 +728,7 @@ async fn forward(
     {
         bump(&c.rate_limited);
         let what = format!("requests of this device on route {}", route.cfg.prefix);
-        return (Outcome { device: id, reason: "rate_limited" }, too_many(wait, &what));
+        return (Outcome::of(id, "rate_limited"), too_many(wait, &what));
     }
     let declared = parts
         .headers
@@ -596,9 +753,90 @@ async fn forward(
         );
     }
 
+    let mut outcome = Outcome::of(id.clone(), "forwarded");
+    let mut buffered: Option<bytes::Bytes> = None;
+    if let Some(spec) = &route.spec {
+        let caller = Caller { device: device.id.as_str(), group: device.group.as_str() };
+        let (op, mut violation) =
+            match spec.check(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers, caller) {
+                Ok(op) => (Some(op), None),
+                Err((op, v)) => (op, Some(v)),
+            };
+        outcome.operation = op.map(|o| o.id());
+        let action = op.and_then(|o| o.action()).unwrap_or(route.cfg.action);
+        let mut plan = None;
+        if violation.is_none()
+            && let Some(op) = op
+        {
+            let has_body = match declared {
+                Some(len) => len > 0,
+                None => body.as_ref().is_some_and(|b| !b.is_end_stream()),
+            };
+            let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            match spec.body_plan(op, ct, has_body) {
+                Ok(p) => plan = Some(p),
+                Err(v) => violation = Some(v),
+            }
+        }
+        if let Some(p) = plan.as_ref().filter(|p| p.needs_body()) {
+            let limit = usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX);
+            let unread = body.take().unwrap_or_default();
+            match http_body_util::Limited::new(unread, limit).collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    if let Err(v) = p.check(&bytes) {
+                        violation = Some(v);
+                    }
+                    buffered = Some(bytes);
+                }
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    let v = crate::openapi::too_large(route.cfg.max_body_bytes, &route.cfg.prefix);
+                    bump(&c.body_too_large);
+                    return ((Outcome { reason: "body_too_large", ..outcome }), violation_response(v));
+                }
+                Err(_) => {
+                    bump(&c.invalid_request);
+                    let p =
+                        Problem::new(StatusCode::BAD_REQUEST, "bad-body", "request body could not be read");
+                    return (Outcome { reason: "bad_body", ..outcome }, p.into_response());
+                }
+            }
+        }
+        if let Some(v) = violation {
+            if action == Action::Block || v.always_enforced {
+                bump(violation_counter(c, v.reason));
+                return (Outcome { reason: v.reason, ..outcome }, violation_response(v));
+            }
+            // Shadow mode: record what would have been refused, then forward.
+            bump(&c.violations_logged);
+            gw.metrics
+                .violations
+                .get_or_create(&RequestLabels { route: route.cfg.prefix.clone(), outcome: v.reason })
+                .inc();
+            tracing::warn!(
+                target: "portcullis::access",
+                route = %route.cfg.prefix,
+                device = %device.id,
+                operation = outcome.operation.unwrap_or("-"),
+                status = v.status.as_u16(),
+                reason = v.reason,
+                detail = %v.detail,
+                "violation forwarded (action = log)"
+            );
+            outcome.logged = Some(v.reason);
+        }
+    }
+
     let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let mut parts = parts;
-    let body = body.take().unwrap_or_default();
+    let body = match buffered {
+        Some(bytes) => {
+            parts.headers.remove(header::TRANSFER_ENCODING);
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            Body::from(bytes)
+        }
+        None => body.take().unwrap_or_default(),
+    };
     strip(&mut parts.headers, true);
     let h = &mut parts.headers;
     let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
@@ -650,16 +888,17 @@ async fn forward(
         http_body_util::Limited::new(body, usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX));
     let upstream_req = http::Request::from_parts(parts, Body::new(limited));
 
-    match tokio::time::timeout(route.cfg.timeout, gw.client.request(upstream_req)).await {
+    match tokio::time::timeout(route.cfg.timeout, route.client.request(upstream_req)).await {
         Ok(Ok(resp)) => {
             bump(&c.forwarded);
             let (mut parts, body) = resp.into_parts();
             strip(&mut parts.headers, false);
-            (Outcome { device: id, reason: "forwarded" }, Response::from_parts(parts, Body::new(body)))
+            (outcome, Response::from_parts(parts, Body::new(body)))
         }
         Ok(Err(e)) => {
             bump(&c.upstream_error);
             tracing::warn!(route = %route.cfg.prefix, error = %e, "upstream request failed");
+            let id = outcome.device.clone();
             reject(
                 id,
                 "upstream_error",
@@ -672,6 +911,7 @@ async fn forward(
         }
         Err(_) => {
             bump(&c.upstream_timeout);
+            let id = outcome.device.clone();
             reject(
                 id,
                 "upstream_timeout",
@@ -703,6 +943,10 @@ mod tests {
             timeout: Duration::from_secs(1),
             client_cert_header: false,
             openapi: None,
+            openapi_base: None,
+            strict_query: false,
+            action: Action::Block,
+            upstream_ca: None,
             bind_device: vec![],
         }
     }
@@ -743,13 +987,19 @@ mod tests {
             Err(RouteError::Duplicate(_))
         ));
         assert!(matches!(RouteTable::try_new(vec![cfg("/a", "ftp://a")]), Err(RouteError::Upstream { .. })));
-        assert!(matches!(
-            RouteTable::try_new(vec![cfg("/a", "https://a")]),
-            Err(RouteError::Unsupported { .. })
-        ));
+        let mut ca = cfg("/a", "http://a:1");
+        ca.upstream_ca = Some("ca.pem".into());
+        assert!(matches!(RouteTable::try_new(vec![ca]), Err(RouteError::Upstream { .. })));
+        let mut ca = cfg("/a", "https://a");
+        ca.upstream_ca = Some("/nonexistent/ca.pem".into());
+        assert!(matches!(RouteTable::try_new(vec![ca]), Err(RouteError::UpstreamTls { .. })));
         let mut with_spec = cfg("/a", "http://a:1");
-        with_spec.openapi = Some("spec.yaml".into());
-        assert!(matches!(RouteTable::try_new(vec![with_spec]), Err(RouteError::Unsupported { .. })));
+        with_spec.openapi = Some("/nonexistent/spec.yaml".into());
+        assert!(matches!(RouteTable::try_new(vec![with_spec]), Err(RouteError::OpenApi { .. })));
+        let mut with_spec = cfg("/a", "http://a:1");
+        with_spec.openapi =
+            Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/telemetry.openapi.yaml").into());
+        assert_eq!(RouteTable::try_new(vec![with_spec]).unwrap().len(), 1);
     }
 
     #[test]

@@ -14,6 +14,19 @@ pub struct Problem {
     pub status: u16,
     /// What exactly went wrong with this request.
     pub detail: String,
+    /// Each violation found, where there were several (RFC 9457 section 3 example
+    /// extension `invalid-params`).
+    #[serde(rename = "invalid-params", skip_serializing_if = "Vec::is_empty")]
+    pub invalid_params: Vec<InvalidParam>,
+}
+
+/// One entry of a problem's `invalid-params`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvalidParam {
+    /// Where in the request: `query/limit`, `body/temperature`, `header/x-trace`.
+    pub name: String,
+    /// What is wrong there.
+    pub reason: String,
 }
 
 impl Problem {
@@ -24,7 +37,15 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("error").to_owned(),
             status: status.as_u16(),
             detail: detail.into(),
+            invalid_params: Vec::new(),
         }
+    }
+
+    /// The same problem listing each violation.
+    #[must_use]
+    pub fn with_invalid_params(mut self, params: Vec<InvalidParam>) -> Self {
+        self.invalid_params = params;
+        self
     }
 }
 

@@ -28,6 +28,6 @@ pub use authority::{AuthError, AuthenticatedDevice, Authority, Error, IssuancePo
 pub use ca::{Ca, CaError, IssuedCert, ServerIdentity};
 pub use csr::{CsrError, KeyKind, ValidCsr};
 pub use files::{base64_lines, pem_encode, write_private, write_public};
-pub use http_problem::Problem;
+pub use http_problem::{InvalidParam, Problem};
 pub use metrics::Metrics;
 pub use tls::{ClientCertVerifier, PeerCertificate};

@@ -2,6 +2,8 @@
 //! clients: the agent library, openssl, curl, and raw TLS sockets.
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
