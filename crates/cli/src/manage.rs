@@ -170,7 +170,7 @@ pub async fn gateway_routes(c: &AdminClient, as_json: bool) -> anyhow::Result<()
         return Ok(());
     }
     println!(
-        "{:<20} {:<28} {:<16} {:>10}  REJECTED (by reason)",
+        "{:<20} {:<28} {:<16} {:>10}  REJECTED (by reason), LOGGED",
         "PREFIX", "UPSTREAM", "GROUPS", "FORWARDED"
     );
     for route in r["routes"].as_array().into_iter().flatten() {
@@ -192,6 +192,17 @@ pub async fn gateway_routes(c: &AdminClient, as_json: bool) -> anyhow::Result<()
             counts["forwarded"].as_u64().unwrap_or(0),
             if rejected.is_empty() { "-".to_owned() } else { rejected.join(" ") }
         );
+        if let Some(doc) = route["openapi"].as_str() {
+            println!(
+                "{:<20} openapi {doc} (OpenAPI {}, {} operations under {}, action {}{})",
+                "",
+                s(route, "openapi_version"),
+                route["operations"].as_u64().unwrap_or(0),
+                s(route, "openapi_base"),
+                s(route, "action"),
+                if route["strict_query"] == true { ", strict query" } else { "" }
+            );
+        }
     }
     Ok(())
 }

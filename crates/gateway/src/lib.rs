@@ -10,9 +10,9 @@
 //!
 //! The [`Gateway`] answers every path the built-in routes (EST, CRL) do not: longest
 //! prefix route, device authenticated per request, group allow-list, per-device GCRA
-//! rate limit, gateway-owned headers stripped and identity headers set, pooled upstream
-//! connections, 502/504 as problem documents. OpenAPI validation and https upstreams are
-//! not built yet; a route asking for either is refused at load (fail closed).
+//! rate limit, [`openapi`] validation of every request against the route's document
+//! (or shadow mode), gateway-owned headers stripped and identity headers set, pooled
+//! http or verified https upstream connections, 502/504 as problem documents.
 
 mod listener;
 pub mod openapi;
