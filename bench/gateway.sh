@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Gateway proxy overhead, side by side in one run (issue 3, preliminary: no OpenAPI
-# validation exists yet, so this measures authentication + routing + proxying only):
+# The gateway against the peer a user would otherwise pick, side by side in one run:
 #   (a) the upstream directly (nginx `return 200` on plain HTTP): the ceiling;
-#   (b) nginx with `ssl_verify_client on` proxying to it (the peer a user would pick);
-#   (c) the Portcullis gateway (live device check per request) proxying to it.
-# Load: ApacheBench (Debian apache2-utils), keep-alive, a device certificate (-E).
-#   bench/gateway.sh [REQUESTS] [CONCURRENCY]
+#   (b) nginx with `ssl_verify_client on` proxying to it (validates nothing);
+#   (c) the Portcullis gateway: live device check per request, identity binding, and the
+#       ~200-byte JSON body validated against examples/telemetry.openapi.yaml.
+# Every request is a POST of the same valid reading. Load: ApacheBench (Debian
+# apache2-utils) with a device certificate (-E): keep-alive (-k) for requests/s and
+# latency, then one new mTLS connection per request for handshakes/s.
+#   [WORKERS=n] [NGINX_WORKERS=n] [ROUNDS=n] bench/gateway.sh [REQUESTS] [CONCURRENCY] [HANDSHAKES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${1:-20000}
+N=${1:-50000}
 C=${2:-32}
+H=${3:-5000}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 need nginx nginx
@@ -18,11 +21,15 @@ cargo build --release -q -p portcullis -p portcullis-agent
 up_port=$(free_port); ng_port=$(free_port)
 
 cat >"$work/portcullis.toml" <<CONF
+[device]
+workers = ${WORKERS:-0}
 [gateway]
 unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
 [[gateway.routes]]
 prefix = "/api/"
 upstream = "http://127.0.0.1:$up_port"
+openapi = "$PWD/examples/telemetry.openapi.yaml"
+max_body_bytes = 4096
 CONF
 start_portcullis "$work/portcullis.toml"
 token=$($P device add bench-cam 2>/dev/null)
@@ -30,16 +37,27 @@ target/release/portcullis-agent enroll --server "https://$dev" --ca "$work/root.
   --token "$token" --dir "$work/agent" >/dev/null
 cat "$work/agent/chain.pem" "$work/agent/key.pem" >"$work/client.pem"
 
-mkdir -p "$work/nginx"
+# Two nginx instances, so each one's CPU can be measured: the upstream (1 worker) and
+# the mTLS proxy (NGINX_WORKERS, default 2: one per core).
+mkdir -p "$work/up" "$work/nginx"
+cat >"$work/up/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
+}
+CONF
 cat >"$work/nginx/nginx.conf" <<CONF
-worker_processes 2;
+worker_processes ${NGINX_WORKERS:-2};
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   upstream backend { server 127.0.0.1:$up_port; keepalive 64; }
-  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
   server {
     listen 127.0.0.1:$ng_port ssl;
     ssl_certificate $work/data/tls/server.crt;
@@ -57,20 +75,55 @@ http {
   }
 }
 CONF
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+nginx -c "$work/up/nginx.conf" -g 'daemon off;' &
 pids+=("$!")
+nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+ng_master=$!
+pids+=("$ng_master")
 sleep 0.5
+
+printf '%s' '{"temperature": 21.5, "humidity": 40.25, "taken_at": "2026-11-25T10:00:00Z", "sequence": 184467, "battery": 87, "tags": ["lobby", "north", "floor-2"], "source": "10.20.30.40"}' >"$work/reading.json"
+echo "body: $(wc -c <"$work/reading.json") bytes of JSON"
+path=/api/devices/bench-cam/telemetry
+# Validation is on: an invalid reading is refused (and nginx forwards it).
+bad=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/root.pem" --cert "$work/agent/chain.pem" \
+  --key "$work/agent/key.pem" -H 'Content-Type: application/json' -d '{"temperature": 1000}' "https://$dev$path")
+echo "portcullis answers an invalid reading with $bad"
+[ "$bad" = 400 ] || { echo "validation is not on" >&2; exit 1; }
+
+# CPU seconds (user+system) used so far by a process and its children's threads.
+cpu() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
+ng_pids() { pgrep -P "$ng_master" | tr '\n' ' '; }
+ticks=$(getconf CLK_TCK)
 
 run() {
   local name=$1 url=$2; shift 2
-  ab -q -k -n "$N" -c "$C" "$@" "$url" 2>&1 | awk -v name="$name" '
+  local procs=${SERVER_PIDS:-}
+  local before=0
+  [ -n "$procs" ] && before=$(cpu $procs)
+  ab -q -n "$N" -c "$C" -p "$work/reading.json" -T application/json "$@" "$url" 2>&1 | awk -v name="$name" '
     /Requests per second/ {rps=$4}
     /Failed requests/ {failed=$3}
     /Non-2xx responses/ {non2xx=$3}
     /^  50%/ {p50=$2} /^  99%/ {p99=$2}
-    END {printf "%-34s %10s req/s  p50 %4s ms  p99 %4s ms  failed %s  non-2xx %s\n", name, rps, p50, p99, failed+0, non2xx+0}'
+    END {printf "%-44s %10s req/s  p50 %4s ms  p99 %4s ms  failed %s  non-2xx %s", name, rps, p50, p99, failed+0, non2xx+0}'
+  if [ -n "$procs" ]; then
+    local used=$(( $(cpu $procs) - before ))
+    awk -v t="$used" -v hz="$ticks" -v n="$N" 'BEGIN {printf "  server CPU %.1f us/request", t / hz * 1e6 / n}'
+  fi
+  echo
 }
-echo "== keep-alive, $N requests, concurrency $C (ab -k)"
-run "upstream direct (ceiling)" "http://127.0.0.1:$up_port/api/x"
-run "nginx mTLS proxy" "https://127.0.0.1:$ng_port/api/x" -E "$work/client.pem"
-run "portcullis gateway (mTLS, live auth)" "https://$dev/api/x" -E "$work/client.pem"
+# Warm both up (connections, pools, caches), then alternate: this machine is shared, so
+# rounds side by side say more than one long run each.
+ab -q -k -n 2000 -c "$C" -p "$work/reading.json" -T application/json -E "$work/client.pem" "https://127.0.0.1:$ng_port$path" >/dev/null 2>&1
+ab -q -k -n 2000 -c "$C" -p "$work/reading.json" -T application/json -E "$work/client.pem" "https://$dev$path" >/dev/null 2>&1
+echo "== keep-alive, $N POSTs, concurrency $C (ab -k), ${ROUNDS:-3} rounds; portcullis workers: ${WORKERS:-0} (0 = one per CPU), nginx worker_processes: ${NGINX_WORKERS:-2}"
+run "upstream direct (ceiling)" "http://127.0.0.1:$up_port$path" -k
+for r in $(seq "${ROUNDS:-3}"); do
+  SERVER_PIDS="$(ng_pids)" run "[$r] nginx mTLS proxy (no validation)" "https://127.0.0.1:$ng_port$path" -k -E "$work/client.pem"
+  SERVER_PIDS="$pid" run "[$r] portcullis gateway (mTLS, auth, OpenAPI)" "https://$dev$path" -k -E "$work/client.pem"
+done
+echo "== new mTLS connection per request, $H POSTs, concurrency $C"
+N=$H
+SERVER_PIDS="$(ng_pids)" run "nginx mTLS proxy: handshakes" "https://127.0.0.1:$ng_port$path" -E "$work/client.pem"
+SERVER_PIDS="$pid" run "portcullis gateway: handshakes" "https://$dev$path" -E "$work/client.pem"

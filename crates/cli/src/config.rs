@@ -69,6 +69,7 @@ struct RawDevice {
     request_timeout: String,
     max_connections: usize,
     handshakes_per_ip: Option<RawRate>,
+    workers: usize,
 }
 
 impl Default for RawDevice {
@@ -81,6 +82,7 @@ impl Default for RawDevice {
             request_timeout: "30s".into(),
             max_connections: 10_000,
             handshakes_per_ip: None,
+            workers: 0,
         }
     }
 }
@@ -249,6 +251,7 @@ impl Config {
                 request_timeout: dur("device.request_timeout", &raw.device.request_timeout)?,
                 max_connections: raw.device.max_connections,
                 handshakes_per_ip: rate("device.handshakes_per_ip", raw.device.handshakes_per_ip)?,
+                workers: raw.device.workers,
             },
             admin_addr: addr("admin.addr", &raw.admin.addr)?,
             policy: IssuancePolicy {

@@ -11,6 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
+
+/// mimalloc: the proxy path allocates per request (headers, bodies, futures); glibc's
+/// malloc spent ~8% of the gateway's CPU under load, mimalloc a fraction of that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::instance::Instance;
 
 #[derive(Parser)]

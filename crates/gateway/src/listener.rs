@@ -31,6 +31,23 @@ pub struct ListenerConfig {
     /// New connections (TLS handshakes) per source IP; beyond it the connection is
     /// closed before any TLS work. `None`: no limit.
     pub handshakes_per_ip: Option<Rate>,
+    /// Worker threads accepting and serving connections, each with its own
+    /// single-threaded runtime (0: one per CPU).
+    pub workers: usize,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Index of the device-port worker running the caller (0 outside the workers).
+pub(crate) fn worker_index() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
+/// The number of workers `cfg` asks for.
+pub(crate) fn worker_count(requested: usize) -> usize {
+    if requested > 0 { requested } else { std::thread::available_parallelism().map(usize::from).unwrap_or(1) }
 }
 
 impl Default for ListenerConfig {
@@ -41,28 +58,98 @@ impl Default for ListenerConfig {
             request_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             handshakes_per_ip: None,
+            workers: 0,
         }
     }
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` turns true, then stops accepting
 /// and gives open connections up to 5 seconds to finish.
+///
+/// Connections are served thread-per-core, the way nginx runs its workers: each worker
+/// thread accepts on the shared socket and serves what it accepted on its own
+/// single-threaded runtime, so a request, its upstream connection and its response never
+/// hop between threads. Shared state (registry, route table, limits) is `Sync`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     verifier: ClientCertVerifier,
     app: Router,
     cfg: ListenerConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let app = app.layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout));
-    let permits = Arc::new(Semaphore::new(cfg.max_connections));
-    let per_ip = cfg.handshakes_per_ip.map(|r| Limiter::<IpAddr>::new(r, 100_000));
+    let std_listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "device port: cannot hand the socket to the workers");
+            return;
+        }
+    };
+    let shared = Arc::new(Shared {
+        acceptor: TlsAcceptor::from(tls),
+        verifier,
+        app: app.layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout)),
+        permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        per_ip: cfg.handshakes_per_ip.map(|r| Limiter::<IpAddr>::new(r, 100_000)),
+        cfg: cfg.clone(),
+    });
+    let mut finished = Vec::new();
+    for index in 0..worker_count(cfg.workers) {
+        let socket = match std_listener.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "device port: cannot share the socket with a worker");
+                break;
+            }
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new().name(format!("device-port-{index}")).spawn(move || {
+            WORKER.with(|w| w.set(index));
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "device port: worker runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => accept_loop(listener, shared, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "device port: worker cannot register the socket"),
+                }
+            });
+            drop(done_tx);
+        });
+        match spawned {
+            Ok(_) => finished.push(done_rx),
+            Err(e) => tracing::error!(error = %e, "device port: cannot start a worker thread"),
+        }
+    }
+    for done in finished {
+        let _ = done.await;
+    }
+}
+
+/// What every worker shares.
+struct Shared {
+    acceptor: TlsAcceptor,
+    verifier: ClientCertVerifier,
+    app: Router,
+    permits: Arc<Semaphore>,
+    per_ip: Option<Limiter<IpAddr>>,
+    cfg: ListenerConfig,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let (conn_done_tx, mut conn_done_rx) = watch::channel(());
     loop {
+        if *shutdown.borrow() {
+            break;
+        }
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.changed() => break,
         };
         let (tcp, remote) = tokio::select! {
@@ -77,17 +164,17 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        if let Some(limiter) = &per_ip
+        if let Some(limiter) = &shared.per_ip
             && limiter.check(&remote.ip(), std::time::Instant::now()).is_err()
         {
             tracing::debug!(peer = %remote, "handshake rate limit exceeded; connection closed");
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let verifier = verifier.clone();
-        let app = app.clone();
-        let cfg = cfg.clone();
+        let acceptor = shared.acceptor.clone();
+        let verifier = shared.verifier.clone();
+        let app = shared.app.clone();
+        let cfg = shared.cfg.clone();
         let mut shutdown = shutdown.clone();
         let done = conn_done_tx.clone();
         tokio::spawn(async move {
@@ -125,6 +212,9 @@ pub async fn serve(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(cfg.header_timeout)
+                // One buffer per response: over TLS, vectored writes would become one
+                // record (and one encryption) per slice.
+                .writev(false)
                 .max_buf_size(64 * 1024);
             builder
                 .http2()

@@ -883,6 +883,10 @@ impl Report {
     }
 
     fn validate(&mut self, label: &str, v: &Validator, value: &Value, secret: bool) {
+        // The common case, valid, without building error reports.
+        if v.is_valid(value) {
+            return;
+        }
         for e in v.iter_errors(value).take(MAX_REPORTED) {
             let at = e.instance_path().to_string();
             let name = if at.is_empty() { label.to_owned() } else { format!("{label}{at}") };

@@ -198,7 +198,9 @@ struct Route {
     limiter: Option<Limiter<DeviceId>>,
     counters: Counters,
     spec: Option<Spec>,
-    client: UpstreamClient,
+    /// One pooled client per device-port worker, so a request, its upstream connection
+    /// and that connection's task stay on one thread.
+    clients: Vec<UpstreamClient>,
 }
 
 /// The loaded routes. Replaced whole on reload.
@@ -262,10 +264,11 @@ impl RouteTable {
                     Some(Spec::load(&bytes, &opts).map_err(|e| fail(e.to_string()))?)
                 }
             };
-            let client = upstream_client(tls);
+            let clients =
+                (0..crate::listener::worker_count(0)).map(|_| upstream_client(tls.clone())).collect();
             routes.push(Route {
                 spec,
-                client,
+                clients,
                 forwarded: Counter::default(),
                 latency: Histogram::new(std::iter::empty()),
                 cfg,
@@ -529,27 +532,28 @@ fn owned_by_gateway(name: &str) -> bool {
         || matches!(name, "forwarded" | "client-cert" | "client-cert-chain" | "x-real-ip")
 }
 
+/// Removes hop-by-hop headers (RFC 9110 7.6.1: the fixed list and every header the
+/// Connection header names) and, when `owned`, every header the gateway owns. One pass
+/// over the names; the common request has nothing to remove and allocates nothing.
 fn strip(headers: &mut HeaderMap, owned: bool) {
-    // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    let named: Vec<HeaderName> = headers
+    let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
         .collect();
-    for n in named {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            HOP_BY_HOP.contains(&n) || named.iter().any(|c| c == n) || (owned && owned_by_gateway(n))
+        })
+        .cloned()
+        .collect();
+    for n in doomed {
         headers.remove(n);
-    }
-    for h in HOP_BY_HOP {
-        headers.remove(h);
-    }
-    if owned {
-        let names: Vec<HeaderName> =
-            headers.keys().filter(|n| owned_by_gateway(n.as_str())).cloned().collect();
-        for n in names {
-            headers.remove(n);
-        }
     }
 }
 
@@ -860,13 +864,13 @@ async fn forward<'r>(
 
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let base_path = route.base.path().trim_end_matches('/');
-    let uri = format!(
-        "{}://{}{}{}",
-        route.base.scheme_str().unwrap_or("http"),
-        route.base.authority().map(|a| a.as_str()).unwrap_or_default(),
-        base_path,
-        path_and_query
-    );
+    let scheme = route.base.scheme_str().unwrap_or("http");
+    let authority = route.base.authority().map(|a| a.as_str()).unwrap_or_default();
+    let mut uri =
+        String::with_capacity(scheme.len() + 3 + authority.len() + base_path.len() + path_and_query.len());
+    for part in [scheme, "://", authority, base_path, path_and_query] {
+        uri.push_str(part);
+    }
     parts.uri = match uri.parse::<Uri>() {
         Ok(u) => u,
         Err(_) => {
@@ -888,7 +892,8 @@ async fn forward<'r>(
         http_body_util::Limited::new(body, usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX));
     let upstream_req = http::Request::from_parts(parts, Body::new(limited));
 
-    match tokio::time::timeout(route.cfg.timeout, route.client.request(upstream_req)).await {
+    let client = &route.clients[crate::listener::worker_index() % route.clients.len()];
+    match tokio::time::timeout(route.cfg.timeout, client.request(upstream_req)).await {
         Ok(Ok(resp)) => {
             bump(&c.forwarded);
             let (mut parts, body) = resp.into_parts();
