@@ -15,6 +15,15 @@ C=${2:-32}
 H=${3:-5000}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+# PIN=1: the server under test (portcullis or the nginx proxy) on CPU 0, the load
+# generator and the upstream on CPU 1, so a shared machine's scheduling noise does not
+# decide the ratio; use with WORKERS=1 NGINX_WORKERS=1.
+if [ "${PIN:-0}" = 1 ]; then
+  SERVER_CPU="taskset -c 0"; CLIENT_CPU="taskset -c 1"
+  PORTCULLIS_ENV="${PORTCULLIS_ENV:-} taskset -c 0"
+else
+  SERVER_CPU=""; CLIENT_CPU=""
+fi
 need nginx nginx
 need ab apache2-utils
 cargo build --release -q -p portcullis -p portcullis-agent
@@ -75,14 +84,14 @@ http {
   }
 }
 CONF
-nginx -c "$work/up/nginx.conf" -g 'daemon off;' &
+$CLIENT_CPU nginx -c "$work/up/nginx.conf" -g 'daemon off;' &
 pids+=("$!")
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+$SERVER_CPU nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
 ng_master=$!
 pids+=("$ng_master")
 sleep 0.5
 
-printf '%s' '{"temperature": 21.5, "humidity": 40.25, "taken_at": "2026-11-25T10:00:00Z", "sequence": 184467, "battery": 87, "tags": ["lobby", "north", "floor-2"], "source": "10.20.30.40"}' >"$work/reading.json"
+printf '%s' '{"temperature": 21.5, "humidity": 40.25, "taken_at": "2026-11-25T10:00:00Z", "sequence": 184467, "battery": 87, "tags": ["lobby", "north", "floor-2", "door-east", "ceiling"], "source": "10.20.30.40"}' >"$work/reading.json"
 echo "body: $(wc -c <"$work/reading.json") bytes of JSON"
 path=/api/devices/bench-cam/telemetry
 # Validation is on: an invalid reading is refused (and nginx forwards it).
@@ -101,7 +110,7 @@ run() {
   local procs=${SERVER_PIDS:-}
   local before=0
   [ -n "$procs" ] && before=$(cpu $procs)
-  ab -q -n "$N" -c "$C" -p "$work/reading.json" -T application/json "$@" "$url" 2>&1 | awk -v name="$name" '
+  $CLIENT_CPU ab -q -n "$N" -c "$C" -p "$work/reading.json" -T application/json "$@" "$url" 2>&1 | awk -v name="$name" '
     /Requests per second/ {rps=$4}
     /Failed requests/ {failed=$3}
     /Non-2xx responses/ {non2xx=$3}

@@ -212,9 +212,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(cfg.header_timeout)
-                // One buffer per response: over TLS, vectored writes would become one
-                // record (and one encryption) per slice.
-                .writev(false)
                 .max_buf_size(64 * 1024);
             builder
                 .http2()
