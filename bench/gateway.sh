@@ -102,14 +102,15 @@ echo "portcullis answers an invalid reading with $bad"
 
 # CPU seconds (user+system) used so far by a process and its children's threads.
 cpu() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
+sys() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $15}' "/proc/$p/stat"))); done; echo "$t"; }
 ng_pids() { pgrep -P "$ng_master" | tr '\n' ' '; }
 ticks=$(getconf CLK_TCK)
 
 run() {
   local name=$1 url=$2; shift 2
   local procs=${SERVER_PIDS:-}
-  local before=0
-  [ -n "$procs" ] && before=$(cpu $procs)
+  local before=0 sys_before=0
+  [ -n "$procs" ] && before=$(cpu $procs) && sys_before=$(sys $procs)
   $CLIENT_CPU ab -q -n "$N" -c "$C" -p "$work/reading.json" -T application/json "$@" "$url" 2>&1 | awk -v name="$name" '
     /Requests per second/ {rps=$4}
     /Failed requests/ {failed=$3}
@@ -117,8 +118,9 @@ run() {
     /^  50%/ {p50=$2} /^  99%/ {p99=$2}
     END {printf "%-44s %10s req/s  p50 %4s ms  p99 %4s ms  failed %s  non-2xx %s", name, rps, p50, p99, failed+0, non2xx+0}'
   if [ -n "$procs" ]; then
-    local used=$(( $(cpu $procs) - before ))
-    awk -v t="$used" -v hz="$ticks" -v n="$N" 'BEGIN {printf "  server CPU %.1f us/request", t / hz * 1e6 / n}'
+    local used=$(( $(cpu $procs) - before )) sys_used=$(( $(sys $procs) - sys_before ))
+    awk -v t="$used" -v k="$sys_used" -v hz="$ticks" -v n="$N" \
+      'BEGIN {printf "  server CPU %.1f us/request (%.0f%% kernel)", t / hz * 1e6 / n, t ? 100 * k / t : 0}'
   fi
   echo
 }

@@ -173,13 +173,44 @@ struct Param {
 
 #[derive(Debug)]
 enum Media {
-    Json(Validator),
+    Json(Validator, Secrets),
     Form {
         validator: Validator,
         fields: HashMap<String, Shape>,
+        secrets: Secrets,
     },
     /// Declared, not validated beyond its content type; streams through.
     Opaque,
+}
+
+/// Names of properties whose values are never echoed in an error: every property the
+/// document marks `format: password` or `writeOnly: true`.
+type Secrets = std::sync::Arc<std::collections::HashSet<String>>;
+
+fn secret_properties(v: &Value, out: &mut std::collections::HashSet<String>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::Object(props)) = o.get("properties") {
+                for (name, schema) in props {
+                    if schema.get("format").and_then(Value::as_str) == Some("password")
+                        || schema.get("writeOnly") == Some(&Value::Bool(true))
+                    {
+                        out.insert(name.clone());
+                    }
+                }
+            }
+            o.values().for_each(|x| secret_properties(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| secret_properties(x, out)),
+        _ => {}
+    }
+}
+
+fn is_secret_schema(v: Option<&Value>) -> bool {
+    v.is_some_and(|s| {
+        s.get("format").and_then(Value::as_str) == Some("password")
+            || s.get("writeOnly") == Some(&Value::Bool(true))
+    })
 }
 
 #[derive(Debug)]
@@ -252,9 +283,9 @@ enum Plan<'s> {
     /// Nothing to read: no body, or a declared type that is not validated (streams).
     Forward,
     /// Buffer (within the route's limit) and validate as JSON.
-    Json(&'s Validator),
+    Json(&'s Validator, &'s Secrets),
     /// Buffer and validate as `application/x-www-form-urlencoded`.
-    Form(&'s Validator, &'s HashMap<String, Shape>),
+    Form(&'s Validator, &'s HashMap<String, Shape>, &'s Secrets),
 }
 
 /// The caller, for identity binding and group checks.
@@ -305,7 +336,10 @@ impl Spec {
             .add(SPEC_URI, draft.create_resource(doc.clone()))
             .and_then(|r| r.prepare())
             .map_err(|e| SpecError(format!("document cannot be used as a schema registry: {e}")))?;
-        let mut c = Compiler { doc: &doc, draft, registry: &registry, operations: 0 };
+        let mut secrets = std::collections::HashSet::new();
+        secret_properties(&doc, &mut secrets);
+        let mut c =
+            Compiler { doc: &doc, draft, registry: &registry, operations: 0, secrets: Secrets::new(secrets) };
         let Some(paths) = doc.get("paths").and_then(Value::as_object) else {
             return err("document has no `paths` object");
         };
@@ -485,6 +519,7 @@ struct Compiler<'d> {
     draft: Draft,
     registry: &'d Registry<'d>,
     operations: usize,
+    secrets: Secrets,
 }
 
 const METHODS: [(&str, Method); 8] = [
@@ -755,7 +790,9 @@ impl<'d> Compiler<'d> {
             shape,
             validator,
             bind,
-            secret: matches!(loc, Loc::Header | Loc::Cookie),
+            secret: matches!(loc, Loc::Header | Loc::Cookie)
+                || is_secret_schema(self.doc.pointer(&schema_ptr))
+                || is_secret_schema(Some(p)),
         }))
     }
 
@@ -778,7 +815,7 @@ impl<'d> Compiler<'d> {
             let sptr = format!("{ptr}/content/{}/schema", escape_pointer(&range));
             let has_schema = m.get("schema").is_some();
             let compiled = if is_json(&range) && has_schema {
-                Media::Json(self.validator(&sptr)?)
+                Media::Json(self.validator(&sptr)?, self.secrets.clone())
             } else if range == "application/x-www-form-urlencoded" && has_schema {
                 let mut fields = HashMap::new();
                 let (props_ptr, schema) = self.deref(sptr.clone(), &m["schema"])?;
@@ -797,7 +834,7 @@ impl<'d> Compiler<'d> {
                         fields.insert(k.clone(), shape);
                     }
                 }
-                Media::Form { validator: self.validator(&sptr)?, fields }
+                Media::Form { validator: self.validator(&sptr)?, fields, secrets: self.secrets.clone() }
             } else {
                 Media::Opaque
             };
@@ -883,6 +920,18 @@ impl Report {
     }
 
     fn validate(&mut self, label: &str, v: &Validator, value: &Value, secret: bool) {
+        self.validate_masking(label, v, value, secret, None);
+    }
+
+    /// Like `validate`; values at a property named in `secrets` are never echoed.
+    fn validate_masking(
+        &mut self,
+        label: &str,
+        v: &Validator,
+        value: &Value,
+        secret: bool,
+        secrets: Option<&Secrets>,
+    ) {
         // The common case, valid, without building error reports.
         if v.is_valid(value) {
             return;
@@ -890,7 +939,11 @@ impl Report {
         for e in v.iter_errors(value).take(MAX_REPORTED) {
             let at = e.instance_path().to_string();
             let name = if at.is_empty() { label.to_owned() } else { format!("{label}{at}") };
-            let reason = if secret { e.masked().to_string() } else { e.to_string() };
+            let hidden = secret
+                || secrets.is_some_and(|set| {
+                    !set.is_empty() && e.instance_path().to_string().split('/').any(|seg| set.contains(seg))
+                });
+            let reason = if hidden { e.masked().to_string() } else { e.to_string() };
             self.push(name, reason);
         }
     }
@@ -1174,9 +1227,11 @@ impl Spec {
                 ))
             }
             // A wildcard range with a JSON schema validates JSON content only.
-            Some((_, Media::Json(v))) if is_json(&mt) => Ok(BodyPlan(Plan::Json(v))),
-            Some((_, Media::Json(_))) => Ok(BodyPlan(Plan::Forward)),
-            Some((_, Media::Form { validator, fields })) => Ok(BodyPlan(Plan::Form(validator, fields))),
+            Some((_, Media::Json(v, secrets))) if is_json(&mt) => Ok(BodyPlan(Plan::Json(v, secrets))),
+            Some((_, Media::Json(..))) => Ok(BodyPlan(Plan::Forward)),
+            Some((_, Media::Form { validator, fields, secrets })) => {
+                Ok(BodyPlan(Plan::Form(validator, fields, secrets)))
+            }
             Some((_, Media::Opaque)) => Ok(BodyPlan(Plan::Forward)),
         }
     }
@@ -1193,11 +1248,11 @@ impl BodyPlan<'_> {
         let mut report = Report { found: Vec::new(), total: 0 };
         match &self.0 {
             Plan::Forward => return Ok(()),
-            Plan::Json(v) => match serde_json::from_slice::<Value>(bytes) {
-                Ok(value) => report.validate("body", v, &value, false),
+            Plan::Json(v, secrets) => match serde_json::from_slice::<Value>(bytes) {
+                Ok(value) => report.validate_masking("body", v, &value, false, Some(secrets)),
                 Err(e) => report.push("body".into(), format!("not valid JSON: {e}")),
             },
-            Plan::Form(v, fields) => {
+            Plan::Form(v, fields, secrets) => {
                 let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
                 for (k, val) in form_urlencoded::parse(bytes) {
                     match grouped.iter_mut().find(|(n, _)| *n == k) {
@@ -1221,7 +1276,7 @@ impl BodyPlan<'_> {
                     };
                     obj.insert(k, value);
                 }
-                report.validate("body", v, &Value::Object(obj), false);
+                report.validate_masking("body", v, &Value::Object(obj), false, Some(secrets));
             }
         }
         if report.total > 0 {
@@ -1463,6 +1518,34 @@ mod tests {
         assert!(plan.check(br#"{"other": 1}"#).is_err());
         let (_, v) = s.check(&Method::PUT, "/items/4294967296", None, &HeaderMap::new(), ME).unwrap_err();
         assert!(v.detail.starts_with("path/id: "), "{}", v.detail);
+    }
+
+    #[test]
+    fn secret_values_are_never_echoed() {
+        let doc = json!({
+            "openapi": "3.1.0",
+            "info": {"title": "t", "version": "1"},
+            "paths": {"/login": {"post": {
+                "parameters": [{"name": "pin", "in": "query", "schema": {"type": "string", "format": "password", "maxLength": 4}}],
+                "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
+                    "user": {"type": "string", "maxLength": 3},
+                    "password": {"type": "string", "format": "password", "minLength": 30},
+                    "api_key": {"type": "string", "writeOnly": true, "pattern": "^k_"}
+                }}}}}
+            }}}
+        });
+        let s = Spec::load(doc.to_string().as_bytes(), &SpecOptions::default()).unwrap();
+        let h = HeaderMap::new();
+        let (_, v) = s.check(&Method::POST, "/login", Some("pin=hunter22"), &h, ME).unwrap_err();
+        assert!(v.detail.starts_with("query/pin: ") && !v.detail.contains("hunter22"), "{}", v.detail);
+        let op = s.check(&Method::POST, "/login", None, &h, ME).unwrap();
+        let plan = s.body_plan(op, Some("application/json"), true).unwrap();
+        let v =
+            plan.check(br#"{"user": "alice", "password": "hunter2", "api_key": "sk-live-123"}"#).unwrap_err();
+        assert_eq!(v.params.len(), 3, "{:?}", v.params);
+        let all = format!("{:?}", v.params);
+        assert!(all.contains("alice"), "ordinary values are echoed: {all}");
+        assert!(!all.contains("hunter2") && !all.contains("sk-live-123"), "secret echoed: {all}");
     }
 
     #[test]
