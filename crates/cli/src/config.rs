@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use portcullis_core::{TrustDomain, parse_duration};
 use portcullis_gateway::openapi::Action;
-use portcullis_gateway::{ListenerConfig, Rate, RouteConfig};
+use portcullis_gateway::{Forwarded, ListenerConfig, Rate, RouteConfig};
 use portcullis_pki::IssuancePolicy;
 use serde::Deserialize;
 
@@ -42,6 +42,7 @@ struct RawRoute {
     timeout: Option<String>,
     #[serde(default)]
     client_cert_header: bool,
+    forwarded: Option<String>,
     openapi: Option<PathBuf>,
     openapi_base: Option<String>,
     #[serde(default)]
@@ -209,6 +210,14 @@ impl Config {
                 .map(|g| portcullis_core::GroupName::try_new(g.as_str()))
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| key("groups"))?;
+            let forwarded = match r.forwarded.as_deref() {
+                None | Some("x-forwarded") => Forwarded::XForwarded,
+                Some("rfc7239") => Forwarded::Rfc7239,
+                Some("none") => Forwarded::None,
+                Some(other) => {
+                    bail!("{}: {other:?} is not \"x-forwarded\", \"rfc7239\" or \"none\"", key("forwarded"))
+                }
+            };
             let action = match r.action.as_deref() {
                 None | Some("block") => Action::Block,
                 Some("log") => Action::Log,
@@ -225,6 +234,7 @@ impl Config {
                     None => Duration::from_secs(30),
                 },
                 client_cert_header: r.client_cert_header,
+                forwarded,
                 openapi: r.openapi.map(|p| dir.join(p)),
                 openapi_base: r.openapi_base,
                 strict_query: r.strict_query,

@@ -287,3 +287,25 @@ fn floods_from_one_address_are_throttled_before_any_work() {
     }
     assert!(refused >= 3, "only {refused} of 6 connections over the handshake limit were closed");
 }
+
+#[test]
+fn forwarding_headers_are_the_gateways_in_the_configured_form() {
+    let up = Upstream::start();
+    let extra = format!(
+        "\n[[gateway.routes]]\nprefix = \"/std/\"\nupstream = \"http://{0}\"\nforwarded = \"rfc7239\"\n\
+         \n[[gateway.routes]]\nprefix = \"/quiet/\"\nupstream = \"http://{0}\"\nforwarded = \"none\"\n",
+        up.addr
+    );
+    let s = Server::start_with_config(&config(up.addr, &extra));
+    let (cam, key) = enroll(&s, "cam-05", "cameras");
+    let spoof = ["-H", "Forwarded: for=203.0.113.9", "-H", "X-Forwarded-For: 203.0.113.9"];
+    assert_eq!(curl_mtls(&s, &cam, &key, "/std/x", &spoof).status, 200);
+    let seen = up.last();
+    assert_eq!(seen.headers["forwarded"], "for=127.0.0.1;proto=https");
+    assert_eq!(seen.headers.get_all("forwarded").iter().count(), 1);
+    assert!(seen.headers.get("x-forwarded-for").is_none());
+    assert_eq!(curl_mtls(&s, &cam, &key, "/quiet/x", &spoof).status, 200);
+    let seen = up.last();
+    assert!(seen.headers.get("forwarded").is_none() && seen.headers.get("x-forwarded-for").is_none());
+    assert_eq!(seen.headers["x-portcullis-device"], "cam-05");
+}

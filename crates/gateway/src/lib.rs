@@ -20,5 +20,5 @@ mod proxy;
 mod ratelimit;
 
 pub use listener::{ListenerConfig, serve};
-pub use proxy::{Gateway, RouteConfig, RouteError, RouteTable, router};
+pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable, router};
 pub use ratelimit::{Limiter, Rate};

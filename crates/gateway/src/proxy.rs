@@ -88,6 +88,19 @@ pub enum RouteError {
     },
 }
 
+/// The forwarding headers a route sets for its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarded {
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` (the default).
+    #[default]
+    XForwarded,
+    /// RFC 7239 `Forwarded: for=…;proto=https`.
+    Rfc7239,
+    /// None.
+    None,
+}
+
 /// One route, validated.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -105,6 +118,8 @@ pub struct RouteConfig {
     pub timeout: Duration,
     /// Send the device's certificate as RFC 9440 `Client-Cert`.
     pub client_cert_header: bool,
+    /// Which forwarding headers the upstream gets (incoming ones are always stripped).
+    pub forwarded: Forwarded,
     /// An OpenAPI 3.0/3.1 document (YAML or JSON) every request must match.
     pub openapi: Option<PathBuf>,
     /// Path the document's paths are relative to (default: its first `servers` URL).
@@ -480,6 +495,7 @@ impl Gateway {
                     "max_body_bytes": r.cfg.max_body_bytes,
                     "timeout_ms": r.cfg.timeout.as_millis() as u64,
                     "client_cert_header": r.cfg.client_cert_header,
+                    "forwarded": r.cfg.forwarded,
                     "bind_device": r.cfg.bind_device,
                     "openapi": r.cfg.openapi.as_ref().map(|p| p.display().to_string()),
                     "openapi_version": r.spec.as_ref().map(|s| s.version()),
@@ -850,9 +866,23 @@ async fn forward<'r>(
     };
     set(h, "x-portcullis-device", device.id.as_str());
     set(h, "x-portcullis-group", device.group.as_str());
-    set(h, "x-forwarded-proto", "https");
-    if let Some(r) = remote {
-        set(h, "x-forwarded-for", &r.ip().to_string());
+    match (route.cfg.forwarded, remote) {
+        (Forwarded::XForwarded, r) => {
+            set(h, "x-forwarded-proto", "https");
+            if let Some(r) = r {
+                set(h, "x-forwarded-for", &r.ip().to_string());
+            }
+        }
+        (Forwarded::Rfc7239, Some(r)) => {
+            // RFC 7239 section 6: an IPv6 node is quoted and bracketed.
+            let node = match r.ip() {
+                IpAddr::V4(ip) => ip.to_string(),
+                IpAddr::V6(ip) => format!("\"[{ip}]\""),
+            };
+            set(h, "forwarded", &format!("for={node};proto=https"));
+        }
+        (Forwarded::Rfc7239, None) => set(h, "forwarded", "proto=https"),
+        (Forwarded::None, _) => {}
     }
     if route.cfg.client_cert_header
         && let Some(leaf) = peer.as_ref().and_then(|p| p.chain.first())
@@ -947,6 +977,7 @@ mod tests {
             max_body_bytes: 1024,
             timeout: Duration::from_secs(1),
             client_cert_header: false,
+            forwarded: Forwarded::XForwarded,
             openapi: None,
             openapi_base: None,
             strict_query: false,
