@@ -255,14 +255,19 @@ fn a_broken_document_is_refused_and_the_previous_routes_keep_serving() {
     assert_eq!(curl_mtls(&s, &cam, &key, &format!("{t}?limit=10"), &[]).status, 200);
 }
 
+/// A self-signed CA: its certificate and an issuer for signing with it.
+fn private_ca() -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    (cert, rcgen::Issuer::new(params, key))
+}
+
 #[test]
 fn https_upstreams_are_verified() {
     // A private CA for the upstream, as a backend team would have.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let (ca, issuer) = private_ca();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
         .unwrap()
@@ -275,9 +280,7 @@ fn https_upstreams_are_verified() {
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("backend-ca.pem");
     std::fs::write(&ca_path, ca.pem()).unwrap();
-    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let other = other_params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+    let (other, _) = private_ca();
     let other_path = dir.path().join("other-ca.pem");
     std::fs::write(&other_path, other.pem()).unwrap();
     let port = up.addr.port();

@@ -939,10 +939,7 @@ impl Report {
         for e in v.iter_errors(value).take(MAX_REPORTED) {
             let at = e.instance_path().to_string();
             let name = if at.is_empty() { label.to_owned() } else { format!("{label}{at}") };
-            let hidden = secret
-                || secrets.is_some_and(|set| {
-                    !set.is_empty() && e.instance_path().to_string().split('/').any(|seg| set.contains(seg))
-                });
+            let hidden = secret || secrets.is_some_and(|set| at.split('/').any(|seg| set.contains(seg)));
             let reason = if hidden { e.masked().to_string() } else { e.to_string() };
             self.push(name, reason);
         }
