@@ -42,6 +42,13 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let verifier = ClientCertVerifier::new(authority.ca()).context("client verifier")?;
     let tls_config = tls::server_config(&verifier, chain, key).context("TLS configuration")?;
 
+    // Signal handlers first: once the listen lines are printed, a supervisor (or a test)
+    // may send SIGTERM or SIGHUP at once, and the default action would kill the process.
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+
     let device_listener = TcpListener::bind(cfg.device_addr)
         .await
         .with_context(|| format!("cannot bind the device port to {}", cfg.device_addr))?;
@@ -91,7 +98,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         cfg.listener.clone(),
         stop_rx.clone(),
     ));
-    let hup = spawn_reload_on_sighup(reload, stop_rx.clone())?;
+    let hup = spawn_reload_on_sighup(hup, reload, stop_rx.clone());
     let admin_app =
         portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api", Some(hooks));
     let mut admin_stop = stop_rx.clone();
@@ -107,7 +114,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     });
     let crl_task = spawn_crl_refresh(authority.clone(), cfg.policy.crl_validity, stop_rx.clone());
 
-    wait_for_signal().await?;
+    wait_for_signal(term, int).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(device, admin, crl_task, hup);
@@ -118,12 +125,11 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
 
 /// SIGHUP re-reads the gateway routes; a failure is logged and changes nothing.
 fn spawn_reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
     reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    Ok(tokio::spawn(async move {
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
@@ -134,7 +140,7 @@ fn spawn_reload_on_sighup(
                 _ = stop.changed() => return,
             }
         }
-    }))
+    })
 }
 
 /// Re-signs the CRL at a quarter of its validity so it never lapses.
@@ -158,13 +164,9 @@ fn spawn_crl_refresh(
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+async fn wait_for_signal(mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    Ok(())
 }
