@@ -94,7 +94,11 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         device_listener,
         tls_config,
         verifier,
-        est::router(authority.clone()).merge(portcullis_gateway::router(gateway)),
+        portcullis_gateway::DeviceApp {
+            built_in: est::router(authority.clone()),
+            built_in_paths: est::PATHS.to_vec(),
+            gateway,
+        },
         cfg.listener.clone(),
         stop_rx.clone(),
     ));

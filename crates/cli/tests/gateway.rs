@@ -43,6 +43,10 @@ timeout = "1s"
 [[gateway.routes]]
 prefix = "/dead/"
 upstream = "http://127.0.0.1:1"
+
+[[gateway.routes]]
+prefix = "/close"
+upstream = "http://{up}"
 {extra}
 "#
     )
@@ -257,7 +261,7 @@ fn reload_by_signal_and_api_keeps_old_routes_on_error() {
 
     // A good config through the API.
     std::fs::write(&cfg_path, config(up.addr, "")).unwrap();
-    assert!(s.cli_ok(&["gateway", "reload"]).contains("reloaded: 6 routes"));
+    assert!(s.cli_ok(&["gateway", "reload"]).contains("reloaded: 7 routes"));
     assert_eq!(curl_mtls(&s, &cam, &cam_key, "/new/x", &[]).status, 404);
 }
 
@@ -308,4 +312,35 @@ fn forwarding_headers_are_the_gateways_in_the_configured_form() {
     let seen = up.last();
     assert!(seen.headers.get("forwarded").is_none() && seen.headers.get("x-forwarded-for").is_none());
     assert_eq!(seen.headers["x-portcullis-device"], "cam-05");
+}
+
+#[test]
+fn upstream_connections_are_pooled_and_closed_ones_replaced() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, ""));
+    let (cam, cam_key) = enroll(&s, "cam-01", "cameras");
+    let (root, _) = s.ca_files();
+    // One client connection (curl reuses it for every URL), so one device-port worker:
+    // twenty requests, then one the upstream answers with `Connection: close`, then one more.
+    let mut paths: Vec<String> = (0..20).map(|i| format!("/api/pool/{i}")).collect();
+    paths.extend(["/close/1".to_owned(), "/api/after-close".to_owned()]);
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "-w", "%{http_code} %{num_connects}\\n", "--cacert"])
+        .arg(&root)
+        .arg("--cert")
+        .arg(&cam)
+        .arg("--key")
+        .arg(&cam_key);
+    for p in &paths {
+        cmd.args(["-o", "/dev/null"]).arg(format!("{}{p}", s.url()));
+    }
+    let out = cmd.output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 22, "{lines:?}");
+    assert!(lines.iter().all(|l| l.starts_with("200 ")), "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.ends_with(" 1")).count(), 1, "curl reconnected: {lines:?}");
+    assert_eq!(up.count(), 22);
+    assert_eq!(up.last().path, "/api/after-close");
+    // The first twenty share one pooled upstream connection; the close forces one more.
+    assert_eq!(up.connections(), 2);
 }

@@ -18,7 +18,8 @@ mod listener;
 pub mod openapi;
 mod proxy;
 mod ratelimit;
+mod upstream;
 
-pub use listener::{ListenerConfig, serve};
-pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable, router};
+pub use listener::{DeviceApp, ListenerConfig, serve};
+pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable};
 pub use ratelimit::{Limiter, Rate};

@@ -2,12 +2,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use axum::Router;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use portcullis_pki::{ClientCertVerifier, PeerCertificate};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -63,6 +66,18 @@ impl Default for ListenerConfig {
     }
 }
 
+/// What the device port answers: its built-in endpoints (EST, CRL, …) and, for every
+/// other path, the gateway.
+#[derive(Debug)]
+pub struct DeviceApp {
+    /// Answers the built-in endpoints.
+    pub built_in: Router,
+    /// The exact paths `built_in` serves; every other path goes to the gateway.
+    pub built_in_paths: Vec<&'static str>,
+    /// The gateway, called directly (no router in between) on the hot path.
+    pub gateway: Arc<crate::Gateway>,
+}
+
 /// Serves `app` over TLS on `listener` until `shutdown` turns true, then stops accepting
 /// and gives open connections up to 5 seconds to finish.
 ///
@@ -74,7 +89,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     verifier: ClientCertVerifier,
-    app: Router,
+    app: DeviceApp,
     cfg: ListenerConfig,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -88,7 +103,11 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(tls),
         verifier,
-        app: app.layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout)),
+        built_in: app
+            .built_in
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout)),
+        built_in_paths: app.built_in_paths,
+        gateway: app.gateway,
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         per_ip: cfg.handshakes_per_ip.map(|r| Limiter::<IpAddr>::new(r, 100_000)),
         cfg: cfg.clone(),
@@ -136,10 +155,34 @@ pub async fn serve(
 struct Shared {
     acceptor: TlsAcceptor,
     verifier: ClientCertVerifier,
-    app: Router,
+    built_in: Router,
+    built_in_paths: Vec<&'static str>,
+    gateway: Arc<crate::Gateway>,
     permits: Arc<Semaphore>,
     per_ip: Option<Limiter<IpAddr>>,
     cfg: ListenerConfig,
+}
+
+impl Shared {
+    /// One request: a built-in endpoint through its router, anything else straight to
+    /// the gateway, both under the whole-request deadline (408).
+    async fn respond(&self, req: http::Request<Body>) -> Response {
+        if self.built_in_paths.contains(&req.uri().path()) {
+            return match self.built_in.clone().oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+        }
+        match tokio::time::timeout(self.cfg.request_timeout, self.gateway.handle(req)).await {
+            Ok(resp) => resp,
+            Err(_) => portcullis_pki::Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                format!("request not completed within {} s", self.cfg.request_timeout.as_secs()),
+            )
+            .into_response(),
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -173,7 +216,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
         let _ = tcp.set_nodelay(true);
         let acceptor = shared.acceptor.clone();
         let verifier = shared.verifier.clone();
-        let app = shared.app.clone();
+        let shared = shared.clone();
         let cfg = shared.cfg.clone();
         let mut shutdown = shutdown.clone();
         let done = conn_done_tx.clone();
@@ -199,12 +242,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                 }
                 PeerCertificate::new(chain, verified)
             });
-            let svc = app.map_request(move |mut req: http::Request<Incoming>| {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let mut req = req.map(Body::new);
                 if let Some(p) = &peer {
                     req.extensions_mut().insert(p.clone());
                 }
                 req.extensions_mut().insert(ConnectInfo(remote));
-                req
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(shared.respond(req).await) }
             });
             // HTTP/2 when ALPN says so (or the client sends its preface), else HTTP/1.1.
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -220,7 +265,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                 .max_header_list_size(64 * 1024)
                 .keep_alive_interval(Some(cfg.header_timeout))
                 .keep_alive_timeout(cfg.header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {

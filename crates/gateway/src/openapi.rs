@@ -995,10 +995,6 @@ impl Report {
     }
 }
 
-fn decode(s: &str) -> Option<String> {
-    percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
-}
-
 impl Spec {
     /// Matches a request to its operation and checks its path, query, header and cookie
     /// parameters, the operation's groups and identity bindings. `path` is the raw
@@ -1032,13 +1028,14 @@ impl Spec {
                 _ => return Err(not_found()),
             }
         };
-        let raw_segs: Vec<&str> = rel[1..].split('/').collect();
-        let Some(candidates) = self.by_len.get(&raw_segs.len()) else { return Err(not_found()) };
-        let mut decoded: Vec<String> = Vec::with_capacity(raw_segs.len());
-        for s in &raw_segs {
-            match decode(s) {
-                Some(d) => decoded.push(d),
-                None => {
+        let seg_count = rel[1..].split('/').count();
+        let Some(candidates) = self.by_len.get(&seg_count) else { return Err(not_found()) };
+        // Borrowed unless a segment has percent-escapes.
+        let mut decoded: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(seg_count);
+        for s in rel[1..].split('/') {
+            match percent_decode_str(s).decode_utf8() {
+                Ok(d) => decoded.push(d),
+                Err(_) => {
                     return Err((
                         None,
                         Violation::new(
@@ -1055,7 +1052,7 @@ impl Spec {
         let item = candidates.iter().find(|item| {
             path_values.clear();
             item.segs.iter().zip(&decoded).all(|(seg, got)| match seg {
-                PathSeg::Lit(l) => l == got,
+                PathSeg::Lit(l) => l == got.as_ref(),
                 PathSeg::Param { prefix, name, suffix } => {
                     match got.strip_prefix(prefix.as_str()).and_then(|r| r.strip_suffix(suffix.as_str())) {
                         Some(v) if !v.is_empty() || !prefix.is_empty() || !suffix.is_empty() => {
@@ -1092,18 +1089,24 @@ impl Spec {
             return Err((Some(op), v));
         }
 
-        let query_pairs: Vec<(String, String)> = query
-            .map(|q| {
-                form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
-            })
-            .unwrap_or_default();
-        let cookies: Vec<(&str, &str)> = headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .collect();
+        // Decoded only when something reads them.
+        let query_pairs: Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> = match query {
+            Some(q) if self.strict_query || op.params.iter().any(|p| p.loc == Loc::Query) => {
+                form_urlencoded::parse(q.as_bytes()).collect()
+            }
+            _ => Vec::new(),
+        };
+        let cookies: Vec<(&str, &str)> = if op.params.iter().any(|p| p.loc == Loc::Cookie) {
+            headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .collect()
+        } else {
+            Vec::new()
+        };
 
         let mut report = Report { found: Vec::new(), total: 0 };
         let mut binding: Option<Violation> = None;
@@ -1111,7 +1114,7 @@ impl Spec {
             let raw: Vec<&str> = match p.loc {
                 Loc::Path => path_values.iter().filter(|(n, _)| *n == p.name).map(|(_, v)| *v).collect(),
                 Loc::Query => {
-                    query_pairs.iter().filter(|(k, _)| *k == p.name).map(|(_, v)| v.as_str()).collect()
+                    query_pairs.iter().filter(|(k, _)| *k == p.name).map(|(_, v)| v.as_ref()).collect()
                 }
                 Loc::Header => {
                     headers.get_all(p.name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect()
@@ -1154,7 +1157,7 @@ impl Spec {
             for (k, _) in &query_pairs {
                 if !op.params.iter().any(|p| p.loc == Loc::Query && p.name == *k) {
                     report.push(
-                        format!("query/{}", trunc(k.clone())),
+                        format!("query/{}", trunc(k.clone().into_owned())),
                         "not a parameter of this operation".into(),
                     );
                 }

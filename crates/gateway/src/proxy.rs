@@ -7,18 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use portcullis_core::{DeviceId, GroupName};
 use portcullis_pki::{Authority, PeerCertificate, Problem, est};
 use prometheus_client::metrics::counter::Counter;
@@ -29,8 +26,7 @@ use std::path::PathBuf;
 
 use crate::openapi::{Action, Caller, Spec, SpecOptions, Violation};
 use crate::ratelimit::{Limiter, Rate};
-
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+use crate::upstream::Upstream;
 
 /// Most devices whose rate state one route keeps.
 const MAX_TRACKED_DEVICES: usize = 100_000;
@@ -213,9 +209,9 @@ struct Route {
     limiter: Option<Limiter<DeviceId>>,
     counters: Counters,
     spec: Option<Spec>,
-    /// One pooled client per device-port worker, so a request, its upstream connection
-    /// and that connection's task stay on one thread.
-    clients: Vec<UpstreamClient>,
+    /// Pooled upstream connections, one pool per device-port worker, so a request, its
+    /// upstream connection and that connection's task stay on one thread.
+    upstream: Upstream,
 }
 
 /// The loaded routes. Replaced whole on reload.
@@ -279,11 +275,16 @@ impl RouteTable {
                     Some(Spec::load(&bytes, &opts).map_err(|e| fail(e.to_string()))?)
                 }
             };
-            let clients =
-                (0..crate::listener::worker_count(0)).map(|_| upstream_client(tls.clone())).collect();
+            let target = Uri::builder()
+                .scheme(base.scheme_str().unwrap_or("http"))
+                .authority(base.authority().map(|a| a.as_str()).unwrap_or_default())
+                .path_and_query("/")
+                .build()
+                .map_err(|_| bad("not a URL"))?;
+            let upstream = Upstream::new(connector(tls), target, crate::listener::worker_count(0));
             routes.push(Route {
                 spec,
-                clients,
+                upstream,
                 forwarded: Counter::default(),
                 latency: Histogram::new(std::iter::empty()),
                 cfg,
@@ -350,13 +351,13 @@ fn upstream_tls(cfg: &RouteConfig) -> Result<rustls::ClientConfig, RouteError> {
     Ok(config)
 }
 
-/// A pooled client for one route: https verified with `tls` (only), or plain http.
-fn upstream_client(tls: Option<rustls::ClientConfig>) -> UpstreamClient {
+/// The connector for one route: https verified with `tls` (only), or plain http.
+fn connector(tls: Option<rustls::ClientConfig>) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.enforce_http(false);
-    let connector = match tls {
+    match tls {
         Some(cfg) => hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(cfg)
             .https_only()
@@ -364,11 +365,7 @@ fn upstream_client(tls: Option<rustls::ClientConfig>) -> UpstreamClient {
             .wrap_connector(http),
         // An http route never speaks TLS: the connector refuses https outright.
         None => HttpsConnector::from((http, Arc::new(no_tls()))),
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build(connector)
+    }
 }
 
 /// A client config that trusts nothing (for plain-http routes).
@@ -511,11 +508,6 @@ impl Gateway {
     }
 }
 
-/// The proxy as a fallback router: everything the built-in routes do not answer.
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new().fallback(proxy).with_state(gateway)
-}
-
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -530,6 +522,12 @@ fn suspicious(path: &str) -> bool {
         || lower.contains("%5c")
         || path.contains('\\')
 }
+
+const X_PORTCULLIS_DEVICE: HeaderName = HeaderName::from_static("x-portcullis-device");
+const X_PORTCULLIS_GROUP: HeaderName = HeaderName::from_static("x-portcullis-group");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -573,7 +571,15 @@ fn strip(headers: &mut HeaderMap, owned: bool) {
     }
 }
 
-async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+impl Gateway {
+    /// Routes, authenticates, checks and forwards one request; every refusal is a
+    /// problem document.
+    pub async fn handle(&self, req: Request) -> Response {
+        proxy(self, req).await
+    }
+}
+
+async fn proxy(gw: &Gateway, req: Request) -> Response {
     let started = Instant::now();
     let path = req.uri().path().to_owned();
     let table = gw.current();
@@ -585,7 +591,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             .into_response();
     };
     let mut body = Some(body);
-    let (outcome, resp) = forward(&gw, route, parts, &mut body).await;
+    let (outcome, resp) = forward(gw, route, parts, &mut body).await;
     if let Some(unsent) = body {
         // Refused before forwarding: read (a bounded amount of) what the client is still
         // sending, so an HTTP/2 client gets the answer instead of a stream reset.
@@ -859,18 +865,18 @@ async fn forward<'r>(
     };
     strip(&mut parts.headers, true);
     let h = &mut parts.headers;
-    let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
+    let set = |h: &mut HeaderMap, name: HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(HeaderName::from_static(name), v);
+            h.insert(name, v);
         }
     };
-    set(h, "x-portcullis-device", device.id.as_str());
-    set(h, "x-portcullis-group", device.group.as_str());
+    set(h, X_PORTCULLIS_DEVICE, device.id.as_str());
+    set(h, X_PORTCULLIS_GROUP, device.group.as_str());
     match (route.cfg.forwarded, remote) {
         (Forwarded::XForwarded, r) => {
-            set(h, "x-forwarded-proto", "https");
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
             if let Some(r) = r {
-                set(h, "x-forwarded-for", &r.ip().to_string());
+                set(h, X_FORWARDED_FOR, &r.ip().to_string());
             }
         }
         (Forwarded::Rfc7239, Some(r)) => {
@@ -879,9 +885,9 @@ async fn forward<'r>(
                 IpAddr::V4(ip) => ip.to_string(),
                 IpAddr::V6(ip) => format!("\"[{ip}]\""),
             };
-            set(h, "forwarded", &format!("for={node};proto=https"));
+            set(h, header::FORWARDED, &format!("for={node};proto=https"));
         }
-        (Forwarded::Rfc7239, None) => set(h, "forwarded", "proto=https"),
+        (Forwarded::Rfc7239, None) => set(h, header::FORWARDED, "proto=https"),
         (Forwarded::None, _) => {}
     }
     if route.cfg.client_cert_header
@@ -889,19 +895,24 @@ async fn forward<'r>(
     {
         // RFC 9440: a structured-field byte sequence of the DER certificate.
         let v = format!(":{}:", base64::engine::general_purpose::STANDARD.encode(leaf));
-        set(h, "client-cert", &v);
+        set(h, CLIENT_CERT, &v);
     }
 
+    // Origin-form: the upstream's base path, then the request's path and query.
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let base_path = route.base.path().trim_end_matches('/');
-    let scheme = route.base.scheme_str().unwrap_or("http");
-    let authority = route.base.authority().map(|a| a.as_str()).unwrap_or_default();
-    let mut uri =
-        String::with_capacity(scheme.len() + 3 + authority.len() + base_path.len() + path_and_query.len());
-    for part in [scheme, "://", authority, base_path, path_and_query] {
-        uri.push_str(part);
-    }
-    parts.uri = match uri.parse::<Uri>() {
+    let forwarded_uri = if base_path.is_empty() {
+        // Reuses the parsed path and query as they are.
+        let mut origin = http::uri::Parts::default();
+        origin.path_and_query = parts.uri.path_and_query().cloned();
+        Uri::from_parts(origin).map_err(|_| ())
+    } else {
+        let mut uri = String::with_capacity(base_path.len() + path_and_query.len());
+        uri.push_str(base_path);
+        uri.push_str(path_and_query);
+        Uri::try_from(uri).map_err(|_| ())
+    };
+    parts.uri = match forwarded_uri {
         Ok(u) => u,
         Err(_) => {
             bump(&c.bad_path);
@@ -922,8 +933,7 @@ async fn forward<'r>(
         http_body_util::Limited::new(body, usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX));
     let upstream_req = http::Request::from_parts(parts, Body::new(limited));
 
-    let client = &route.clients[crate::listener::worker_index() % route.clients.len()];
-    match tokio::time::timeout(route.cfg.timeout, client.request(upstream_req)).await {
+    match tokio::time::timeout(route.cfg.timeout, route.upstream.send(upstream_req)).await {
         Ok(Ok(resp)) => {
             bump(&c.forwarded);
             let (mut parts, body) = resp.into_parts();

@@ -30,15 +30,26 @@ use crate::tls::PeerCertificate;
 /// The EST, CRL and identity routes, to be served on the TLS device port.
 pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
-        .route("/.well-known/est/cacerts", get(cacerts))
-        .route("/.well-known/est/simpleenroll", post(simpleenroll))
-        .route("/.well-known/est/simplereenroll", post(simplereenroll))
-        .route("/.well-known/est/csrattrs", get(csrattrs))
-        .route("/crl", get(crl))
-        .route("/crl.pem", get(crl_pem))
-        .route("/portcullis/whoami", get(whoami))
+        .route(PATHS[0], get(cacerts))
+        .route(PATHS[1], post(simpleenroll))
+        .route(PATHS[2], post(simplereenroll))
+        .route(PATHS[3], get(csrattrs))
+        .route(PATHS[4], get(crl))
+        .route(PATHS[5], get(crl_pem))
+        .route(PATHS[6], get(whoami))
         .with_state(authority)
 }
+
+/// The paths [`router`] serves, in its order.
+pub const PATHS: [&str; 7] = [
+    "/.well-known/est/cacerts",
+    "/.well-known/est/simpleenroll",
+    "/.well-known/est/simplereenroll",
+    "/.well-known/est/csrattrs",
+    "/crl",
+    "/crl.pem",
+    "/portcullis/whoami",
+];
 
 /// Maps an identity failure to its HTTP problem.
 pub fn auth_problem(e: &AuthError) -> Problem {

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,10 +23,13 @@ pub struct Seen {
     pub body: Bytes,
 }
 
-/// An HTTP upstream on 127.0.0.1 that records every request; `/slow` answers after 3 s.
+/// An HTTP upstream on 127.0.0.1 that records every request; `/slow` answers after 3 s,
+/// `/close` answers with `Connection: close` and then closes the connection.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -54,13 +58,19 @@ impl Upstream {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let rec = seen.clone();
+        let connections: Arc<AtomicUsize> = Arc::default();
+        let accepted = connections.clone();
         // Its own thread and runtime, so tests of either flavour can use it; it lives
         // until the test process ends.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(serve_upstream(std_listener, rec, tls));
+            rt.block_on(serve_upstream(std_listener, rec, accepted, tls));
         });
-        Self { addr, seen }
+        Self { addr, seen, connections }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {
@@ -75,11 +85,13 @@ impl Upstream {
 async fn serve_upstream(
     std_listener: std::net::TcpListener,
     rec: Arc<Mutex<Vec<Seen>>>,
+    accepted: Arc<AtomicUsize>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
     loop {
         let Ok((tcp, _)) = listener.accept().await else { return };
+        accepted.fetch_add(1, Ordering::SeqCst);
         let rec = rec.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -93,11 +105,12 @@ async fn serve_upstream(
                     if path.starts_with("/slow") {
                         tokio::time::sleep(Duration::from_secs(3)).await;
                     }
+                    let connection = if path.starts_with("/close") { "close" } else { "keep-alive" };
                     rec.lock().unwrap().push(Seen { path, method, headers, body });
                     Ok::<_, Infallible>(
                         http::Response::builder()
                             .header("content-type", "application/json")
-                            .header("connection", "keep-alive")
+                            .header("connection", connection)
                             .body(Full::new(Bytes::from_static(b"{\"upstream\":true}")))
                             .unwrap(),
                     )
