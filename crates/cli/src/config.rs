@@ -21,6 +21,82 @@ struct Raw {
     admin: RawAdmin,
     pki: RawPki,
     gateway: RawGateway,
+    dns: RawDns,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDns {
+    enabled: bool,
+    addr: String,
+    upstreams: Option<Vec<String>>,
+    upstream_timeout: String,
+    unknown_clients: String,
+    default_policy: Option<String>,
+    per_client: Option<RawRate>,
+    cache: RawDnsCache,
+    lists: std::collections::BTreeMap<String, RawList>,
+    policies: Vec<RawPolicy>,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: "127.0.0.1:5353".into(),
+            upstreams: None,
+            upstream_timeout: "2s".into(),
+            unknown_clients: "refuse".into(),
+            default_policy: None,
+            per_client: None,
+            cache: RawDnsCache::default(),
+            lists: Default::default(),
+            policies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDnsCache {
+    max_entries: usize,
+    min_ttl: String,
+    max_ttl: String,
+    max_negative_ttl: String,
+}
+
+impl Default for RawDnsCache {
+    fn default() -> Self {
+        Self {
+            max_entries: 100_000,
+            min_ttl: "0s".into(),
+            max_ttl: "1d".into(),
+            max_negative_ttl: "1h".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawList {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    mode: portcullis_dns::Mode,
+    #[serde(default)]
+    lists: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    block: portcullis_dns::BlockResponse,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +209,121 @@ pub struct Config {
     pub server_cert_lifetime: Duration,
     pub routes: Vec<RouteConfig>,
     pub unauthenticated_per_ip: Option<Rate>,
+    pub dns: Option<DnsConfig>,
+}
+
+/// The DNS port, validated (lists are read when the resolver starts or reloads).
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub addr: SocketAddr,
+    pub upstreams: Vec<SocketAddr>,
+    pub upstream_timeout: Duration,
+    /// Policy for queries no device is attributed to; `None`: refused.
+    pub unknown_clients: Option<String>,
+    /// Policy for devices whose group has none.
+    pub default_policy: Option<String>,
+    pub per_client: Option<Rate>,
+    pub cache: portcullis_dns::CacheConfig,
+    pub lists: Vec<(String, PathBuf)>,
+    pub policies: Vec<DnsPolicyConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsPolicyConfig {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub mode: portcullis_dns::Mode,
+    pub lists: Vec<String>,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    pub block: portcullis_dns::BlockResponse,
+}
+
+/// The nameservers of /etc/resolv.conf, port 53.
+fn system_resolvers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
+    if !raw.enabled {
+        return Ok(None);
+    }
+    let upstreams = match raw.upstreams {
+        None => system_resolvers(),
+        Some(list) => list
+            .iter()
+            .map(|u| {
+                u.parse::<SocketAddr>()
+                    .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .with_context(|| {
+                        format!("config key dns.upstreams: {u:?} is not an address like 192.0.2.1:53")
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let names: Vec<&str> = raw.policies.iter().map(|p| p.name.as_str()).collect();
+    for (i, p) in raw.policies.iter().enumerate() {
+        if names.iter().filter(|n| **n == p.name).count() > 1 {
+            bail!("config key dns.policies[{i}].name: policy {:?} is defined twice", p.name);
+        }
+        for l in &p.lists {
+            if !raw.lists.contains_key(l) {
+                bail!("config key dns.policies[{i}].lists: no list named {l:?} under [dns.lists]");
+            }
+        }
+    }
+    let known = |key: &str, v: &Option<String>| -> anyhow::Result<()> {
+        match v {
+            Some(n) if !names.contains(&n.as_str()) => bail!("config key {key}: no policy named {n:?}"),
+            _ => Ok(()),
+        }
+    };
+    let unknown_clients = match raw.unknown_clients.as_str() {
+        "refuse" => None,
+        name => Some(name.to_owned()),
+    };
+    known("dns.unknown_clients", &unknown_clients)?;
+    known("dns.default_policy", &raw.default_policy)?;
+    let ttl = |key: &str, v: &str| {
+        parse_duration(v).map_err(anyhow::Error::msg).with_context(|| format!("config key dns.cache.{key}"))
+    };
+    Ok(Some(DnsConfig {
+        addr: addr("dns.addr", &raw.addr)?,
+        upstreams,
+        upstream_timeout: dur("dns.upstream_timeout", &raw.upstream_timeout)?,
+        unknown_clients,
+        default_policy: raw.default_policy,
+        per_client: match raw.per_client {
+            Some(r) => rate("dns.per_client", Some(r))?,
+            None => Some(Rate { per_second: 200.0, burst: 400 }),
+        },
+        cache: portcullis_dns::CacheConfig {
+            max_entries: raw.cache.max_entries.max(1),
+            min_ttl: ttl("min_ttl", &raw.cache.min_ttl)?,
+            max_ttl: ttl("max_ttl", &raw.cache.max_ttl)?,
+            max_negative_ttl: ttl("max_negative_ttl", &raw.cache.max_negative_ttl)?,
+        },
+        lists: raw.lists.into_iter().map(|(n, l)| (n, dir.join(l.path))).collect(),
+        policies: raw
+            .policies
+            .into_iter()
+            .map(|p| DnsPolicyConfig {
+                name: p.name,
+                groups: p.groups,
+                mode: p.mode,
+                lists: p.lists,
+                allow: p.allow,
+                deny: p.deny,
+                block: p.block,
+            })
+            .collect(),
+    }))
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -249,6 +440,7 @@ impl Config {
             None => Some(Rate { per_second: 10.0, burst: 50 }),
         };
         Ok(Self {
+            dns: dns_config(raw.dns, dir)?,
             unauthenticated_per_ip,
             routes,
             data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("portcullis-data")),

@@ -1,6 +1,7 @@
 //! `portcullis`: args -> config -> tracing -> wire services.
 
 mod config;
+mod dns;
 mod instance;
 mod manage;
 mod serve;
@@ -59,6 +60,9 @@ enum Cmd {
         /// SPIFFE trust domain, used when the data dir is initialised.
         #[arg(long)]
         trust_domain: Option<String>,
+        /// DNS port address, UDP and TCP [default: 127.0.0.1:5353]; port 0 picks a free port.
+        #[arg(long)]
+        dns_addr: Option<String>,
     },
     /// Register and manage devices.
     #[command(subcommand)]
@@ -178,7 +182,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("initialised {} (trust domain {})", cfg.data_dir.display(), cfg.trust_domain);
             Ok(())
         }
-        Cmd::Up { device_addr, admin_addr, trust_domain } => {
+        Cmd::Up { device_addr, admin_addr, trust_domain, dns_addr } => {
+            if let (Some(a), Some(dns)) = (dns_addr, cfg.dns.as_mut()) {
+                dns.addr = a.parse().map_err(|_| anyhow::anyhow!("--dns-addr: {a:?} is not an address"))?;
+            }
             if let Some(a) = device_addr {
                 cfg.device_addr =
                     a.parse().map_err(|_| anyhow::anyhow!("--device-addr: {a:?} is not an address"))?;

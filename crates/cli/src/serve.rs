@@ -58,10 +58,35 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let device_addr = device_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     inst.write_admin_addr(admin_addr)?;
+    let dns = match &cfg.dns {
+        Some(d) => {
+            let table = crate::dns::policy_table(d)?;
+            let (udp, tcp) = crate::dns::bind(d.addr).await?;
+            let resolver = Arc::new(portcullis_dns::Resolver::new(
+                table,
+                // Attribution by registered address comes with device addresses; until
+                // then every query is an unknown client's.
+                Arc::new(|_| None),
+                portcullis_dns::Upstreams { servers: d.upstreams.clone(), timeout: d.upstream_timeout },
+                portcullis_dns::Cache::new(d.cache),
+            ));
+            if d.upstreams.is_empty() {
+                tracing::warn!(
+                    "dns: no upstream resolver (none configured, none in /etc/resolv.conf): answers will be SERVFAIL"
+                );
+            }
+            Some((resolver, udp, tcp, d.per_client))
+        }
+        None => None,
+    };
 
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "portcullis: device port (EST, CRL) listening on {device_addr}")?;
+        if let Some((_, udp, _, _)) = &dns {
+            writeln!(out, "portcullis: dns (udp, tcp) listening on {}", udp.local_addr()?)?;
+        }
+        // Last: scripts and tests wait for this line.
         writeln!(out, "portcullis: admin API listening on {admin_addr}")?;
         out.flush()?;
     }
@@ -70,11 +95,20 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let table = RouteTable::try_new(cfg.routes.clone()).context("gateway routes")?;
     tracing::info!(routes = table.len(), "gateway routes loaded");
     let gateway = Arc::new(Gateway::new(authority.clone(), table, cfg.unauthenticated_per_ip));
+    let resolver = dns.as_ref().map(|(r, ..)| r.clone());
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
         let gateway = gateway.clone();
         Arc::new(move || {
             let fresh = Config::load(config_path.as_deref()).map_err(|e| format!("{e:#}"))?;
             let table = RouteTable::try_new(fresh.routes).map_err(|e| e.to_string())?;
+            let policies = match (&resolver, &fresh.dns) {
+                (Some(_), Some(d)) => Some(crate::dns::policy_table(d).map_err(|e| format!("{e:#}"))?),
+                _ => None,
+            };
+            if let (Some(r), Some(p)) = (&resolver, policies) {
+                r.replace(p);
+                tracing::info!("dns policies reloaded");
+            }
             let n = table.len();
             gateway.replace(table);
             tracing::info!(routes = n, "gateway routes reloaded");
@@ -117,11 +151,20 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         }
     });
     let crl_task = spawn_crl_refresh(authority.clone(), cfg.policy.crl_validity, stop_rx.clone());
+    let dns_task = tokio::spawn({
+        let stop = stop_rx.clone();
+        async move {
+            if let Some((resolver, udp, tcp, per_client)) = dns {
+                let serve_cfg = portcullis_dns::ServeConfig { per_client, ..Default::default() };
+                resolver.serve(udp, tcp, serve_cfg, stop).await;
+            }
+        }
+    });
 
     wait_for_signal(term, int).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(device, admin, crl_task, hup);
+    let _ = tokio::join!(device, admin, crl_task, hup, dns_task);
     let _ = std::fs::remove_file(inst.admin_addr_path());
     eprintln!("portcullis: stopped");
     Ok(())

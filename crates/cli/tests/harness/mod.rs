@@ -2,6 +2,7 @@
 //! clients: the agent library, openssl, curl, and raw TLS sockets.
 #![allow(dead_code)]
 
+pub mod dns_upstream;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -41,6 +42,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub device: SocketAddr,
     pub admin: SocketAddr,
+    /// The DNS port (UDP and TCP), when enabled.
+    pub dns: Option<SocketAddr>,
 }
 
 pub fn data_dir(dir: &Path) -> PathBuf {
@@ -71,7 +74,15 @@ impl Server {
             .arg(&cfg_path)
             .arg("--data-dir")
             .arg(data_dir(dir.path()))
-            .args(["up", "--device-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args([
+                "up",
+                "--device-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--dns-addr",
+                "127.0.0.1:0",
+            ])
             .env("PORTCULLIS_LOG", if log.is_some() { "debug" } else { "warn" })
             .stdout(Stdio::piped())
             .stderr(match log {
@@ -84,10 +95,13 @@ impl Server {
         let mut lines = BufReader::new(stdout).lines();
         let mut device = None;
         let mut admin = None;
+        let mut dns = None;
         while device.is_none() || admin.is_none() {
             let line = lines.next().expect("server exited before listening").expect("read stdout");
             let addr: Option<SocketAddr> = line.rsplit(' ').next().and_then(|a| a.parse().ok());
-            if line.contains("device port") {
+            if line.contains("dns (udp, tcp)") {
+                dns = addr;
+            } else if line.contains("device port") {
                 device = addr;
             } else if line.contains("admin API") {
                 admin = addr;
@@ -100,6 +114,7 @@ impl Server {
             child: Some(child),
             device: device.expect("device addr"),
             admin: admin.expect("admin addr"),
+            dns,
         }
     }
 

@@ -1,0 +1,152 @@
+//! The DNS port against real clients (`dig` from Debian dnsutils, raw UDP) and a local
+//! upstream that counts what reaches it.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::Server;
+use harness::dns_upstream::DnsUpstream;
+
+/// `dig @server NAME TYPE` with extra flags; the whole output.
+fn dig(s: &Server, args: &[&str]) -> String {
+    let dns = s.dns.expect("dns port");
+    let out = Command::new("dig")
+        .arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string(), "+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (Debian dnsutils) is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn status(out: &str) -> &str {
+    out.split("status: ").nth(1).and_then(|r| r.split(',').next()).unwrap_or("?")
+}
+
+fn config(up: &DnsUpstream, dead: std::net::SocketAddr, extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let list = dir.join("ads.txt");
+    std::fs::write(
+        &list,
+        "# a blocklist in three formats\n0.0.0.0 hosts-entry.test\n||ads.test^\n@@||ok.ads.test^\n*.wild.test\ngarbage line here\n",
+    )
+    .unwrap();
+    format!(
+        r#"
+[dns]
+upstreams = ["{dead}", "{up}"]
+upstream_timeout = "300ms"
+unknown_clients = "lobby"
+{extra}
+
+[dns.lists.ads]
+path = "{list}"
+
+[[dns.policies]]
+name = "lobby"
+mode = "blocklist"
+lists = ["ads"]
+deny = ["evil.test"]
+"#,
+        up = up.addr,
+        list = list.display()
+    )
+}
+
+#[test]
+fn blocklist_policy_cache_cname_and_failover() {
+    let up = DnsUpstream::start();
+    // A first upstream that never answers: every query fails over to the second.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = Server::start_with_config(&config(&up, dead.local_addr().unwrap(), ""));
+
+    let out = dig(&s, &["allowed.test", "A"]);
+    assert_eq!(status(&out), "NOERROR", "{out}");
+    assert!(out.contains("192.0.2.1"), "{out}");
+    // Second time from the cache: the upstream saw it once, the TTL counts down.
+    let again = dig(&s, &["allowed.test", "A"]);
+    assert!(again.contains("192.0.2.1"), "{again}");
+    assert_eq!(up.asked("allowed.test."), 1);
+
+    // Blocked by the list (subtree rule), by a hosts entry, by a deny rule: NXDOMAIN, and
+    // nothing asked upstream.
+    for name in ["ads.test", "x.ads.test", "hosts-entry.test", "evil.test", "a.wild.test"] {
+        let out = dig(&s, &[name, "A"]);
+        assert_eq!(status(&out), "NXDOMAIN", "{name}: {out}");
+    }
+    assert_eq!(up.asked("ads.test.") + up.asked("x.ads.test."), 0);
+    // An exception and the wildcard's own name are resolved.
+    assert_eq!(status(&dig(&s, &["ok.ads.test", "A"])), "NOERROR");
+    assert_eq!(status(&dig(&s, &["wild.test", "A"])), "NOERROR");
+
+    // CNAME inspection: alias.test is fine, but its chain leads into ads.test.
+    let out = dig(&s, &["alias.test", "A"]);
+    assert_eq!(status(&out), "NXDOMAIN", "{out}");
+    assert_eq!(up.asked("alias.test."), 1, "the answer was fetched, then blocked");
+
+    // Negative caching from the SOA (2 s): asked once within it, again after it.
+    assert_eq!(status(&dig(&s, &["gone.test", "A"])), "NXDOMAIN");
+    assert_eq!(status(&dig(&s, &["gone.test", "A"])), "NXDOMAIN");
+    assert_eq!(up.asked("gone.test."), 1);
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(status(&dig(&s, &["gone.test", "A"])), "NXDOMAIN");
+    assert_eq!(up.asked("gone.test."), 2);
+
+    // TTL expiry: a 1-second answer is fetched again after it expires.
+    dig(&s, &["short.test", "A"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    dig(&s, &["short.test", "A"]);
+    assert_eq!(up.asked("short.test."), 2);
+}
+
+#[test]
+fn truncation_tcp_retry_malformed_and_any() {
+    let up = DnsUpstream::start();
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = Server::start_with_config(&config(&up, dead.local_addr().unwrap(), ""));
+    let dns = s.dns.unwrap();
+
+    // Without EDNS a 20-record TXT answer does not fit 512 bytes: TC over UDP…
+    let out = dig(&s, &["big.test", "TXT", "+noedns", "+ignore"]);
+    assert!(out.contains(" tc"), "no TC flag: {out}");
+    // …and dig's retry over TCP gets all of it.
+    let out = dig(&s, &["big.test", "TXT", "+noedns"]);
+    assert_eq!(out.matches("\"record ").count(), 20, "{out}");
+    let out = dig(&s, &["big.test", "TXT", "+tcp"]);
+    assert_eq!(out.matches("\"record ").count(), 20, "{out}");
+
+    // ANY gets the minimal RFC 8482 answer.
+    let out = dig(&s, &["allowed.test", "ANY"]);
+    assert!(out.contains("RFC8482"), "{out}");
+
+    // Malformed packets: FORMERR with the query's id when there is a header, silence
+    // when there is not; the server keeps answering.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.send_to(&[0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xff, 0xff], dns).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert!(n >= 12);
+    assert_eq!(&buf[..2], &[0x12, 0x34]);
+    assert_eq!(buf[3] & 0x0f, 1, "FORMERR");
+    sock.send_to(&[1, 2, 3], dns).unwrap();
+    assert!(sock.recv_from(&mut buf).is_err(), "a 3-byte packet gets no answer");
+    for junk in [vec![0u8; 0], vec![0xff; 600], (0..=255u8).collect()] {
+        let _ = sock.send_to(&junk, dns);
+    }
+    assert_eq!(status(&dig(&s, &["allowed.test", "A"])), "NOERROR");
+}
+
+#[test]
+fn unknown_clients_are_refused_by_default() {
+    let up = DnsUpstream::start();
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cfg = config(&up, dead.local_addr().unwrap(), "").replace("unknown_clients = \"lobby\"", "");
+    let s = Server::start_with_config(&cfg);
+    let out = dig(&s, &["allowed.test", "A"]);
+    assert_eq!(status(&out), "REFUSED", "{out}");
+    assert_eq!(up.asked("allowed.test."), 0, "never an open resolver");
+}

@@ -1,0 +1,19 @@
+//! The DNS port: a filtering forwarder with per-device policies.
+//!
+//! Each query is attributed to a device (by its registered source address), answered by
+//! the policy of the device's group — blocklist mode or default-deny allowlist mode —
+//! from a TTL cache or the configured upstreams, with every name in the answer's CNAME
+//! chain checked too. Malformed packets get FORMERR (or nothing, when they cannot say whom
+//! to answer); UDP answers respect the client's EDNS buffer size and set TC beyond it.
+
+pub mod cache;
+pub mod lists;
+pub mod policy;
+mod server;
+pub mod upstream;
+
+pub use cache::{Cache, CacheConfig};
+pub use lists::{DomainSet, ListStats};
+pub use policy::{BlockResponse, Mode, Policy, Verdict};
+pub use server::{Client, Identify, PolicyTable, Resolver, ServeConfig, Stats};
+pub use upstream::{UpstreamError, Upstreams};

@@ -1,0 +1,274 @@
+//! Domain lists in the formats people already use, and the sets they compile into.
+//!
+//! One parser reads all three common formats line by line, so a list may even mix them:
+//! - hosts files: `0.0.0.0 ads.example.com tracker.example.net` (any address first);
+//! - one domain per line: `ads.example.com`;
+//! - adblock-style: `||ads.example.com^` (the domain and everything below it), with
+//!   `@@||cdn.example.com^` exceptions.
+//!
+//! `*.example.com` names everything below `example.com` but not `example.com` itself.
+//! Comments (`#`, `!`, `[Adblock Plus …]`) are counted; lines that are none of the above
+//! (cosmetic adblock rules, rules with `$` options, invalid names) are counted as junk and
+//! skipped, never fatal. Matching walks the labels of the name: constant time in the size
+//! of the list.
+
+use std::collections::HashSet;
+
+/// What one parse found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ListStats {
+    /// Rules loaded (names, wildcards, subtrees and exceptions).
+    pub entries: usize,
+    /// Comment and blank lines.
+    pub comments: usize,
+    /// Lines that are no rule this resolver understands; skipped.
+    pub junk: usize,
+    /// The first few junk lines, numbered from 1, for the operator to look at.
+    pub junk_examples: Vec<(usize, String)>,
+}
+
+const JUNK_EXAMPLES: usize = 5;
+
+/// A set of domain rules: exact names, whole subtrees (`||x^`), and strict wildcards
+/// (`*.x`), each possibly excepted.
+#[derive(Debug, Default, Clone)]
+pub struct DomainSet {
+    exact: HashSet<Box<str>>,
+    subtree: HashSet<Box<str>>,
+    below: HashSet<Box<str>>,
+    except_exact: HashSet<Box<str>>,
+    except_subtree: HashSet<Box<str>>,
+}
+
+/// Lower-cases `name` and drops one trailing dot; `None` unless it is a valid host name
+/// (labels of 1–63 letters, digits, `-` or `_`, 253 characters in all).
+pub fn normalize(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return None;
+    }
+    for label in name.split('.') {
+        if label.is_empty()
+            || label.len() > 63
+            || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return None;
+        }
+    }
+    Some(name.to_ascii_lowercase())
+}
+
+/// Names no hosts file means to block.
+fn is_local_alias(name: &str) -> bool {
+    matches!(
+        name,
+        "localhost" | "localhost.localdomain" | "local" | "broadcasthost" | "ip6-localhost" | "ip6-loopback"
+    ) || name.starts_with("ip6-")
+}
+
+impl DomainSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses `text` and adds its rules; returns what it found.
+    pub fn parse(text: &str) -> (Self, ListStats) {
+        let mut set = Self::new();
+        let stats = set.extend_from(text);
+        (set, stats)
+    }
+
+    /// Adds the rules of `text`.
+    pub fn extend_from(&mut self, text: &str) -> ListStats {
+        let mut stats = ListStats::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('!') || line.starts_with('#') || line.starts_with('[') {
+                stats.comments += 1;
+                continue;
+            }
+            // A comment after a rule needs whitespace before its `#` (`x##.ad` is a
+            // cosmetic adblock rule, junk here).
+            let line = line
+                .split_once(" #")
+                .or_else(|| line.split_once("\t#"))
+                .map_or(line, |(rule, _)| rule)
+                .trim();
+            let added = self.add_line(line);
+            if added == 0 {
+                stats.junk += 1;
+                if stats.junk_examples.len() < JUNK_EXAMPLES {
+                    stats.junk_examples.push((i + 1, raw.chars().take(120).collect()));
+                }
+            }
+            stats.entries += added;
+        }
+        stats
+    }
+
+    /// Adds one rule line; returns how many names it added (0: junk).
+    fn add_line(&mut self, line: &str) -> usize {
+        if let Some(rest) = line.strip_prefix("@@") {
+            return match adblock_domain(rest) {
+                Some(d) => {
+                    self.except_subtree.insert(d.into());
+                    1
+                }
+                None => match normalize(rest) {
+                    Some(d) => {
+                        self.except_exact.insert(d.into());
+                        1
+                    }
+                    None => 0,
+                },
+            };
+        }
+        if line.starts_with("||") {
+            return match adblock_domain(line) {
+                Some(d) => {
+                    self.subtree.insert(d.into());
+                    1
+                }
+                None => 0,
+            };
+        }
+        let mut tokens = line.split_whitespace();
+        let Some(first) = tokens.next() else { return 0 };
+        if first.parse::<std::net::IpAddr>().is_ok() {
+            // A hosts line: every name after the address.
+            let mut added = 0;
+            for name in tokens {
+                if let Some(d) = normalize(name)
+                    && !is_local_alias(&d)
+                {
+                    self.exact.insert(d.into());
+                    added += 1;
+                }
+            }
+            return added;
+        }
+        if tokens.next().is_some() {
+            return 0;
+        }
+        if let Some(parent) = first.strip_prefix("*.") {
+            return match normalize(parent) {
+                Some(d) => {
+                    self.below.insert(d.into());
+                    1
+                }
+                None => 0,
+            };
+        }
+        match normalize(first) {
+            Some(d) => {
+                self.exact.insert(d.into());
+                1
+            }
+            None => 0,
+        }
+    }
+
+    /// Adds one name given by the operator: `name`, `*.name`, or `||name^`.
+    pub fn add_rule(&mut self, rule: &str) -> bool {
+        self.add_line(rule.trim()) > 0
+    }
+
+    /// Rules held.
+    pub fn len(&self) -> usize {
+        self.exact.len()
+            + self.subtree.len()
+            + self.below.len()
+            + self.except_exact.len()
+            + self.except_subtree.len()
+    }
+
+    /// True when the set holds no rule.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True if the (normalized, lower-case, no trailing dot) `name` is in the set and not
+    /// excepted.
+    pub fn matches(&self, name: &str) -> bool {
+        if self.except_exact.contains(name) || suffixes(name).any(|s| self.except_subtree.contains(s)) {
+            return false;
+        }
+        if self.exact.contains(name) {
+            return true;
+        }
+        let mut first = true;
+        for s in suffixes(name) {
+            if self.subtree.contains(s) || (!first && self.below.contains(s)) {
+                return true;
+            }
+            first = false;
+        }
+        false
+    }
+}
+
+/// `name`, then each parent: `a.b.c`, `b.c`, `c`.
+fn suffixes(name: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(name), |s| s.split_once('.').map(|(_, rest)| rest))
+}
+
+/// The domain of `||domain^` (a trailing `^` or `^|` is required; `$options` are not
+/// supported and make the rule junk).
+fn adblock_domain(rule: &str) -> Option<String> {
+    let rest = rule.strip_prefix("||")?;
+    let domain = rest.strip_suffix("^|").or_else(|| rest.strip_suffix('^'))?;
+    normalize(domain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_wildcards_and_exceptions() {
+        let text = "\
+# hosts part
+0.0.0.0 ads.example.com tracker.example.net
+127.0.0.1 localhost
+::1 ip6-localhost
+! adblock part
+[Adblock Plus 2.0]
+||doubleclick.example^
+@@||ok.doubleclick.example^
+||withoptions.example^$third-party
+example.org##.banner
+plain.example   # trailing comment
+*.wild.example
+not a domain at all
+bad_label-.x..y
+";
+        let (set, stats) = DomainSet::parse(text);
+        assert_eq!(stats.entries, 5 + 1, "{stats:?}");
+        assert_eq!(stats.comments, 3);
+        assert_eq!(stats.junk, 6, "{stats:?}");
+        assert_eq!(stats.junk_examples[0].0, 3, "localhost-only hosts line is junk");
+        assert!(set.matches("ads.example.com"));
+        assert!(!set.matches("sub.ads.example.com"), "hosts entries are exact");
+        assert!(set.matches("doubleclick.example"));
+        assert!(set.matches("x.y.doubleclick.example"));
+        assert!(!set.matches("ok.doubleclick.example"));
+        assert!(!set.matches("a.ok.doubleclick.example"));
+        assert!(set.matches("plain.example"));
+        assert!(!set.matches("wild.example"), "*.x does not match x");
+        assert!(set.matches("a.wild.example"));
+        assert!(!set.matches("localhost"));
+        assert!(!set.matches("withoptions.example"));
+        assert!(!set.matches("example.com"));
+    }
+
+    #[test]
+    fn names_are_normalized() {
+        assert_eq!(normalize("Ads.Example.COM.").as_deref(), Some("ads.example.com"));
+        assert_eq!(normalize("x..y"), None);
+        assert_eq!(normalize(&"a".repeat(64)), None);
+        assert_eq!(normalize(""), None);
+        let (set, _) = DomainSet::parse("ADS.example.com\n");
+        assert!(set.matches("ads.example.com"));
+    }
+}

@@ -1,0 +1,415 @@
+//! The resolver: attribute the query to a client, decide by its policy, answer from the
+//! cache or the upstreams, inspect the CNAME chain; served over UDP and TCP.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, HINFO};
+use hickory_proto::rr::{RData, Record, RecordType};
+use portcullis_gateway::{Limiter, Rate};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+
+use crate::cache::Cache;
+use crate::policy::{BlockResponse, Policy, Verdict};
+use crate::upstream::Upstreams;
+
+/// Who asked: the device a query is attributed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// Its device id.
+    pub device: String,
+    /// Its group (selects the policy).
+    pub group: String,
+}
+
+/// Attributes a source address to a device (from the registry).
+pub type Identify = Arc<dyn Fn(IpAddr) -> Option<Client> + Send + Sync>;
+
+/// The policies in force. Replaced whole on reload.
+#[derive(Debug, Default)]
+pub struct PolicyTable {
+    /// By group name.
+    pub by_group: HashMap<String, Arc<Policy>>,
+    /// For devices whose group has no policy.
+    pub default: Option<Arc<Policy>>,
+    /// For queries no device is attributed to; `None`: refused.
+    pub unknown: Option<Arc<Policy>>,
+}
+
+/// Listener limits.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Queries per second per source address (beyond it they are dropped).
+    pub per_client: Option<Rate>,
+    /// TCP connections at once.
+    pub max_tcp_connections: usize,
+    /// Idle time before a TCP connection is closed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            per_client: Some(Rate { per_second: 200.0, burst: 400 }),
+            max_tcp_connections: 1_000,
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of what the resolver did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Stats {
+    /// Queries answered (any outcome).
+    pub queries: AtomicU64,
+    /// Names blocked by policy (question or CNAME chain).
+    pub blocked: AtomicU64,
+    /// Queries refused because no device and no unknown-client policy applied.
+    pub refused_unknown: AtomicU64,
+    /// Answers served from the cache.
+    pub cache_hits: AtomicU64,
+    /// Queries no upstream answered (SERVFAIL).
+    pub upstream_failures: AtomicU64,
+    /// Malformed queries (FORMERR or dropped).
+    pub malformed: AtomicU64,
+    /// Queries dropped by the per-client rate limit.
+    pub rate_limited: AtomicU64,
+}
+
+/// The filtering resolver.
+pub struct Resolver {
+    table: RwLock<Arc<PolicyTable>>,
+    identify: Identify,
+    upstreams: Upstreams,
+    cache: Cache,
+    /// What it did so far.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver").field("upstreams", &self.upstreams).field("cache", &self.cache).finish()
+    }
+}
+
+/// Most UDP payload a client without EDNS may receive (RFC 1035).
+const CLASSIC_UDP: usize = 512;
+/// Most UDP payload we send even to a client that offers more (DNS flag day 2020).
+const MAX_UDP: usize = 1232;
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Resolver {
+    /// A resolver over `table` that attributes clients with `identify`.
+    pub fn new(table: PolicyTable, identify: Identify, upstreams: Upstreams, cache: Cache) -> Self {
+        Self { table: RwLock::new(Arc::new(table)), identify, upstreams, cache, stats: Stats::default() }
+    }
+
+    /// Swaps in new policies; queries in flight finish on the old ones.
+    pub fn replace(&self, table: PolicyTable) {
+        if let Ok(mut t) = self.table.write() {
+            *t = Arc::new(table);
+        }
+    }
+
+    fn current(&self) -> Arc<PolicyTable> {
+        self.table.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Answers one query in wire format from `src`; `None` means no answer at all (not
+    /// a query, or too short to say whom to answer). `max_len`: the transport's limit
+    /// (UDP); longer answers are truncated with TC set.
+    pub async fn answer(&self, bytes: &[u8], src: IpAddr, udp: bool) -> Option<Vec<u8>> {
+        let req = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                bump(&self.stats.malformed);
+                tracing::debug!(client = %src, error = %e, "malformed DNS message");
+                return formerr(bytes);
+            }
+        };
+        if req.metadata.message_type != MessageType::Query {
+            bump(&self.stats.malformed);
+            return None;
+        }
+        bump(&self.stats.queries);
+        let limit = if udp {
+            req.edns
+                .as_ref()
+                .map_or(CLASSIC_UDP, |e| usize::from(e.max_payload()).clamp(CLASSIC_UDP, MAX_UDP))
+        } else {
+            usize::from(u16::MAX)
+        };
+        let resp = self.respond(&req, src).await;
+        encode(resp, limit)
+    }
+
+    async fn respond(&self, req: &Message, src: IpAddr) -> Message {
+        let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+        resp.metadata.recursion_desired = req.metadata.recursion_desired;
+        resp.metadata.recursion_available = true;
+        resp.metadata.checking_disabled = req.metadata.checking_disabled;
+        resp.add_queries(req.queries.iter().cloned());
+        if req.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(MAX_UDP as u16);
+            resp.set_edns(edns);
+        }
+        if req.metadata.op_code != OpCode::Query {
+            resp.metadata.response_code = ResponseCode::NotImp;
+            return resp;
+        }
+        let [query] = req.queries.as_slice() else {
+            resp.metadata.response_code = ResponseCode::FormErr;
+            bump(&self.stats.malformed);
+            return resp;
+        };
+
+        let table = self.current();
+        let client = (self.identify)(src);
+        let policy = match &client {
+            Some(c) => table.by_group.get(&c.group).or(table.default.as_ref()),
+            None => table.unknown.as_ref(),
+        };
+        let device = client.as_ref().map_or("-", |c| c.device.as_str());
+        let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let Some(policy) = policy else {
+            bump(&self.stats.refused_unknown);
+            tracing::info!(target: "portcullis::dns", client = %src, name = %name, qtype = %query.query_type,
+                action = "refused", reason = "unknown client", "query");
+            resp.metadata.response_code = ResponseCode::Refused;
+            return resp;
+        };
+        let verdict = if name.is_empty() { Verdict::Allow("root".into()) } else { policy.decide(&name) };
+        if let Verdict::Block(reason) = &verdict {
+            bump(&self.stats.blocked);
+            tracing::info!(target: "portcullis::dns", client = %src, device, name = %name,
+                qtype = %query.query_type, action = "blocked", reason = %reason, "query");
+            block(&mut resp, query, policy.block);
+            return resp;
+        }
+        if query.query_type == RecordType::ANY {
+            // RFC 8482: a minimal answer instead of everything.
+            resp.add_answer(Record::from_rdata(
+                query.name.clone(),
+                3600,
+                RData::HINFO(HINFO::new("RFC8482".into(), String::new())),
+            ));
+            return resp;
+        }
+
+        let started = Instant::now();
+        let now = Instant::now();
+        let (upstream, cached) = match self.cache.get(&query.name, query.query_type, query.query_class, now) {
+            Some(m) => {
+                bump(&self.stats.cache_hits);
+                (m, true)
+            }
+            None => match self.upstreams.resolve(query).await {
+                Ok(m) => {
+                    self.cache.put(&query.name, query.query_type, query.query_class, &m, Instant::now());
+                    (m, false)
+                }
+                Err(e) => {
+                    bump(&self.stats.upstream_failures);
+                    tracing::warn!(target: "portcullis::dns", client = %src, device, name = %name, error = %e,
+                        "no upstream answered");
+                    resp.metadata.response_code = ResponseCode::ServFail;
+                    return resp;
+                }
+            },
+        };
+        // CNAME inspection: a blocked name anywhere in the chain blocks the answer.
+        for r in &upstream.answers {
+            if let RData::CNAME(target) = &r.data {
+                let alias = target.0.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+                if let Verdict::Block(reason) = policy.decide_alias(&alias) {
+                    bump(&self.stats.blocked);
+                    tracing::info!(target: "portcullis::dns", client = %src, device, name = %name,
+                        qtype = %query.query_type, action = "blocked", cname = %alias, reason = %reason, "query");
+                    block(&mut resp, query, policy.block);
+                    return resp;
+                }
+            }
+        }
+        tracing::info!(target: "portcullis::dns", client = %src, device, name = %name, qtype = %query.query_type,
+            action = "allowed", reason = verdict.reason(), rcode = %upstream.metadata.response_code, cached,
+            upstream_us = if cached { 0 } else { started.elapsed().as_micros() as u64 }, "query");
+        resp.metadata.response_code = upstream.metadata.response_code;
+        resp.metadata.authentic_data = upstream.metadata.authentic_data;
+        resp.answers = upstream.answers;
+        resp.authorities = upstream.authorities;
+        resp.additionals = upstream.additionals;
+        resp
+    }
+
+    /// Serves UDP on `sock` and TCP on `tcp` until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        sock: UdpSocket,
+        tcp: TcpListener,
+        cfg: ServeConfig,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let limiter = cfg.per_client.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000)));
+        let udp = tokio::spawn(self.clone().serve_udp(Arc::new(sock), limiter.clone(), shutdown.clone()));
+        let tcp = tokio::spawn(self.serve_tcp(tcp, cfg, limiter, shutdown));
+        let _ = tokio::join!(udp, tcp);
+    }
+
+    fn admit(&self, limiter: &Option<Arc<Limiter<IpAddr>>>, ip: IpAddr) -> bool {
+        let ok = limiter.as_ref().is_none_or(|l| l.check(&ip, Instant::now()).is_ok());
+        if !ok {
+            bump(&self.stats.rate_limited);
+        }
+        ok
+    }
+
+    async fn serve_udp(
+        self: Arc<Self>,
+        sock: Arc<UdpSocket>,
+        limiter: Option<Arc<Limiter<IpAddr>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (n, src) = tokio::select! {
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dns udp receive failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            if !self.admit(&limiter, src.ip()) {
+                continue;
+            }
+            let packet = buf[..n].to_vec();
+            let (me, sock) = (self.clone(), sock.clone());
+            tokio::spawn(async move {
+                if let Some(out) = me.answer(&packet, src.ip(), true).await {
+                    let _ = sock.send_to(&out, src).await;
+                }
+            });
+        }
+    }
+
+    async fn serve_tcp(
+        self: Arc<Self>,
+        listener: TcpListener,
+        cfg: ServeConfig,
+        limiter: Option<Arc<Limiter<IpAddr>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let permits = Arc::new(Semaphore::new(cfg.max_tcp_connections));
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = shutdown.changed() => return,
+            };
+            let (mut stream, src): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dns tcp accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let me = self.clone();
+            let limiter = limiter.clone();
+            let idle = cfg.tcp_idle_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                loop {
+                    let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
+                    let mut msg = vec![0u8; usize::from(len)];
+                    if !matches!(tokio::time::timeout(idle, stream.read_exact(&mut msg)).await, Ok(Ok(_))) {
+                        return;
+                    }
+                    if !me.admit(&limiter, src.ip()) {
+                        return;
+                    }
+                    let Some(out) = me.answer(&msg, src.ip(), false).await else { return };
+                    let Ok(n) = u16::try_from(out.len()) else { return };
+                    let mut framed = Vec::with_capacity(out.len() + 2);
+                    framed.extend_from_slice(&n.to_be_bytes());
+                    framed.extend_from_slice(&out);
+                    if stream.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Fills `resp` with the policy's answer for a blocked name.
+fn block(resp: &mut Message, query: &Query, how: BlockResponse) {
+    match how {
+        BlockResponse::Nxdomain => resp.metadata.response_code = ResponseCode::NXDomain,
+        BlockResponse::Refused => resp.metadata.response_code = ResponseCode::Refused,
+        BlockResponse::Null => {
+            let data = match query.query_type {
+                RecordType::A => Some(RData::A(A(std::net::Ipv4Addr::UNSPECIFIED))),
+                RecordType::AAAA => Some(RData::AAAA(AAAA(std::net::Ipv6Addr::UNSPECIFIED))),
+                _ => None,
+            };
+            if let Some(d) = data {
+                resp.add_answer(Record::from_rdata(query.name.clone(), 60, d));
+            }
+        }
+    }
+}
+
+/// FORMERR for a message that did not parse, if its header at least says whom to tell.
+fn formerr(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
+        return None; // no header, or a response: never answer those
+    }
+    let mut out = vec![0u8; 12];
+    out[..2].copy_from_slice(&bytes[..2]);
+    // QR=1, the query's opcode, RD copied; RCODE=1 (FORMERR).
+    out[2] = 0x80 | (bytes[2] & 0x79);
+    out[3] = 0x01;
+    Some(out)
+}
+
+/// Wire format, truncated (question only, TC set) when longer than `limit`.
+fn encode(resp: Message, limit: usize) -> Option<Vec<u8>> {
+    let bytes = resp.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    let mut short = resp.truncate();
+    short.metadata.truncation = true;
+    short.to_vec().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formerr_keeps_the_id_and_ignores_responses() {
+        let q = [0xAB, 0xCD, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xFF];
+        let out = formerr(&q).unwrap();
+        assert_eq!(&out[..4], &[0xAB, 0xCD, 0x81, 0x01]);
+        assert!(formerr(&[0; 5]).is_none());
+        let mut r = q;
+        r[2] |= 0x80;
+        assert!(formerr(&r).is_none());
+    }
+}
