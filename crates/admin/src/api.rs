@@ -73,6 +73,9 @@ pub fn router(
         .route("/v1/devices/{id}/resume", post(resume))
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/tokens", post(new_token))
+        .route("/v1/devices/{id}/addresses", post(set_addresses))
+        .route("/v1/dns/log", get(dns_log))
+        .route("/v1/dns/top-blocked", get(dns_top_blocked))
         .route("/v1/certificates", get(list_certificates))
         .route("/v1/groups", get(list_groups))
         .route("/v1/events", get(list_events))
@@ -291,6 +294,88 @@ async fn new_token(
     let (token, expires) = s.authority.new_token(&id, ttl, s.actor.clone()).await.map_err(err)?;
     let body = json!({ "device": id, "token": token.expose(), "token_expires_at": rfc3339(expires) });
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Addresses {
+    addresses: Vec<String>,
+}
+
+async fn set_addresses(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<Addresses>,
+) -> Result<Json<Value>, Problem> {
+    let id = device_id(&id)?;
+    if b.addresses.len() > 256 {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-body",
+            "at most 256 addresses per device",
+        ));
+    }
+    let mut parsed = Vec::with_capacity(b.addresses.len());
+    for a in &b.addresses {
+        parsed.push(
+            a.parse::<portcullis_core::Cidr>().map_err(|e| {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid-body", format!("addresses: {e}"))
+            })?,
+        );
+    }
+    let d = s.authority.set_addresses(&id, &parsed, s.actor.clone()).await.map_err(err)?;
+    Ok(Json(json!({ "device": d })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsLogQuery {
+    device: Option<String>,
+    blocked: Option<bool>,
+    /// RFC 3339 time, or a duration back from now (`1h`, `7d`).
+    since: Option<String>,
+    limit: Option<u32>,
+}
+
+impl DnsLogQuery {
+    fn filter(&self) -> Result<portcullis_store::DnsQueryFilter, Problem> {
+        let since = match self.since.as_deref() {
+            None => None,
+            Some(v) => Some(
+                time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .or_else(|| {
+                        portcullis_core::parse_duration(v).ok().map(|d| time::OffsetDateTime::now_utc() - d)
+                    })
+                    .ok_or_else(|| {
+                        Problem::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid-query",
+                            "since: expected an RFC 3339 time or a duration like 1h",
+                        )
+                    })?,
+            ),
+        };
+        Ok(portcullis_store::DnsQueryFilter {
+            device: self.device.as_deref().map(device_id).transpose()?.map(|d| d.to_string()),
+            blocked_only: self.blocked.unwrap_or(false),
+            since,
+            limit: self.limit,
+        })
+    }
+}
+
+async fn dns_log(State(s): State<AppState>, Query(q): Query<DnsLogQuery>) -> Result<Json<Value>, Problem> {
+    let rows = s.authority.store().dns_queries(q.filter()?).await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({ "queries": rows })))
+}
+
+async fn dns_top_blocked(
+    State(s): State<AppState>,
+    Query(q): Query<DnsLogQuery>,
+) -> Result<Json<Value>, Problem> {
+    let rows = s.authority.store().dns_top_blocked(q.filter()?).await.map_err(|e| err(e.into()))?;
+    Ok(Json(json!({ "top_blocked": rows })))
 }
 
 #[derive(Deserialize)]

@@ -35,6 +35,9 @@ struct RawDns {
     default_policy: Option<String>,
     per_client: Option<RawRate>,
     cache: RawDnsCache,
+    log_queries: bool,
+    log_retention: String,
+    log_max_rows: u64,
     lists: std::collections::BTreeMap<String, RawList>,
     policies: Vec<RawPolicy>,
 }
@@ -50,6 +53,9 @@ impl Default for RawDns {
             default_policy: None,
             per_client: None,
             cache: RawDnsCache::default(),
+            log_queries: true,
+            log_retention: "7d".into(),
+            log_max_rows: 1_000_000,
             lists: Default::default(),
             policies: Vec::new(),
         }
@@ -224,6 +230,12 @@ pub struct DnsConfig {
     pub default_policy: Option<String>,
     pub per_client: Option<Rate>,
     pub cache: portcullis_dns::CacheConfig,
+    /// Persist every query in the query log.
+    pub log_queries: bool,
+    /// Query-log entries older than this are deleted…
+    pub log_retention: Duration,
+    /// …and beyond this many rows the oldest are.
+    pub log_max_rows: u64,
     pub lists: Vec<(String, PathBuf)>,
     pub policies: Vec<DnsPolicyConfig>,
 }
@@ -309,6 +321,9 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
             max_ttl: ttl("max_ttl", &raw.cache.max_ttl)?,
             max_negative_ttl: ttl("max_negative_ttl", &raw.cache.max_negative_ttl)?,
         },
+        log_queries: raw.log_queries,
+        log_retention: dur("dns.log_retention", &raw.log_retention)?,
+        log_max_rows: raw.log_max_rows.max(1),
         lists: raw.lists.into_iter().map(|(n, l)| (n, dir.join(l.path))).collect(),
         policies: raw
             .policies

@@ -81,3 +81,175 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
     }
     anyhow::bail!("no port free for DNS on both UDP and TCP at {addr}")
 }
+
+/// The registry's view for attribution: device addresses, rebuilt when the registry
+/// generation moves (every address or state change bumps it).
+#[derive(Default)]
+struct AddressTable {
+    exact: HashMap<std::net::IpAddr, portcullis_dns::Client>,
+    /// Longest prefix first.
+    blocks: Vec<(portcullis_core::Cidr, portcullis_dns::Client)>,
+}
+
+impl AddressTable {
+    fn build(devices: &[portcullis_store::Device]) -> Self {
+        let mut t = Self::default();
+        for d in devices {
+            let client = portcullis_dns::Client {
+                device: d.id.to_string(),
+                group: d.group.to_string(),
+                active: d.state == portcullis_core::DeviceState::Active,
+            };
+            for a in &d.addresses {
+                let Ok(cidr) = a.parse::<portcullis_core::Cidr>() else { continue };
+                let full = if cidr.addr().is_ipv4() { 32 } else { 128 };
+                if cidr.len() == full {
+                    t.exact.insert(cidr.addr(), client.clone());
+                } else {
+                    t.blocks.push((cidr, client.clone()));
+                }
+            }
+        }
+        t.blocks.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
+        t
+    }
+
+    fn lookup(&self, ip: std::net::IpAddr) -> Option<portcullis_dns::Client> {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.exact
+            .get(&ip)
+            .cloned()
+            .or_else(|| self.blocks.iter().find(|(c, _)| c.contains(ip)).map(|(_, d)| d.clone()))
+    }
+}
+
+/// Attribution by registered address, kept within a quarter second of the registry.
+pub async fn attribution(
+    authority: Arc<portcullis_pki::Authority>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(portcullis_dns::Identify, tokio::task::JoinHandle<()>)> {
+    let load = |a: Arc<portcullis_pki::Authority>| async move {
+        let g = a.generation();
+        let devices = a.store().devices().await?;
+        anyhow::Ok((g, AddressTable::build(&devices)))
+    };
+    let (mut seen, first) = load(authority.clone()).await?;
+    let table = Arc::new(std::sync::RwLock::new(Arc::new(first)));
+    let identify: portcullis_dns::Identify = {
+        let table = table.clone();
+        Arc::new(move |ip| table.read().ok().and_then(|t| t.lookup(ip)))
+    };
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                _ = stop.changed() => return,
+            }
+            if authority.generation() == seen {
+                continue;
+            }
+            match load(authority.clone()).await {
+                Ok((g, fresh)) => {
+                    seen = g;
+                    if let Ok(mut t) = table.write() {
+                        *t = Arc::new(fresh);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "dns: cannot reload device addresses; keeping the previous ones")
+                }
+            }
+        }
+    });
+    Ok((identify, task))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+/// The query log (batched into the store, never blocking a query: when the writer falls
+/// behind, entries are dropped and counted) and the Prometheus counters.
+pub fn query_log(
+    authority: Arc<portcullis_pki::Authority>,
+    cfg: &DnsConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (portcullis_dns::OnQuery, tokio::task::JoinHandle<()>) {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    let queries: Family<ActionLabel, Counter> = Family::default();
+    let dropped: Counter = Counter::default();
+    authority.metrics().register(|r| {
+        r.register(
+            "dns_queries",
+            "DNS queries by action (allowed, blocked, refused, failed)",
+            queries.clone(),
+        );
+        r.register(
+            "dns_query_log_dropped",
+            "Query-log entries dropped because the writer fell behind",
+            dropped.clone(),
+        );
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<portcullis_store::DnsQueryRecord>(50_000);
+    let enabled = cfg.log_queries;
+    let on_query: portcullis_dns::OnQuery = Arc::new(move |ev: portcullis_dns::QueryEvent| {
+        queries.get_or_create(&ActionLabel { action: ev.action }).inc();
+        if !enabled {
+            return;
+        }
+        let rec = portcullis_store::DnsQueryRecord {
+            at: time::OffsetDateTime::now_utc(),
+            client: ev.client.to_string(),
+            device: ev.device,
+            name: ev.name,
+            qtype: ev.qtype,
+            action: ev.action.to_owned(),
+            reason: ev.reason,
+            rcode: ev.rcode,
+            upstream_us: ev.upstream_us,
+        };
+        if tx.try_send(rec).is_err() {
+            dropped.inc();
+        }
+    });
+    let (retention, max_rows) = (cfg.log_retention, cfg.log_max_rows);
+    let task = tokio::spawn(async move {
+        let store = authority.store().clone();
+        let mut prune = tokio::time::interval(std::time::Duration::from_secs(60));
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                got = rx.recv_many(&mut batch, 2_000) => {
+                    if got == 0 {
+                        return;
+                    }
+                    if let Err(e) = store.log_dns_queries(std::mem::take(&mut batch)).await {
+                        tracing::error!(error = %e, "dns: cannot write the query log");
+                    }
+                }
+                _ = prune.tick() => {
+                    let before = time::OffsetDateTime::now_utc() - retention;
+                    match store.prune_dns_queries(before, max_rows).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(rows = n, "dns: query log pruned"),
+                        Err(e) => tracing::error!(error = %e, "dns: cannot prune the query log"),
+                    }
+                }
+                _ = stop.changed() => {
+                    rx.close();
+                    while let Ok(r) = rx.try_recv() {
+                        batch.push(r);
+                    }
+                    let _ = store.log_dns_queries(batch).await;
+                    return;
+                }
+            }
+        }
+    });
+    (on_query, task)
+}

@@ -73,6 +73,9 @@ enum Cmd {
     /// The gateway's routes on the device port.
     #[command(subcommand)]
     Gateway(GatewayCmd),
+    /// The DNS query log.
+    #[command(subcommand)]
+    Dns(DnsCmd),
     /// The append-only event log.
     Events {
         /// Only this device's events.
@@ -123,12 +126,52 @@ enum DeviceCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Set the source addresses (IPs or CIDRs) the device's DNS queries come from;
+    /// without addresses, shows them; `--clear` removes them all.
+    Addresses {
+        id: String,
+        addresses: Vec<String>,
+        #[arg(long)]
+        clear: bool,
+    },
     /// Issue another one-time enrollment token (e.g. after the device lost its key).
     Token {
         id: String,
         /// Token lifetime [default: 24h].
         #[arg(long)]
         ttl: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsCmd {
+    /// Recent queries, newest first: time, client, device, name, type, action, rule, rcode.
+    Log {
+        /// Only this device's queries.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only blocked queries.
+        #[arg(long)]
+        blocked: bool,
+        /// Only since this time (RFC 3339) or this long ago (e.g. 1h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many [default: 100].
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The most often blocked names per device.
+    Top {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -212,6 +255,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     manage::device_state(&c, &id, "suspend", reason.as_deref()).await
                 }
                 DeviceCmd::Resume { id } => manage::device_state(&c, &id, "resume", None).await,
+                DeviceCmd::Addresses { id, addresses, clear } => {
+                    manage::device_addresses(&c, &id, addresses, clear).await
+                }
                 DeviceCmd::Revoke { id, reason } => {
                     manage::device_state(&c, &id, "revoke", reason.as_deref()).await
                 }
@@ -226,6 +272,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 CaCmd::Cert => manage::pem(&c, "/v1/ca/root").await,
                 CaCmd::Chain => manage::pem(&c, "/v1/ca/chain").await,
                 CaCmd::Crl => manage::pem(&c, "/v1/ca/crl").await,
+            }
+        }
+        Cmd::Dns(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                DnsCmd::Log { device, blocked, since, limit, json } => {
+                    manage::dns_log(&c, device.as_deref(), blocked, since.as_deref(), limit, json).await
+                }
+                DnsCmd::Top { device, since, limit, json } => {
+                    manage::dns_top(&c, device.as_deref(), since.as_deref(), limit, json).await
+                }
             }
         }
         Cmd::Gateway(cmd) => {

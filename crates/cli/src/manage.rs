@@ -133,6 +133,105 @@ pub async fn device_state(
     Ok(())
 }
 
+pub async fn device_addresses(
+    c: &AdminClient,
+    id: &str,
+    addresses: Vec<String>,
+    clear: bool,
+) -> anyhow::Result<()> {
+    let r = if addresses.is_empty() && !clear {
+        c.get(&format!("/v1/devices/{id}")).await?
+    } else {
+        c.post(&format!("/v1/devices/{id}/addresses"), &json!({ "addresses": addresses })).await?
+    };
+    let list: Vec<&str> =
+        r["device"]["addresses"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if list.is_empty() {
+        println!("device {id} has no addresses (its DNS queries are an unknown client's)");
+    } else {
+        println!("device {id} addresses: {}", list.join(" "));
+    }
+    Ok(())
+}
+
+fn dns_query(device: Option<&str>, blocked: bool, since: Option<&str>, limit: Option<u32>) -> String {
+    let mut q: Vec<String> = Vec::new();
+    if let Some(d) = device {
+        q.push(format!("device={}", enc(d)));
+    }
+    if blocked {
+        q.push("blocked=true".into());
+    }
+    if let Some(s) = since {
+        q.push(format!("since={}", enc(s)));
+    }
+    if let Some(l) = limit {
+        q.push(format!("limit={l}"));
+    }
+    if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) }
+}
+
+fn enc(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn dns_log(
+    c: &AdminClient,
+    device: Option<&str>,
+    blocked: bool,
+    since: Option<&str>,
+    limit: Option<u32>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let r = c.get(&format!("/v1/dns/log{}", dns_query(device, blocked, since, limit))).await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    for q in r["queries"].as_array().into_iter().flatten() {
+        println!(
+            "{} {:<15} {:<16} {:<40} {:<5} {:<8} {:<9} {}",
+            s(q, "at"),
+            s(q, "client"),
+            q.get("device").and_then(Value::as_str).unwrap_or("-"),
+            s(q, "name"),
+            s(q, "qtype"),
+            s(q, "action"),
+            s(q, "rcode"),
+            s(q, "reason")
+        );
+    }
+    Ok(())
+}
+
+pub async fn dns_top(
+    c: &AdminClient,
+    device: Option<&str>,
+    since: Option<&str>,
+    limit: Option<u32>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let r = c.get(&format!("/v1/dns/top-blocked{}", dns_query(device, false, since, limit))).await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    for b in r["top_blocked"].as_array().into_iter().flatten() {
+        println!(
+            "{:>8}  {:<16} {}",
+            b["count"].as_u64().unwrap_or(0),
+            b.get("device").and_then(Value::as_str).unwrap_or("-"),
+            s(b, "name")
+        );
+    }
+    Ok(())
+}
+
 pub async fn events(c: &AdminClient, device: Option<&str>, as_json: bool) -> anyhow::Result<()> {
     let path = match device {
         Some(d) => format!("/v1/events?device={d}"),

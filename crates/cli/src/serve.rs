@@ -58,18 +58,27 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let device_addr = device_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     inst.write_admin_addr(admin_addr)?;
+    // The DNS helpers stop after the listeners, so the last queries reach the log.
+    let (dns_stop_tx, dns_stop_rx) = watch::channel(false);
+    let mut dns_tasks = Vec::new();
     let dns = match &cfg.dns {
         Some(d) => {
             let table = crate::dns::policy_table(d)?;
             let (udp, tcp) = crate::dns::bind(d.addr).await?;
-            let resolver = Arc::new(portcullis_dns::Resolver::new(
-                table,
-                // Attribution by registered address comes with device addresses; until
-                // then every query is an unknown client's.
-                Arc::new(|_| None),
-                portcullis_dns::Upstreams { servers: d.upstreams.clone(), timeout: d.upstream_timeout },
-                portcullis_dns::Cache::new(d.cache),
-            ));
+            let (identify, attribution) =
+                crate::dns::attribution(authority.clone(), dns_stop_rx.clone()).await?;
+            let (on_query, log_writer) = crate::dns::query_log(authority.clone(), d, dns_stop_rx.clone());
+            dns_tasks.push(attribution);
+            dns_tasks.push(log_writer);
+            let resolver = Arc::new(
+                portcullis_dns::Resolver::new(
+                    table,
+                    identify,
+                    portcullis_dns::Upstreams { servers: d.upstreams.clone(), timeout: d.upstream_timeout },
+                    portcullis_dns::Cache::new(d.cache),
+                )
+                .on_query(on_query),
+            );
             if d.upstreams.is_empty() {
                 tracing::warn!(
                     "dns: no upstream resolver (none configured, none in /etc/resolv.conf): answers will be SERVFAIL"
@@ -165,6 +174,10 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(device, admin, crl_task, hup, dns_task);
+    let _ = dns_stop_tx.send(true);
+    for t in dns_tasks {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(inst.admin_addr_path());
     eprintln!("portcullis: stopped");
     Ok(())

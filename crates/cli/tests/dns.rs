@@ -150,3 +150,101 @@ fn unknown_clients_are_refused_by_default() {
     assert_eq!(status(&out), "REFUSED", "{out}");
     assert_eq!(up.asked("allowed.test."), 0, "never an open resolver");
 }
+
+/// `dig` from a chosen loopback source address (each stands for one device).
+fn dig_from(s: &Server, src: &str, args: &[&str]) -> String {
+    let mut a = vec!["-b", src];
+    a.extend_from_slice(args);
+    dig(s, &a)
+}
+
+#[test]
+fn devices_are_attributed_by_address_and_their_queries_logged() {
+    let up = DnsUpstream::start();
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("vendor.txt"), "||allowed.test^\n").unwrap();
+    std::fs::write(dir.join("ads.txt"), "||ads.test^\n").unwrap();
+    let cfg = format!(
+        r#"
+[dns]
+upstreams = ["{up}"]
+
+[dns.lists.vendor]
+path = "{vendor}"
+[dns.lists.ads]
+path = "{ads}"
+
+[[dns.policies]]
+name = "cameras"
+groups = ["cameras"]
+mode = "allowlist"
+lists = ["vendor"]
+
+[[dns.policies]]
+name = "lobby"
+groups = ["lobby"]
+mode = "blocklist"
+lists = ["ads"]
+block = "null"
+"#,
+        up = up.addr,
+        vendor = dir.join("vendor.txt").display(),
+        ads = dir.join("ads.txt").display()
+    );
+    let s = Server::start_with_config(&cfg);
+    s.add_device("cam-01", &["--group", "cameras"]);
+    s.add_device("screen-01", &["--group", "lobby"]);
+    s.add_device("other-01", &["--group", "lobby"]);
+    let out = s.cli_ok(&["device", "addresses", "cam-01", "127.0.0.2"]);
+    assert!(out.contains("127.0.0.2"), "{out}");
+    s.cli_ok(&["device", "addresses", "screen-01", "127.0.0.3/32", "127.0.8.0/24"]);
+    // One address, one device; and only real addresses.
+    let taken = s.cli(&["device", "addresses", "other-01", "127.0.0.2"]);
+    assert!(!taken.status.success());
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("held by device cam-01"));
+    let bad = s.cli(&["device", "addresses", "other-01", "not-an-ip"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not an IP address or CIDR block"));
+    std::thread::sleep(Duration::from_millis(600)); // the resolver's view follows within 250 ms
+
+    // The camera: default-deny allowlist.
+    assert!(dig_from(&s, "127.0.0.2", &["allowed.test", "A"]).contains("192.0.2.1"));
+    let out = dig_from(&s, "127.0.0.2", &["ads.test", "A"]);
+    assert_eq!(status(&out), "NXDOMAIN", "{out}");
+    let out = dig_from(&s, "127.0.0.2", &["news.test", "A"]);
+    assert_eq!(status(&out), "NXDOMAIN", "{out}");
+    // The screen (exact address and a /24): blocklist answering 0.0.0.0.
+    let out = dig_from(&s, "127.0.0.3", &["ads.test", "A"]);
+    assert!(out.contains("0.0.0.0"), "{out}");
+    assert!(dig_from(&s, "127.0.8.77", &["ads.test", "A"]).contains("0.0.0.0"));
+    assert_eq!(status(&dig_from(&s, "127.0.8.77", &["news.test", "A"])), "NOERROR");
+    // Nobody's address: refused.
+    assert_eq!(status(&dig_from(&s, "127.0.0.1", &["allowed.test", "A"])), "REFUSED");
+
+    // The query log, per device, blocked only, and the top blocked names.
+    let mut log = String::new();
+    for _ in 0..40 {
+        log = s.cli_ok(&["dns", "log", "--device", "cam-01", "--blocked"]);
+        if log.lines().count() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(log.contains("news.test") && log.contains("not in allowlist (default deny)"), "{log}");
+    assert!(!log.contains("allowed.test"), "{log}");
+    let json: serde_json::Value =
+        serde_json::from_str(&s.cli_ok(&["dns", "log", "--json", "--since", "1h"])).unwrap();
+    let all = json["queries"].as_array().unwrap();
+    assert!(all.iter().any(|q| q["action"] == "refused" && q["client"] == "127.0.0.1"), "{json}");
+    assert!(all.iter().any(|q| q["device"] == "screen-01" && q["action"] == "blocked"));
+    let top = s.cli_ok(&["dns", "top", "--device", "screen-01"]);
+    assert!(top.lines().next().unwrap().contains("ads.test"), "{top}");
+    assert!(top.lines().next().unwrap().trim_start().starts_with('2'), "{top}");
+    let metrics = s.metrics_now();
+    assert!(metrics.contains("portcullis_dns_queries_total{action=\"blocked\"}"), "{metrics}");
+
+    // Suspending the camera refuses its queries within a second.
+    s.cli_ok(&["device", "suspend", "cam-01"]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(status(&dig_from(&s, "127.0.0.2", &["allowed.test", "A"])), "REFUSED");
+}

@@ -5,10 +5,12 @@
 //! secrets. This crate does no I/O and holds no policy: it only makes invalid values
 //! unrepresentable, so every other crate can take a `DeviceId` and trust it.
 
+mod cidr;
 mod id;
 mod secret;
 mod state;
 
+pub use cidr::{Cidr, InvalidCidr};
 pub use id::{DeviceId, GroupName, InvalidName, TrustDomain};
 pub use secret::{Fingerprint, Serial, Token, TokenHash, parse_duration, random_bytes};
 pub use state::{CertState, DeviceState, UnknownState};

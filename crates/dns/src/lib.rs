@@ -15,5 +15,5 @@ pub mod upstream;
 pub use cache::{Cache, CacheConfig};
 pub use lists::{DomainSet, ListStats};
 pub use policy::{BlockResponse, Mode, Policy, Verdict};
-pub use server::{Client, Identify, PolicyTable, Resolver, ServeConfig, Stats};
+pub use server::{Client, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig, Stats};
 pub use upstream::{UpstreamError, Upstreams};

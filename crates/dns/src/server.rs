@@ -26,10 +26,36 @@ pub struct Client {
     pub device: String,
     /// Its group (selects the policy).
     pub group: String,
+    /// False for a suspended or revoked device: its queries are refused.
+    pub active: bool,
 }
 
 /// Attributes a source address to a device (from the registry).
 pub type Identify = Arc<dyn Fn(IpAddr) -> Option<Client> + Send + Sync>;
+
+/// One answered query, for the query log and metrics.
+#[derive(Debug, Clone)]
+pub struct QueryEvent {
+    /// The client's address.
+    pub client: IpAddr,
+    /// The device it was attributed to.
+    pub device: Option<String>,
+    /// The name asked (lower case, no trailing dot).
+    pub name: String,
+    /// Its type.
+    pub qtype: String,
+    /// `allowed`, `blocked`, `refused` or `failed`.
+    pub action: &'static str,
+    /// The rule or reason.
+    pub reason: String,
+    /// The response code sent.
+    pub rcode: String,
+    /// Time the upstream took, when one was asked.
+    pub upstream_us: Option<u64>,
+}
+
+/// Receives every [`QueryEvent`]; must not block.
+pub type OnQuery = Arc<dyn Fn(QueryEvent) + Send + Sync>;
 
 /// The policies in force. Replaced whole on reload.
 #[derive(Debug, Default)]
@@ -88,6 +114,7 @@ pub struct Resolver {
     identify: Identify,
     upstreams: Upstreams,
     cache: Cache,
+    on_query: Option<OnQuery>,
     /// What it did so far.
     pub stats: Stats,
 }
@@ -110,7 +137,29 @@ fn bump(c: &AtomicU64) {
 impl Resolver {
     /// A resolver over `table` that attributes clients with `identify`.
     pub fn new(table: PolicyTable, identify: Identify, upstreams: Upstreams, cache: Cache) -> Self {
-        Self { table: RwLock::new(Arc::new(table)), identify, upstreams, cache, stats: Stats::default() }
+        Self {
+            table: RwLock::new(Arc::new(table)),
+            identify,
+            upstreams,
+            cache,
+            on_query: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Calls `f` with every answered query (the query log, metrics).
+    pub fn on_query(mut self, f: OnQuery) -> Self {
+        self.on_query = Some(f);
+        self
+    }
+
+    fn emit(&self, ev: QueryEvent) {
+        tracing::info!(target: "portcullis::dns", client = %ev.client, device = ev.device.as_deref().unwrap_or("-"),
+            name = %ev.name, qtype = %ev.qtype, action = ev.action, reason = %ev.reason, rcode = %ev.rcode,
+            upstream_us = ev.upstream_us, "query");
+        if let Some(f) = &self.on_query {
+            f(ev);
+        }
     }
 
     /// Swaps in new policies; queries in flight finish on the old ones.
@@ -175,25 +224,41 @@ impl Resolver {
 
         let table = self.current();
         let client = (self.identify)(src);
+        let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let event = |action: &'static str, reason: String, rcode: ResponseCode, upstream_us: Option<u64>| {
+            QueryEvent {
+                client: src,
+                device: client.as_ref().map(|c| c.device.clone()),
+                name: name.clone(),
+                qtype: query.query_type.to_string(),
+                action,
+                reason,
+                rcode: rcode.to_string(),
+                upstream_us,
+            }
+        };
         let policy = match &client {
+            Some(c) if !c.active => {
+                bump(&self.stats.refused_unknown);
+                resp.metadata.response_code = ResponseCode::Refused;
+                self.emit(event("refused", "device is not active".into(), ResponseCode::Refused, None));
+                return resp;
+            }
             Some(c) => table.by_group.get(&c.group).or(table.default.as_ref()),
             None => table.unknown.as_ref(),
         };
-        let device = client.as_ref().map_or("-", |c| c.device.as_str());
-        let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
         let Some(policy) = policy else {
             bump(&self.stats.refused_unknown);
-            tracing::info!(target: "portcullis::dns", client = %src, name = %name, qtype = %query.query_type,
-                action = "refused", reason = "unknown client", "query");
             resp.metadata.response_code = ResponseCode::Refused;
+            let why = if client.is_some() { "no policy for the device's group" } else { "unknown client" };
+            self.emit(event("refused", why.into(), ResponseCode::Refused, None));
             return resp;
         };
         let verdict = if name.is_empty() { Verdict::Allow("root".into()) } else { policy.decide(&name) };
         if let Verdict::Block(reason) = &verdict {
             bump(&self.stats.blocked);
-            tracing::info!(target: "portcullis::dns", client = %src, device, name = %name,
-                qtype = %query.query_type, action = "blocked", reason = %reason, "query");
             block(&mut resp, query, policy.block);
+            self.emit(event("blocked", reason.clone(), resp.metadata.response_code, None));
             return resp;
         }
         if query.query_type == RecordType::ANY {
@@ -202,6 +267,12 @@ impl Resolver {
                 query.name.clone(),
                 3600,
                 RData::HINFO(HINFO::new("RFC8482".into(), String::new())),
+            ));
+            self.emit(event(
+                "allowed",
+                "ANY answered minimally (RFC 8482)".into(),
+                ResponseCode::NoError,
+                None,
             ));
             return resp;
         }
@@ -220,9 +291,11 @@ impl Resolver {
                 }
                 Err(e) => {
                     bump(&self.stats.upstream_failures);
-                    tracing::warn!(target: "portcullis::dns", client = %src, device, name = %name, error = %e,
+                    tracing::warn!(target: "portcullis::dns", client = %src, name = %name, error = %e,
                         "no upstream answered");
                     resp.metadata.response_code = ResponseCode::ServFail;
+                    let us = started.elapsed().as_micros() as u64;
+                    self.emit(event("failed", e.to_string(), ResponseCode::ServFail, Some(us)));
                     return resp;
                 }
             },
@@ -233,16 +306,17 @@ impl Resolver {
                 let alias = target.0.to_ascii().trim_end_matches('.').to_ascii_lowercase();
                 if let Verdict::Block(reason) = policy.decide_alias(&alias) {
                     bump(&self.stats.blocked);
-                    tracing::info!(target: "portcullis::dns", client = %src, device, name = %name,
-                        qtype = %query.query_type, action = "blocked", cname = %alias, reason = %reason, "query");
                     block(&mut resp, query, policy.block);
+                    let why = format!("{reason} (CNAME {alias})");
+                    self.emit(event("blocked", why, resp.metadata.response_code, None));
                     return resp;
                 }
             }
         }
-        tracing::info!(target: "portcullis::dns", client = %src, device, name = %name, qtype = %query.query_type,
-            action = "allowed", reason = verdict.reason(), rcode = %upstream.metadata.response_code, cached,
-            upstream_us = if cached { 0 } else { started.elapsed().as_micros() as u64 }, "query");
+        let upstream_us = (!cached).then(|| started.elapsed().as_micros() as u64);
+        let reason =
+            if cached { format!("{} (cached)", verdict.reason()) } else { verdict.reason().to_owned() };
+        self.emit(event("allowed", reason, upstream.metadata.response_code, upstream_us));
         resp.metadata.response_code = upstream.metadata.response_code;
         resp.metadata.authentic_data = upstream.metadata.authentic_data;
         resp.answers = upstream.answers;

@@ -431,6 +431,29 @@ impl Authority {
         Ok(device)
     }
 
+    /// Replaces the source addresses of a device (for DNS attribution); listeners that
+    /// attribute by address see the change at their next look at [`Self::generation`].
+    pub async fn set_addresses(
+        &self,
+        id: &DeviceId,
+        addresses: &[portcullis_core::Cidr],
+        actor: Actor,
+    ) -> Result<Device, Error> {
+        let mut list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        list.sort();
+        list.dedup();
+        let device = self.store.set_device_addresses(id, list, actor).await?;
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::info!(device = %id, addresses = ?device.addresses, "device addresses changed");
+        Ok(device)
+    }
+
+    /// Bumped by every change to device state or addresses: a listener that keeps a view
+    /// of the registry rebuilds it when this moves.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Re-signs the CRL from the registry.
     pub async fn refresh_crl(&self) -> Result<(), Error> {
         let revoked = self.store.revoked(OffsetDateTime::now_utc()).await?;

@@ -15,8 +15,8 @@ mod model;
 mod sqlite;
 
 pub use model::{
-    Actor, CertificateRecord, CertificateStatus, Device, Event, EventFilter, Group, NewCertificate,
-    NewDevice, NewToken, RevokedEntry, TokenCheck,
+    Actor, BlockedName, CertificateRecord, CertificateStatus, Device, DnsQueryFilter, DnsQueryRecord, Event,
+    EventFilter, Group, NewCertificate, NewDevice, NewToken, RevokedEntry, TokenCheck,
 };
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
@@ -126,4 +126,26 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Events, oldest first.
     async fn events(&self, filter: EventFilter) -> Result<Vec<Event>>;
+
+    /// Replaces the source addresses (IPs or CIDRs, validated by the caller) of a device.
+    /// An address already held by another device is refused ([`Error::AlreadyExists`]).
+    async fn set_device_addresses(
+        &self,
+        id: &DeviceId,
+        addresses: Vec<String>,
+        actor: Actor,
+    ) -> Result<Device>;
+
+    /// Appends answered DNS queries to the query log.
+    async fn log_dns_queries(&self, rows: Vec<DnsQueryRecord>) -> Result<()>;
+
+    /// Query-log entries, newest first.
+    async fn dns_queries(&self, filter: DnsQueryFilter) -> Result<Vec<DnsQueryRecord>>;
+
+    /// The most often blocked names (per device), most first.
+    async fn dns_top_blocked(&self, filter: DnsQueryFilter) -> Result<Vec<BlockedName>>;
+
+    /// Deletes query-log entries older than `before`, then the oldest beyond `max_rows`;
+    /// returns how many went.
+    async fn prune_dns_queries(&self, before: OffsetDateTime, max_rows: u64) -> Result<u64>;
 }

@@ -65,6 +65,8 @@ pub struct Device {
     /// `not_after` of its newest valid certificate, if any.
     #[serde(with = "time::serde::rfc3339::option")]
     pub cert_not_after: Option<OffsetDateTime>,
+    /// Source addresses (IPs or CIDRs) its traffic comes from, for DNS attribution.
+    pub addresses: Vec<String>,
 }
 
 /// A group and how many devices it holds.
@@ -203,4 +205,52 @@ pub struct Event {
     pub serial: Option<String>,
     /// Details (never secrets).
     pub detail: serde_json::Value,
+}
+
+/// One answered DNS query, for the query log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DnsQueryRecord {
+    /// When (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The client's address.
+    pub client: String,
+    /// The device it was attributed to.
+    pub device: Option<String>,
+    /// The name asked (lower case, no trailing dot).
+    pub name: String,
+    /// The query type (`A`, `AAAA`, …).
+    pub qtype: String,
+    /// `allowed`, `blocked`, `refused` or `failed`.
+    pub action: String,
+    /// The rule or reason behind the action.
+    pub reason: String,
+    /// The response code sent.
+    pub rcode: String,
+    /// Time the upstream took, when one was asked.
+    pub upstream_us: Option<u64>,
+}
+
+/// Which query-log entries to read.
+#[derive(Debug, Clone, Default)]
+pub struct DnsQueryFilter {
+    /// Only this device's.
+    pub device: Option<String>,
+    /// Only blocked ones.
+    pub blocked_only: bool,
+    /// Only at or after this time.
+    pub since: Option<OffsetDateTime>,
+    /// At most this many, newest first (default 100).
+    pub limit: Option<u32>,
+}
+
+/// A blocked name and how often it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockedName {
+    /// The device that asked.
+    pub device: Option<String>,
+    /// The name.
+    pub name: String,
+    /// Times blocked.
+    pub count: u64,
 }

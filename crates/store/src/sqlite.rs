@@ -8,13 +8,16 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
+use crate::{BlockedName, DnsQueryFilter, DnsQueryRecord};
+
 use crate::{
     Actor, CertificateRecord, CertificateStatus, Device, Error, Event, EventFilter, Group, NewCertificate,
     NewDevice, NewToken, Result, RevokedEntry, Store, TokenCheck,
 };
 
 /// Migrations, applied in order; `PRAGMA user_version` holds how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE groups (
     name        TEXT PRIMARY KEY,
     created_at  INTEGER NOT NULL
@@ -76,7 +79,31 @@ CREATE TABLE crl (
     number  INTEGER NOT NULL
 ) STRICT;
 INSERT INTO crl (id, number) VALUES (1, 0);
-"#];
+"#,
+    r#"
+CREATE TABLE device_addresses (
+    cidr        TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL REFERENCES devices(id),
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX device_addresses_device ON device_addresses(device_id);
+
+CREATE TABLE dns_queries (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms        INTEGER NOT NULL,
+    client       TEXT NOT NULL,
+    device_id    TEXT,
+    name         TEXT NOT NULL,
+    qtype        TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    rcode        TEXT NOT NULL,
+    upstream_us  INTEGER
+) STRICT;
+CREATE INDEX dns_queries_at ON dns_queries(at_ms);
+CREATE INDEX dns_queries_device ON dns_queries(device_id, at_ms);
+"#,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -294,7 +321,8 @@ fn event(
 
 const DEVICE_SELECT: &str = "SELECT d.id, d.group_name, d.state, d.state_reason, d.created_at, d.updated_at,
         (SELECT COUNT(*) FROM certificates c WHERE c.device_id = d.id),
-        (SELECT MAX(c.not_after) FROM certificates c WHERE c.device_id = d.id AND c.state = 'valid')
+        (SELECT MAX(c.not_after) FROM certificates c WHERE c.device_id = d.id AND c.state = 'valid'),
+        (SELECT group_concat(a.cidr, ' ') FROM device_addresses a WHERE a.device_id = d.id)
      FROM devices d";
 
 fn corrupt(what: &str, value: &str) -> rusqlite::Error {
@@ -318,6 +346,17 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
         updated_at: from_ts(r.get(5)?),
         certificates: r.get::<_, i64>(6)? as u64,
         cert_not_after: r.get::<_, Option<i64>>(7)?.map(from_ts),
+        addresses: {
+            let mut a: Vec<String> = r
+                .get::<_, Option<String>>(8)?
+                .unwrap_or_default()
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            a.sort();
+            a
+        },
     })
 }
 
@@ -705,6 +744,129 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn set_device_addresses(
+        &self,
+        id: &DeviceId,
+        addresses: Vec<String>,
+        actor: Actor,
+    ) -> Result<Device> {
+        let id = id.clone();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })?;
+            for a in &addresses {
+                let holder: Option<String> = c
+                    .prepare_cached("SELECT device_id FROM device_addresses WHERE cidr = ?1 AND device_id <> ?2")?
+                    .query_row(params![a, id.as_str()], |r| r.get(0))
+                    .optional()?;
+                if let Some(h) = holder {
+                    return Err(Error::AlreadyExists { what: "address", id: format!("{a} (held by device {h})") });
+                }
+            }
+            c.prepare_cached("DELETE FROM device_addresses WHERE device_id = ?1")?.execute([id.as_str()])?;
+            for a in &addresses {
+                c.prepare_cached("INSERT OR IGNORE INTO device_addresses (cidr, device_id, created_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![a, id.as_str(), ts(now)])?;
+            }
+            event(c, now, &actor, "addresses", Some(&id), None, serde_json::json!({ "addresses": addresses }))?;
+            load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })
+        })
+        .await
+    }
+
+    async fn log_dns_queries(&self, rows: Vec<DnsQueryRecord>) -> Result<()> {
+        self.write(move |c| {
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO dns_queries (at_ms, client, device_id, name, qtype, action, reason, rcode, upstream_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for r in &rows {
+                stmt.execute(params![
+                    ms(r.at),
+                    r.client,
+                    r.device,
+                    r.name,
+                    r.qtype,
+                    r.action,
+                    r.reason,
+                    r.rcode,
+                    r.upstream_us.map(|u| i64::try_from(u).unwrap_or(i64::MAX))
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dns_queries(&self, filter: DnsQueryFilter) -> Result<Vec<DnsQueryRecord>> {
+        self.read(move |c| {
+            let limit = filter.limit.unwrap_or(100).min(10_000);
+            let mut stmt = c.prepare_cached(
+                "SELECT at_ms, client, device_id, name, qtype, action, reason, rcode, upstream_us FROM dns_queries
+                 WHERE (?1 IS NULL OR device_id = ?1) AND (?2 = 0 OR action = 'blocked') AND at_ms >= ?3
+                 ORDER BY id DESC LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(
+                params![filter.device, filter.blocked_only, filter.since.map_or(0, ms), limit],
+                |r| {
+                    Ok(DnsQueryRecord {
+                        at: from_ms(r.get(0)?),
+                        client: r.get(1)?,
+                        device: r.get(2)?,
+                        name: r.get(3)?,
+                        qtype: r.get(4)?,
+                        action: r.get(5)?,
+                        reason: r.get(6)?,
+                        rcode: r.get(7)?,
+                        upstream_us: r.get::<_, Option<i64>>(8)?.map(|u| u.max(0) as u64),
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn dns_top_blocked(&self, filter: DnsQueryFilter) -> Result<Vec<BlockedName>> {
+        self.read(move |c| {
+            let limit = filter.limit.unwrap_or(20).min(10_000);
+            let mut stmt = c.prepare_cached(
+                "SELECT device_id, name, COUNT(*) AS n FROM dns_queries
+                 WHERE action = 'blocked' AND (?1 IS NULL OR device_id = ?1) AND at_ms >= ?2
+                 GROUP BY device_id, name ORDER BY n DESC, name LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![filter.device, filter.since.map_or(0, ms), limit], |r| {
+                Ok(BlockedName {
+                    device: r.get(0)?,
+                    name: r.get(1)?,
+                    count: r.get::<_, i64>(2)?.max(0) as u64,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn prune_dns_queries(&self, before: OffsetDateTime, max_rows: u64) -> Result<u64> {
+        self.write(move |c| {
+            let old = c.prepare_cached("DELETE FROM dns_queries WHERE at_ms < ?1")?.execute([ms(before)])?;
+            let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
+            let over = c
+                .prepare_cached("DELETE FROM dns_queries WHERE id <= (SELECT MAX(id) FROM dns_queries) - ?1")?
+                .execute([keep])?;
+            Ok((old + over) as u64)
+        })
+        .await
+    }
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 #[cfg(test)]

@@ -136,3 +136,67 @@ async fn crl_numbers_increase() {
     let b = s.next_crl_number().await.unwrap();
     assert!(b > a);
 }
+
+#[tokio::test]
+async fn dns_query_log_is_pruned_by_age_and_row_count() {
+    let (_d, s) = store();
+    let now = OffsetDateTime::now_utc();
+    let row = |age_h: i64, name: &str, action: &str| DnsQueryRecord {
+        at: now - time::Duration::hours(age_h),
+        client: "127.0.0.2".into(),
+        device: Some("cam-01".into()),
+        name: name.into(),
+        qtype: "A".into(),
+        action: action.into(),
+        reason: "r".into(),
+        rcode: "NXDomain".into(),
+        upstream_us: None,
+    };
+    let mut rows: Vec<_> = (0..5).map(|i| row(48, &format!("old{i}.test"), "allowed")).collect();
+    rows.extend(
+        (0..10).map(|i| row(1, &format!("new{i}.test"), if i % 2 == 0 { "blocked" } else { "allowed" })),
+    );
+    rows.push(row(0, "new0.test", "blocked"));
+    s.log_dns_queries(rows).await.unwrap();
+    let blocked = s
+        .dns_queries(DnsQueryFilter {
+            blocked_only: true,
+            device: Some("cam-01".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(blocked.len(), 6);
+    assert_eq!(blocked[0].name, "new0.test", "newest first");
+    let top = s.dns_top_blocked(DnsQueryFilter::default()).await.unwrap();
+    assert_eq!((top[0].name.as_str(), top[0].count), ("new0.test", 2));
+    // Older than a day: the 5 old rows; then at most 8 rows kept: 3 more of the oldest.
+    let gone = s.prune_dns_queries(now - time::Duration::hours(24), 8).await.unwrap();
+    assert_eq!(gone, 5 + 3);
+    let left = s.dns_queries(DnsQueryFilter { limit: Some(100), ..Default::default() }).await.unwrap();
+    assert_eq!(left.len(), 8);
+    assert!(left.iter().all(|r| r.name.starts_with("new")));
+    let since = s
+        .dns_queries(DnsQueryFilter { since: Some(now - time::Duration::minutes(30)), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(since.len(), 1);
+}
+
+#[tokio::test]
+async fn device_addresses_are_unique_across_devices() {
+    let (_d, s) = store();
+    add(&s, "cam-01").await;
+    add(&s, "cam-02").await;
+    let d = s
+        .set_device_addresses(&id("cam-01"), vec!["10.0.0.0/24".into(), "10.0.1.5".into()], Actor::System)
+        .await
+        .unwrap();
+    assert_eq!(d.addresses, ["10.0.0.0/24", "10.0.1.5"]);
+    let e = s.set_device_addresses(&id("cam-02"), vec!["10.0.1.5".into()], Actor::System).await.unwrap_err();
+    assert!(e.to_string().contains("held by device cam-01"), "{e}");
+    // Replacing is allowed, and frees the old ones.
+    s.set_device_addresses(&id("cam-01"), vec![], Actor::System).await.unwrap();
+    s.set_device_addresses(&id("cam-02"), vec!["10.0.1.5".into()], Actor::System).await.unwrap();
+    assert_eq!(s.device(&id("cam-02")).await.unwrap().unwrap().addresses, ["10.0.1.5"]);
+}
