@@ -17,7 +17,7 @@ start_portcullis() {
   local cfg=()
   [ -n "${1:-}" ] && cfg=(--config "$1")
   P="target/release/portcullis ${cfg[*]} --data-dir $work/data"
-  PORTCULLIS_LOG=warn ${PORTCULLIS_ENV:-} $P up --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 >"$work/up.out" 2>"$work/up.err" &
+  PORTCULLIS_LOG=warn ${PORTCULLIS_ENV:-} $P up --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 --dot-addr 127.0.0.1:0 >"$work/up.out" 2>"$work/up.err" &
   pid=$!
   pids+=("$pid")
   for _ in $(seq 100); do grep -q "admin API" "$work/up.out" 2>/dev/null && break; sleep 0.1; done

@@ -29,6 +29,7 @@ struct Raw {
 struct RawDns {
     enabled: bool,
     addr: String,
+    dot_addr: Option<String>,
     upstreams: Option<Vec<String>>,
     upstream_timeout: String,
     unknown_clients: String,
@@ -47,6 +48,7 @@ impl Default for RawDns {
         Self {
             enabled: true,
             addr: "127.0.0.1:5353".into(),
+            dot_addr: Some("127.0.0.1:8853".into()),
             upstreams: None,
             upstream_timeout: "2s".into(),
             unknown_clients: "refuse".into(),
@@ -222,6 +224,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     pub addr: SocketAddr,
+    /// DNS over TLS; `None` when set to "" (off).
+    pub dot_addr: Option<SocketAddr>,
     pub upstreams: Vec<SocketAddr>,
     pub upstream_timeout: Duration,
     /// Policy for queries no device is attributed to; `None`: refused.
@@ -307,6 +311,10 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
     };
     Ok(Some(DnsConfig {
         addr: addr("dns.addr", &raw.addr)?,
+        dot_addr: match raw.dot_addr.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(addr("dns.dot_addr", a)?),
+        },
         upstreams,
         upstream_timeout: dur("dns.upstream_timeout", &raw.upstream_timeout)?,
         unknown_clients,

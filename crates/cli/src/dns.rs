@@ -253,3 +253,143 @@ pub fn query_log(
     });
     (on_query, task)
 }
+
+/// What a verified (or refused) client certificate says about a DNS client.
+async fn attribute_peer(
+    authority: &portcullis_pki::Authority,
+    peer: Option<&portcullis_pki::PeerCertificate>,
+) -> portcullis_dns::Attribution {
+    use portcullis_pki::AuthError;
+    let Some(peer) = peer else { return portcullis_dns::Attribution::ByAddress };
+    match authority.authenticate(Some(peer)).await {
+        Ok(d) => portcullis_dns::Attribution::Device(portcullis_dns::Client {
+            device: d.id.to_string(),
+            group: d.group.to_string(),
+            active: true,
+        }),
+        // A certificate that does not authenticate is refused, never treated as no
+        // certificate (which may fall back to a more permissive policy).
+        Err(e) => {
+            let device = match &e {
+                AuthError::DeviceSuspended(id) | AuthError::DeviceRevoked(id) => id.to_string(),
+                _ => format!("(refused certificate: {e})"),
+            };
+            portcullis_dns::Attribution::Device(portcullis_dns::Client {
+                device,
+                group: String::new(),
+                active: false,
+            })
+        }
+    }
+}
+
+/// DoT attribution: the connection's certificate, checked live at every query.
+pub fn tls_attribution(
+    authority: Arc<portcullis_pki::Authority>,
+    verifier: portcullis_pki::ClientCertVerifier,
+) -> portcullis_dns::TlsAttribution {
+    Arc::new(move |chain| {
+        let peer = chain.map(|c| {
+            let verified = verifier.verify(&c);
+            portcullis_pki::PeerCertificate::new(c, verified)
+        });
+        let authority = authority.clone();
+        Arc::new(move || {
+            let (authority, peer) = (authority.clone(), peer.clone());
+            Box::pin(async move { attribute_peer(&authority, peer.as_ref()).await })
+        })
+    })
+}
+
+/// The TLS configuration of the DoT port: the device port's, with ALPN `dot` (RFC 7858).
+pub fn dot_tls(device: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut cfg = device.clone();
+    cfg.alpn_protocols = vec![b"dot".to_vec()];
+    Arc::new(cfg)
+}
+
+/// The path DNS-over-HTTPS answers at on the device port (RFC 8484).
+pub const DOH_PATH: &str = "/dns-query";
+
+#[derive(Clone)]
+struct Doh {
+    resolver: Arc<portcullis_dns::Resolver>,
+    authority: Arc<portcullis_pki::Authority>,
+}
+
+/// DNS-over-HTTPS (RFC 8484): `GET /dns-query?dns=<base64url>` and `POST /dns-query` with
+/// `application/dns-message`; the client certificate (if any) attributes the query.
+pub fn doh_router(
+    resolver: Arc<portcullis_dns::Resolver>,
+    authority: Arc<portcullis_pki::Authority>,
+) -> axum::Router {
+    axum::Router::new()
+        .route(DOH_PATH, axum::routing::get(doh_get).post(doh_post))
+        .with_state(Doh { resolver, authority })
+}
+
+const DNS_MESSAGE: &str = "application/dns-message";
+
+fn doh_problem(status: axum::http::StatusCode, detail: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    portcullis_pki::Problem::new(status, "dns-query", detail.to_owned()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct DohQuery {
+    dns: Option<String>,
+}
+
+async fn doh_get(
+    axum::extract::State(d): axum::extract::State<Doh>,
+    axum::extract::Query(q): axum::extract::Query<DohQuery>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use base64::Engine;
+    let Some(b64) = q.dns else {
+        return doh_problem(
+            axum::http::StatusCode::BAD_REQUEST,
+            "missing the dns query parameter (RFC 8484)",
+        );
+    };
+    if b64.len() > 87_400 {
+        return doh_problem(axum::http::StatusCode::URI_TOO_LONG, "dns parameter too long");
+    }
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64.trim_end_matches('=')) {
+        Ok(bytes) => doh_answer(&d, req.extensions(), &bytes).await,
+        Err(_) => doh_problem(axum::http::StatusCode::BAD_REQUEST, "dns parameter is not base64url"),
+    }
+}
+
+async fn doh_post(
+    axum::extract::State(d): axum::extract::State<Doh>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let ct = req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case(DNS_MESSAGE) {
+        return doh_problem(
+            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/dns-message",
+        );
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, 65_535).await {
+        Ok(bytes) => doh_answer(&d, &parts.extensions, &bytes).await,
+        Err(_) => {
+            doh_problem(axum::http::StatusCode::PAYLOAD_TOO_LARGE, "a DNS message is at most 65535 bytes")
+        }
+    }
+}
+
+async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let peer = ext.get::<portcullis_pki::PeerCertificate>();
+    let src = ext
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let who = attribute_peer(&d.authority, peer).await;
+    match d.resolver.answer_for(bytes, src, false, who).await {
+        Some(out) => ([(axum::http::header::CONTENT_TYPE, DNS_MESSAGE)], out).into_response(),
+        None => doh_problem(axum::http::StatusCode::BAD_REQUEST, "not a DNS query"),
+    }
+}

@@ -63,6 +63,9 @@ enum Cmd {
         /// DNS port address, UDP and TCP [default: 127.0.0.1:5353]; port 0 picks a free port.
         #[arg(long)]
         dns_addr: Option<String>,
+        /// DNS-over-TLS address [default: 127.0.0.1:8853]; port 0 picks a free port.
+        #[arg(long)]
+        dot_addr: Option<String>,
     },
     /// Register and manage devices.
     #[command(subcommand)]
@@ -225,9 +228,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("initialised {} (trust domain {})", cfg.data_dir.display(), cfg.trust_domain);
             Ok(())
         }
-        Cmd::Up { device_addr, admin_addr, trust_domain, dns_addr } => {
+        Cmd::Up { device_addr, admin_addr, trust_domain, dns_addr, dot_addr } => {
             if let (Some(a), Some(dns)) = (dns_addr, cfg.dns.as_mut()) {
                 dns.addr = a.parse().map_err(|_| anyhow::anyhow!("--dns-addr: {a:?} is not an address"))?;
+            }
+            if let (Some(a), Some(dns)) = (dot_addr, cfg.dns.as_mut()) {
+                dns.dot_addr =
+                    Some(a.parse().map_err(|_| anyhow::anyhow!("--dot-addr: {a:?} is not an address"))?);
             }
             if let Some(a) = device_addr {
                 cfg.device_addr =

@@ -84,7 +84,13 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                     "dns: no upstream resolver (none configured, none in /etc/resolv.conf): answers will be SERVFAIL"
                 );
             }
-            Some((resolver, udp, tcp, d.per_client))
+            let dot = match d.dot_addr {
+                Some(a) => Some(
+                    TcpListener::bind(a).await.with_context(|| format!("cannot bind DNS over TLS to {a}"))?,
+                ),
+                None => None,
+            };
+            Some((resolver, udp, tcp, d.per_client, dot))
         }
         None => None,
     };
@@ -92,8 +98,11 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "portcullis: device port (EST, CRL) listening on {device_addr}")?;
-        if let Some((_, udp, _, _)) = &dns {
+        if let Some((_, udp, _, _, dot)) = &dns {
             writeln!(out, "portcullis: dns (udp, tcp) listening on {}", udp.local_addr()?)?;
+            if let Some(dot) = dot {
+                writeln!(out, "portcullis: dns over tls listening on {}", dot.local_addr()?)?;
+            }
         }
         // Last: scripts and tests wait for this line.
         writeln!(out, "portcullis: admin API listening on {admin_addr}")?;
@@ -105,6 +114,12 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     tracing::info!(routes = table.len(), "gateway routes loaded");
     let gateway = Arc::new(Gateway::new(authority.clone(), table, cfg.unauthenticated_per_ip));
     let resolver = dns.as_ref().map(|(r, ..)| r.clone());
+    let mut built_in = est::router(authority.clone());
+    let mut built_in_paths = est::PATHS.to_vec();
+    if let Some(r) = &resolver {
+        built_in = built_in.merge(crate::dns::doh_router(r.clone(), authority.clone()));
+        built_in_paths.push(crate::dns::DOH_PATH);
+    }
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
         let gateway = gateway.clone();
         Arc::new(move || {
@@ -132,16 +147,14 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         reload: reload.clone(),
     };
 
+    let dot_config = crate::dns::dot_tls(&tls_config);
+    let dot_attribution = crate::dns::tls_attribution(authority.clone(), verifier.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let device = tokio::spawn(portcullis_gateway::serve(
         device_listener,
         tls_config,
         verifier,
-        portcullis_gateway::DeviceApp {
-            built_in: est::router(authority.clone()),
-            built_in_paths: est::PATHS.to_vec(),
-            gateway,
-        },
+        portcullis_gateway::DeviceApp { built_in, built_in_paths, gateway },
         cfg.listener.clone(),
         stop_rx.clone(),
     ));
@@ -163,9 +176,21 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let dns_task = tokio::spawn({
         let stop = stop_rx.clone();
         async move {
-            if let Some((resolver, udp, tcp, per_client)) = dns {
+            if let Some((resolver, udp, tcp, per_client, dot)) = dns {
                 let serve_cfg = portcullis_dns::ServeConfig { per_client, ..Default::default() };
+                let dot_task = dot.map(|l| {
+                    tokio::spawn(resolver.clone().serve_tls(
+                        l,
+                        tokio_rustls::TlsAcceptor::from(dot_config),
+                        dot_attribution,
+                        serve_cfg.clone(),
+                        stop.clone(),
+                    ))
+                });
                 resolver.serve(udp, tcp, serve_cfg, stop).await;
+                if let Some(t) = dot_task {
+                    let _ = t.await;
+                }
             }
         }
     });

@@ -248,3 +248,119 @@ block = "null"
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(status(&dig_from(&s, "127.0.0.2", &["allowed.test", "A"])), "REFUSED");
 }
+
+#[test]
+fn dns_over_tls_and_https_attribute_by_certificate() {
+    let up = DnsUpstream::start();
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("vendor.txt"), "||allowed.test^\n").unwrap();
+    let cfg = format!(
+        r#"
+[dns]
+upstreams = ["{up}"]
+unknown_clients = "open"
+
+[dns.lists.vendor]
+path = "{vendor}"
+
+[[dns.policies]]
+name = "cameras"
+groups = ["cameras"]
+mode = "allowlist"
+lists = ["vendor"]
+
+[[dns.policies]]
+name = "open"
+mode = "blocklist"
+"#,
+        up = up.addr,
+        vendor = dir.join("vendor.txt").display()
+    );
+    let s = Server::start_with_config(&cfg);
+    let (cert, key) = harness::upstream::enroll(&s, "cam-01", "cameras");
+    let (root, _) = s.ca_files();
+    let dot = s.dot.expect("dot port");
+    let tls = |extra: &[&str]| -> String {
+        let mut args = vec![
+            format!("@{}", dot.ip()),
+            "-p".into(),
+            dot.port().to_string(),
+            "+tls".into(),
+            format!("+tls-ca={}", root.display()),
+            "+tls-hostname=localhost".into(),
+            "+time=3".into(),
+            "+tries=1".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let out = Command::new("dig").args(&args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let certfile = format!("+tls-certfile={}", cert.display());
+    let keyfile = format!("+tls-keyfile={}", key.display());
+
+    // DoT with the camera's certificate: its allowlist applies.
+    let out = tls(&[&certfile, &keyfile, "allowed.test", "A"]);
+    assert!(out.contains("192.0.2.1"), "{out}");
+    let out = tls(&[&certfile, &keyfile, "news.test", "A"]);
+    assert_eq!(status(&out), "NXDOMAIN", "{out}");
+    // DoT without a certificate: an unknown client (here: the open policy).
+    assert_eq!(status(&tls(&["news.test", "A"])), "NOERROR");
+
+    // DoH (RFC 8484) on the device port: dig POST and GET, curl POST.
+    let https = |extra: &[&str]| -> String {
+        let mut args = vec![
+            format!("@{}", s.device.ip()),
+            "-p".into(),
+            s.device.port().to_string(),
+            "+https".into(),
+            format!("+tls-ca={}", root.display()),
+            "+tls-hostname=localhost".into(),
+            "+time=3".into(),
+            "+tries=1".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let out = Command::new("dig").args(&args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = https(&[&certfile, &keyfile, "news.test", "A"]);
+    assert_eq!(status(&out), "NXDOMAIN", "{out}");
+    let out = https(&[&certfile, &keyfile, "+https-get", "allowed.test", "A"]);
+    assert!(out.contains("192.0.2.1"), "{out}");
+    assert_eq!(status(&https(&["news.test", "A"])), "NOERROR");
+    // A query for allowed.test A (id 0, RD) sent by curl as application/dns-message.
+    let q: &[u8] = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07allowed\x04test\x00\x00\x01\x00\x01";
+    std::fs::write(dir.join("q.bin"), q).unwrap();
+    let r = harness::curl_mtls(
+        &s,
+        &cert,
+        &key,
+        "/dns-query",
+        &[
+            "-H",
+            "Content-Type: application/dns-message",
+            "--data-binary",
+            &format!("@{}", dir.join("q.bin").display()),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.body.windows(4).any(|w| w == [192, 0, 2, 1]), "{:?}", r.body);
+    // Wrong content type and garbage are refused with a problem, and the port keeps going.
+    let r =
+        harness::curl_mtls(&s, &cert, &key, "/dns-query", &["-H", "Content-Type: text/plain", "--data", "x"]);
+    assert_eq!(r.status, 415);
+    let r = harness::curl_mtls(&s, &cert, &key, "/dns-query?dns=!!!", &[]);
+    assert_eq!(r.status, 400);
+
+    // Revocation applies to the open DoT/DoH paths at the next query.
+    s.cli_ok(&["device", "revoke", "cam-01"]);
+    assert_eq!(status(&tls(&[&certfile, &keyfile, "allowed.test", "A"])), "REFUSED");
+    let mut log = String::new();
+    for _ in 0..40 {
+        log = s.cli_ok(&["dns", "log", "--device", "cam-01"]);
+        if log.contains("refused") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log.contains("device is not active"), "{log}");
+}

@@ -15,5 +15,8 @@ pub mod upstream;
 pub use cache::{Cache, CacheConfig};
 pub use lists::{DomainSet, ListStats};
 pub use policy::{BlockResponse, Mode, Policy, Verdict};
-pub use server::{Client, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig, Stats};
+pub use server::{
+    Attribution, Client, ConnAttribution, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig,
+    Stats, TlsAttribution,
+};
 pub use upstream::{UpstreamError, Upstreams};

@@ -33,6 +33,25 @@ pub struct Client {
 /// Attributes a source address to a device (from the registry).
 pub type Identify = Arc<dyn Fn(IpAddr) -> Option<Client> + Send + Sync>;
 
+/// How a query's client is known.
+#[derive(Debug, Clone)]
+pub enum Attribution {
+    /// By its source address (registered device addresses).
+    ByAddress,
+    /// Already known (a verified client certificate); `active: false` refuses it.
+    Device(Client),
+}
+
+/// Attributes one DoT connection's queries: called per query so that suspension and
+/// revocation apply to open connections too.
+pub type ConnAttribution =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Attribution> + Send>> + Send + Sync>;
+
+/// Makes the [`ConnAttribution`] of a new DoT connection from the client certificate
+/// chain it presented (if any).
+pub type TlsAttribution =
+    Arc<dyn Fn(Option<Vec<rustls::pki_types::CertificateDer<'static>>>) -> ConnAttribution + Send + Sync>;
+
 /// One answered query, for the query log and metrics.
 #[derive(Debug, Clone)]
 pub struct QueryEvent {
@@ -177,6 +196,18 @@ impl Resolver {
     /// a query, or too short to say whom to answer). `max_len`: the transport's limit
     /// (UDP); longer answers are truncated with TC set.
     pub async fn answer(&self, bytes: &[u8], src: IpAddr, udp: bool) -> Option<Vec<u8>> {
+        self.answer_for(bytes, src, udp, Attribution::ByAddress).await
+    }
+
+    /// Like [`Self::answer`], with the client already attributed (by its certificate on
+    /// DoT and DoH).
+    pub async fn answer_for(
+        &self,
+        bytes: &[u8],
+        src: IpAddr,
+        udp: bool,
+        who: Attribution,
+    ) -> Option<Vec<u8>> {
         let req = match Message::from_vec(bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -197,11 +228,11 @@ impl Resolver {
         } else {
             usize::from(u16::MAX)
         };
-        let resp = self.respond(&req, src).await;
+        let resp = self.respond(&req, src, who).await;
         encode(resp, limit)
     }
 
-    async fn respond(&self, req: &Message, src: IpAddr) -> Message {
+    async fn respond(&self, req: &Message, src: IpAddr, who: Attribution) -> Message {
         let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
         resp.metadata.recursion_desired = req.metadata.recursion_desired;
         resp.metadata.recursion_available = true;
@@ -223,7 +254,10 @@ impl Resolver {
         };
 
         let table = self.current();
-        let client = (self.identify)(src);
+        let client = match who {
+            Attribution::ByAddress => (self.identify)(src),
+            Attribution::Device(c) => Some(c),
+        };
         let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
         let event = |action: &'static str, reason: String, rcode: ResponseCode, upstream_us: Option<u64>| {
             QueryEvent {
@@ -422,6 +456,77 @@ impl Resolver {
                     framed.extend_from_slice(&n.to_be_bytes());
                     framed.extend_from_slice(&out);
                     if stream.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Resolver {
+    /// Serves DNS over TLS (RFC 7858) on `listener` until `shutdown` turns true: each
+    /// connection's client certificate (if any) attributes its queries.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        attribute: TlsAttribution,
+        cfg: ServeConfig,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let permits = Arc::new(Semaphore::new(cfg.max_tcp_connections));
+        let limiter = cfg.per_client.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000)));
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = shutdown.changed() => return,
+            };
+            let (tcp, src) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dns-over-tls accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let (me, acceptor, attribute, limiter) =
+                (self.clone(), acceptor.clone(), attribute.clone(), limiter.clone());
+            let idle = cfg.tcp_idle_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut stream = match tokio::time::timeout(idle, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    _ => {
+                        tracing::debug!(client = %src, "dns-over-tls handshake failed or timed out");
+                        return;
+                    }
+                };
+                let chain = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>());
+                let who = attribute(chain);
+                loop {
+                    let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
+                    let mut msg = vec![0u8; usize::from(len)];
+                    if !matches!(tokio::time::timeout(idle, stream.read_exact(&mut msg)).await, Ok(Ok(_))) {
+                        return;
+                    }
+                    if !me.admit(&limiter, src.ip()) {
+                        return;
+                    }
+                    let attribution = who().await;
+                    let Some(out) = me.answer_for(&msg, src.ip(), false, attribution).await else { return };
+                    let Ok(n) = u16::try_from(out.len()) else { return };
+                    let mut framed = Vec::with_capacity(out.len() + 2);
+                    framed.extend_from_slice(&n.to_be_bytes());
+                    framed.extend_from_slice(&out);
+                    if stream.write_all(&framed).await.is_err() || stream.flush().await.is_err() {
                         return;
                     }
                 }

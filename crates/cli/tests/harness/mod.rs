@@ -44,6 +44,8 @@ pub struct Server {
     pub admin: SocketAddr,
     /// The DNS port (UDP and TCP), when enabled.
     pub dns: Option<SocketAddr>,
+    /// DNS over TLS, when enabled.
+    pub dot: Option<SocketAddr>,
 }
 
 pub fn data_dir(dir: &Path) -> PathBuf {
@@ -96,10 +98,13 @@ impl Server {
         let mut device = None;
         let mut admin = None;
         let mut dns = None;
+        let mut dot = None;
         while device.is_none() || admin.is_none() {
             let line = lines.next().expect("server exited before listening").expect("read stdout");
             let addr: Option<SocketAddr> = line.rsplit(' ').next().and_then(|a| a.parse().ok());
-            if line.contains("dns (udp, tcp)") {
+            if line.contains("dns over tls") {
+                dot = addr;
+            } else if line.contains("dns (udp, tcp)") {
                 dns = addr;
             } else if line.contains("device port") {
                 device = addr;
@@ -115,6 +120,7 @@ impl Server {
             device: device.expect("device addr"),
             admin: admin.expect("admin addr"),
             dns,
+            dot,
         }
     }
 
