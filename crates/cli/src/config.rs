@@ -87,7 +87,9 @@ impl Default for RawDnsCache {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawList {
-    path: PathBuf,
+    path: Option<PathBuf>,
+    url: Option<String>,
+    refresh: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,8 +242,24 @@ pub struct DnsConfig {
     pub log_retention: Duration,
     /// …and beyond this many rows the oldest are.
     pub log_max_rows: u64,
-    pub lists: Vec<(String, PathBuf)>,
+    pub lists: Vec<ListSource>,
     pub policies: Vec<DnsPolicyConfig>,
+}
+
+/// Where a list comes from and how often it is read again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListSource {
+    pub name: String,
+    pub from: ListFrom,
+    /// Read again this often (files: 1 minute; URLs: 1 day, unless set).
+    pub refresh: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListFrom {
+    File(PathBuf),
+    /// http or https; the last good copy is kept in the data dir.
+    Url(String),
 }
 
 #[derive(Debug, Clone)]
@@ -332,7 +350,26 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
         log_queries: raw.log_queries,
         log_retention: dur("dns.log_retention", &raw.log_retention)?,
         log_max_rows: raw.log_max_rows.max(1),
-        lists: raw.lists.into_iter().map(|(n, l)| (n, dir.join(l.path))).collect(),
+        lists: raw
+            .lists
+            .into_iter()
+            .map(|(name, l)| {
+                let key = |k: &str| format!("config key dns.lists.{name}.{k}");
+                let (from, default_refresh) = match (l.path, l.url) {
+                    (Some(p), None) => (ListFrom::File(dir.join(p)), Duration::from_secs(60)),
+                    (None, Some(u)) if u.starts_with("http://") || u.starts_with("https://") => {
+                        (ListFrom::Url(u), Duration::from_secs(86_400))
+                    }
+                    (None, Some(u)) => bail!("{}: {u:?} is not an http(s) URL", key("url")),
+                    _ => bail!("config key dns.lists.{name}: give exactly one of path or url"),
+                };
+                let refresh = match l.refresh {
+                    Some(r) => dur(&key("refresh"), &r)?,
+                    None => default_refresh,
+                };
+                Ok(ListSource { name, from, refresh })
+            })
+            .collect::<anyhow::Result<_>>()?,
         policies: raw
             .policies
             .into_iter()

@@ -8,24 +8,221 @@ use anyhow::Context;
 use portcullis_dns::{DomainSet, Policy, PolicyTable};
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::config::DnsConfig;
+use std::path::PathBuf;
 
-/// Reads every list and builds the policies; any unreadable list fails the whole table
-/// (the caller keeps the previous one). Junk lines are counted and logged, never fatal.
-pub fn policy_table(cfg: &DnsConfig) -> anyhow::Result<PolicyTable> {
-    let mut lists: HashMap<&str, Arc<DomainSet>> = HashMap::new();
-    for (name, path) in &cfg.lists {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("dns list {name:?}: cannot read {}", path.display()))?;
-        let (set, stats) = DomainSet::parse(&text);
-        tracing::info!(list = %name, path = %path.display(), entries = stats.entries, comments = stats.comments,
-            junk = stats.junk, "dns list loaded");
-        if stats.junk > 0 {
-            tracing::warn!(list = %name, junk = stats.junk, examples = ?stats.junk_examples,
-                "dns list has lines that are no rule; skipped");
-        }
-        lists.insert(name, Arc::new(set));
+use crate::config::{DnsConfig, ListFrom, ListSource};
+
+/// The lists in force and where they come from. Each refresh builds the new list beside
+/// the old one and swaps the whole policy table at once: no query ever sees a half-built
+/// list, and the old list's memory goes when the last query using it finishes.
+pub struct DnsLists {
+    state: std::sync::Mutex<ListState>,
+    cache_dir: PathBuf,
+}
+
+#[derive(Default)]
+struct ListState {
+    cfg: Option<DnsConfig>,
+    sets: HashMap<String, (Arc<DomainSet>, u64)>,
+    next: HashMap<String, std::time::Instant>,
+}
+
+fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+fn parse_list(name: &str, text: &str) -> Arc<DomainSet> {
+    let (set, stats) = DomainSet::parse(text);
+    tracing::info!(list = %name, entries = stats.entries, comments = stats.comments, junk = stats.junk,
+        "dns list loaded");
+    if stats.junk > 0 {
+        tracing::warn!(list = %name, junk = stats.junk, examples = ?stats.junk_examples,
+            "dns list has lines that are no rule; skipped");
     }
+    Arc::new(set)
+}
+
+impl DnsLists {
+    /// Reads the file lists and the last good copies of URL lists (fetched again at the
+    /// first refresh), and builds the policies.
+    pub fn new(cfg: &DnsConfig, cache_dir: PathBuf) -> anyhow::Result<(Self, PolicyTable)> {
+        let me = Self { state: std::sync::Mutex::new(ListState::default()), cache_dir };
+        let table = me.reconfigure(cfg)?;
+        Ok((me, table))
+    }
+
+    fn cache_file(&self, name: &str) -> PathBuf {
+        self.cache_dir.join(format!("{name}.txt"))
+    }
+
+    /// Applies a (re)loaded configuration: file lists are read now; URL lists keep their
+    /// current copy (or the cached one) until their refresh. Any unreadable file fails
+    /// the whole reload and changes nothing.
+    pub fn reconfigure(&self, cfg: &DnsConfig) -> anyhow::Result<PolicyTable> {
+        let mut st = self.state.lock().map_err(|_| anyhow::anyhow!("dns lists lock poisoned"))?;
+        let mut sets = HashMap::new();
+        let mut next = HashMap::new();
+        let now = std::time::Instant::now();
+        for src in &cfg.lists {
+            let (set, due) = match &src.from {
+                ListFrom::File(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| {
+                        format!("dns list {:?}: cannot read {}", src.name, path.display())
+                    })?;
+                    let d = digest(&text);
+                    let set = match st.sets.get(&src.name) {
+                        Some((s, old)) if *old == d => s.clone(),
+                        _ => parse_list(&src.name, &text),
+                    };
+                    ((set, d), now + src.refresh)
+                }
+                ListFrom::Url(url) => {
+                    let kept = st.sets.get(&src.name).cloned().or_else(|| {
+                        let text = std::fs::read_to_string(self.cache_file(&src.name)).ok()?;
+                        tracing::info!(list = %src.name, url = %url, "dns list: using the last good copy until it is fetched");
+                        Some((parse_list(&src.name, &text), digest(&text)))
+                    });
+                    match kept {
+                        Some(k) => (k, st.next.get(&src.name).copied().unwrap_or(now)),
+                        None => ((Arc::new(DomainSet::new()), 0), now),
+                    }
+                }
+            };
+            sets.insert(src.name.clone(), set);
+            next.insert(src.name.clone(), due);
+        }
+        let table = policy_table(cfg, &sets)?;
+        *st = ListState { cfg: Some(cfg.clone()), sets, next };
+        Ok(table)
+    }
+
+    /// Reads every list whose refresh is due; returns a new policy table if any changed.
+    pub async fn refresh_due(&self) -> Option<PolicyTable> {
+        let (cfg, due) = {
+            let st = self.state.lock().ok()?;
+            let cfg = st.cfg.clone()?;
+            let now = std::time::Instant::now();
+            let due: Vec<ListSource> = cfg
+                .lists
+                .iter()
+                .filter(|s| st.next.get(&s.name).is_none_or(|t| *t <= now))
+                .cloned()
+                .collect();
+            (cfg, due)
+        };
+        if due.is_empty() {
+            return None;
+        }
+        let mut fresh = Vec::new();
+        for src in &due {
+            let text = match &src.from {
+                ListFrom::File(p) => {
+                    tokio::fs::read_to_string(p).await.map_err(|e| format!("{}: {e}", p.display()))
+                }
+                ListFrom::Url(u) => fetch(u).await,
+            };
+            let retry = match &text {
+                Ok(_) => src.refresh,
+                // A list that cannot be read keeps its current copy; try again in a minute.
+                Err(_) => src.refresh.min(std::time::Duration::from_secs(60)),
+            };
+            if let Ok(mut st) = self.state.lock() {
+                st.next.insert(src.name.clone(), std::time::Instant::now() + retry);
+            }
+            match text {
+                Ok(t) => {
+                    if let ListFrom::Url(_) = src.from {
+                        let _ = std::fs::create_dir_all(&self.cache_dir);
+                        let tmp = self.cache_file(&format!(".{}", src.name));
+                        if std::fs::write(&tmp, &t).is_ok() {
+                            let _ = std::fs::rename(&tmp, self.cache_file(&src.name));
+                        }
+                    }
+                    fresh.push((src.name.clone(), t));
+                }
+                Err(e) => {
+                    tracing::error!(list = %src.name, error = %e, "dns list could not be read; keeping the current copy")
+                }
+            }
+        }
+        let mut changed = Vec::new();
+        for (name, text) in fresh {
+            let d = digest(&text);
+            let same =
+                self.state.lock().ok().is_some_and(|st| st.sets.get(&name).is_some_and(|(_, old)| *old == d));
+            if same {
+                continue;
+            }
+            // Parsing a big list takes a while: off the async threads.
+            let n = name.clone();
+            let Ok(set) = tokio::task::spawn_blocking(move || parse_list(&n, &text)).await else { continue };
+            changed.push((name, (set, d)));
+        }
+        if changed.is_empty() {
+            return None;
+        }
+        let mut st = self.state.lock().ok()?;
+        for (name, set) in changed {
+            st.sets.insert(name, set);
+        }
+        match policy_table(&cfg, &st.sets) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "dns policies could not be rebuilt; the previous ones keep serving");
+                None
+            }
+        }
+    }
+}
+
+/// GETs a list over http(s) (system roots), at most 256 MiB, within 60 s.
+async fn fetch(url: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in rustls_native_certs::load_native_certs().certs {
+            let _ = r.add(c);
+        }
+        r
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url}: not a URL"))?;
+    let work = async {
+        let resp = client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url}: HTTP {}", resp.status()));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), 256 << 20)
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), work)
+        .await
+        .map_err(|_| format!("{url}: no complete answer within 60 s"))?
+}
+
+/// Builds the policies over the given lists.
+fn policy_table(
+    cfg: &DnsConfig,
+    lists: &HashMap<String, (Arc<DomainSet>, u64)>,
+) -> anyhow::Result<PolicyTable> {
     let mut table = PolicyTable::default();
     let mut by_name: HashMap<&str, Arc<Policy>> = HashMap::new();
     for p in &cfg.policies {
@@ -46,7 +243,7 @@ pub fn policy_table(cfg: &DnsConfig) -> anyhow::Result<PolicyTable> {
             lists: p
                 .lists
                 .iter()
-                .filter_map(|l| lists.get(l.as_str()).map(|s| (l.clone(), s.clone())))
+                .filter_map(|l| lists.get(l.as_str()).map(|(s, _)| (l.clone(), s.clone())))
                 .collect(),
             allow: rules("allow", &p.allow)?,
             deny: rules("deny", &p.deny)?,
@@ -64,6 +261,26 @@ pub fn policy_table(cfg: &DnsConfig) -> anyhow::Result<PolicyTable> {
     table.default = cfg.default_policy.as_deref().and_then(|n| by_name.get(n).cloned());
     table.unknown = cfg.unknown_clients.as_deref().and_then(|n| by_name.get(n).cloned());
     Ok(table)
+}
+
+/// Refreshes the lists as they fall due and swaps in the new policies.
+pub fn spawn_list_refresh(
+    lists: Arc<DnsLists>,
+    resolver: Arc<portcullis_dns::Resolver>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Some(table) = lists.refresh_due().await {
+                resolver.replace(table);
+                tracing::info!("dns lists refreshed; policies swapped");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    })
 }
 
 /// Binds UDP and TCP on the same address (port 0: one free port for both).

@@ -61,9 +61,11 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     // The DNS helpers stop after the listeners, so the last queries reach the log.
     let (dns_stop_tx, dns_stop_rx) = watch::channel(false);
     let mut dns_tasks = Vec::new();
+    let mut dns_lists = None;
     let dns = match &cfg.dns {
         Some(d) => {
-            let table = crate::dns::policy_table(d)?;
+            let (lists, table) = crate::dns::DnsLists::new(d, cfg.data_dir.join("dns-lists"))?;
+            let lists = Arc::new(lists);
             let (udp, tcp) = crate::dns::bind(d.addr).await?;
             let (identify, attribution) =
                 crate::dns::attribution(authority.clone(), dns_stop_rx.clone()).await?;
@@ -90,6 +92,12 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 ),
                 None => None,
             };
+            dns_tasks.push(crate::dns::spawn_list_refresh(
+                lists.clone(),
+                resolver.clone(),
+                dns_stop_rx.clone(),
+            ));
+            dns_lists = Some(lists);
             Some((resolver, udp, tcp, d.per_client, dot))
         }
         None => None,
@@ -125,8 +133,8 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         Arc::new(move || {
             let fresh = Config::load(config_path.as_deref()).map_err(|e| format!("{e:#}"))?;
             let table = RouteTable::try_new(fresh.routes).map_err(|e| e.to_string())?;
-            let policies = match (&resolver, &fresh.dns) {
-                (Some(_), Some(d)) => Some(crate::dns::policy_table(d).map_err(|e| format!("{e:#}"))?),
+            let policies = match (&dns_lists, &fresh.dns) {
+                (Some(l), Some(d)) => Some(l.reconfigure(d).map_err(|e| format!("{e:#}"))?),
                 _ => None,
             };
             if let (Some(r), Some(p)) = (&resolver, policies) {

@@ -364,3 +364,137 @@ mode = "blocklist"
     }
     assert!(log.contains("device is not active"), "{log}");
 }
+
+/// A one-file HTTP server on 127.0.0.1 whose body can be changed; counts GETs.
+struct ListServer {
+    addr: std::net::SocketAddr,
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Answer 503 from now on.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ListServer {
+    fn start(body: &str) -> Self {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let body = std::sync::Arc::new(std::sync::Mutex::new(body.to_owned()));
+        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, g, f) = (body.clone(), gets.clone(), failing.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let text = b.lock().unwrap().clone();
+                if f.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        Self { addr, body, gets, failing }
+    }
+}
+
+/// `allowed.test A` with the given id, as a raw UDP query.
+fn raw_query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07allowed\x04test\x00\x00\x01\x00\x01");
+    q
+}
+
+#[test]
+fn lists_from_urls_and_files_refresh_with_an_atomic_swap() {
+    let up = DnsUpstream::start();
+    let web = ListServer::start("||ads.test^\n");
+    let dir = tempfile::tempdir().unwrap().keep();
+    let file = dir.join("local.txt");
+    std::fs::write(&file, "# nothing yet\n").unwrap();
+    let cfg = format!(
+        r#"
+[dns]
+upstreams = ["{up}"]
+unknown_clients = "lobby"
+per_client = {{ per_second = 1000000, burst = 1000000 }}
+
+[dns.lists.remote]
+url = "http://{web}/ads.txt"
+refresh = "1s"
+
+[dns.lists.local]
+path = "{file}"
+refresh = "1s"
+
+[[dns.policies]]
+name = "lobby"
+mode = "blocklist"
+lists = ["remote", "local"]
+"#,
+        up = up.addr,
+        web = web.addr,
+        file = file.display()
+    );
+    let s = Server::start_with_config(&cfg);
+    let wait_for = |name: &str, want: &str| {
+        for _ in 0..60 {
+            if status(&dig(&s, &[name, "A"])) == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{name} never became {want}");
+    };
+    // Fetched at start; a copy is kept in the data dir for the next start.
+    wait_for("ads.test", "NXDOMAIN");
+    assert!(std::fs::read_to_string(s.data_dir().join("dns-lists/remote.txt")).unwrap().contains("ads.test"));
+    // Both change while queries keep coming: every answer is a whole one.
+    let dns = s.dns.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, target) = (stop.clone(), dns);
+    let load = std::thread::spawn(move || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (mut ok, mut bad) = (0u32, 0u32);
+        let mut id = 0u16;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            id = id.wrapping_add(1);
+            sock.send_to(&raw_query(id), target).unwrap();
+            let mut buf = [0u8; 512];
+            match sock.recv_from(&mut buf) {
+                Ok((n, _)) if n > 12 && buf[..2] == id.to_be_bytes() && buf[3] & 0x0f == 0 => ok += 1,
+                _ => bad += 1,
+            }
+        }
+        (ok, bad)
+    });
+    *web.body.lock().unwrap() = "||tracker.test^\n".into();
+    std::fs::write(&file, "0.0.0.0 local-ad.test\n").unwrap();
+    wait_for("tracker.test", "NXDOMAIN");
+    wait_for("local-ad.test", "NXDOMAIN");
+    wait_for("ads.test", "NOERROR");
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, bad) = load.join().unwrap();
+    assert!(ok > 100, "{ok} answers");
+    assert_eq!(bad, 0, "{bad} of {} queries failed during refreshes", ok + bad);
+    assert!(web.gets.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+
+    // The list server fails: the current copy keeps serving.
+    web.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = web.gets.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(web.gets.load(std::sync::atomic::Ordering::SeqCst) > before, "refresh was tried");
+    assert_eq!(status(&dig(&s, &["tracker.test", "A"])), "NXDOMAIN");
+}

@@ -84,6 +84,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--dns-addr",
                 "127.0.0.1:0",
+                "--dot-addr",
+                "127.0.0.1:0",
             ])
             .env("PORTCULLIS_LOG", if log.is_some() { "debug" } else { "warn" })
             .stdout(Stdio::piped())
