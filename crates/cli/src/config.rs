@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -31,6 +32,7 @@ struct RawDns {
     addr: String,
     dot_addr: Option<String>,
     upstreams: Option<Vec<String>>,
+    upstream_ca: Option<PathBuf>,
     upstream_timeout: String,
     unknown_clients: String,
     default_policy: Option<String>,
@@ -50,6 +52,7 @@ impl Default for RawDns {
             addr: "127.0.0.1:5353".into(),
             dot_addr: Some("127.0.0.1:8853".into()),
             upstreams: None,
+            upstream_ca: None,
             upstream_timeout: "2s".into(),
             unknown_clients: "refuse".into(),
             default_policy: None,
@@ -228,7 +231,10 @@ pub struct DnsConfig {
     pub addr: SocketAddr,
     /// DNS over TLS; `None` when set to "" (off).
     pub dot_addr: Option<SocketAddr>,
-    pub upstreams: Vec<SocketAddr>,
+    /// `IP[:port]`, `tls://IP[:port]#name`, `https://host/path`.
+    pub upstreams: Vec<String>,
+    /// CA certificates (PEM) for DoT/DoH upstreams instead of the system roots.
+    pub upstream_ca: Option<PathBuf>,
     pub upstream_timeout: Duration,
     /// Policy for queries no device is attributed to; `None`: refused.
     pub unknown_clients: Option<String>,
@@ -289,17 +295,14 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
         return Ok(None);
     }
     let upstreams = match raw.upstreams {
-        None => system_resolvers(),
-        Some(list) => list
-            .iter()
-            .map(|u| {
-                u.parse::<SocketAddr>()
-                    .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                    .with_context(|| {
-                        format!("config key dns.upstreams: {u:?} is not an address like 192.0.2.1:53")
-                    })
-            })
-            .collect::<anyhow::Result<_>>()?,
+        None => system_resolvers().iter().map(ToString::to_string).collect(),
+        Some(list) => {
+            let none = Arc::new(rustls::RootCertStore::empty());
+            for u in &list {
+                portcullis_dns::Upstream::parse(u, &none).context("config key dns.upstreams")?;
+            }
+            list
+        }
     };
     let names: Vec<&str> = raw.policies.iter().map(|p| p.name.as_str()).collect();
     for (i, p) in raw.policies.iter().enumerate() {
@@ -329,6 +332,7 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
     };
     Ok(Some(DnsConfig {
         addr: addr("dns.addr", &raw.addr)?,
+        upstream_ca: raw.upstream_ca.map(|p| dir.join(p)),
         dot_addr: match raw.dot_addr.as_deref() {
             None | Some("") => None,
             Some(a) => Some(addr("dns.dot_addr", a)?),

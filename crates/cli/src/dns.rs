@@ -610,3 +610,30 @@ async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum
         None => doh_problem(axum::http::StatusCode::BAD_REQUEST, "not a DNS query"),
     }
 }
+
+/// The configured upstreams; DoT and DoH ones verified against `upstream_ca` or the
+/// system roots.
+pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<portcullis_dns::Upstream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.upstream_ca {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let pem = std::fs::read(path)
+                .with_context(|| format!("dns.upstream_ca: cannot read {}", path.display()))?;
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.with_context(|| format!("dns.upstream_ca: {}", path.display()))?)?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "dns.upstream_ca: no certificate in {}", path.display());
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let roots = Arc::new(roots);
+    cfg.upstreams
+        .iter()
+        .map(|u| portcullis_dns::Upstream::parse(u, &roots).map_err(anyhow::Error::from))
+        .collect()
+}

@@ -76,7 +76,10 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 portcullis_dns::Resolver::new(
                     table,
                     identify,
-                    portcullis_dns::Upstreams { servers: d.upstreams.clone(), timeout: d.upstream_timeout },
+                    portcullis_dns::Upstreams {
+                        servers: crate::dns::upstreams(d)?,
+                        timeout: d.upstream_timeout,
+                    },
                     portcullis_dns::Cache::new(d.cache),
                 )
                 .on_query(on_query),

@@ -498,3 +498,35 @@ lists = ["remote", "local"]
     assert!(web.gets.load(std::sync::atomic::Ordering::SeqCst) > before, "refresh was tried");
     assert_eq!(status(&dig(&s, &["tracker.test", "A"])), "NXDOMAIN");
 }
+
+#[test]
+fn encrypted_upstreams_dot_and_doh_are_verified() {
+    // Instance B: an open resolver in front of the test upstream, reachable over DoT and DoH.
+    let up = DnsUpstream::start();
+    let b = Server::start_with_config(&format!(
+        "[dns]\nupstreams = [\"{}\"]\nunknown_clients = \"open\"\n[[dns.policies]]\nname = \"open\"\nmode = \"blocklist\"\n",
+        up.addr
+    ));
+    let (b_root, _) = b.ca_files();
+    let b_dot = b.dot.unwrap();
+    let through = |upstreams: &str, ca: bool| -> Server {
+        let ca_line = if ca { format!("upstream_ca = \"{}\"\n", b_root.display()) } else { String::new() };
+        Server::start_with_config(&format!(
+            "[dns]\nupstreams = [{upstreams}]\n{ca_line}upstream_timeout = \"1s\"\nunknown_clients = \"open\"\n[[dns.policies]]\nname = \"open\"\nmode = \"blocklist\"\n"
+        ))
+    };
+    // Over DoT, after a first DoT upstream that refuses connections (failover).
+    let a = through(&format!("\"tls://127.0.0.1:1#localhost\", \"tls://{b_dot}#localhost\""), true);
+    let out = dig(&a, &["allowed.test", "A"]);
+    assert!(out.contains("192.0.2.1"), "{out}");
+    assert_eq!(up.asked("allowed.test."), 1);
+    // Over DoH (RFC 8484 POST) to B's device port.
+    let a = through(&format!("\"https://localhost:{}/dns-query\"", b.device.port()), true);
+    let out = dig(&a, &["short.test", "A"]);
+    assert!(out.contains("192.0.2.4"), "{out}");
+    assert_eq!(up.asked("short.test."), 1);
+    // An upstream whose certificate is not trusted is never used.
+    let a = through(&format!("\"tls://{b_dot}#localhost\""), false);
+    assert_eq!(status(&dig(&a, &["gone.test", "A"])), "SERVFAIL");
+    assert_eq!(up.asked("gone.test."), 0);
+}

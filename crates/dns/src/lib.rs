@@ -19,4 +19,4 @@ pub use server::{
     Attribution, Client, ConnAttribution, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig,
     Stats, TlsAttribution,
 };
-pub use upstream::{UpstreamError, Upstreams};
+pub use upstream::{BadUpstream, Upstream, UpstreamError, Upstreams};
