@@ -47,14 +47,14 @@ pub enum Upstream {
         /// Client TLS (ALPN `dot`).
         tls: tokio_rustls::TlsConnector,
         /// The kept-alive connection.
-        conn: tokio::sync::Mutex<Option<TlsStream<TcpStream>>>,
+        conn: Box<tokio::sync::Mutex<Option<TlsStream<TcpStream>>>>,
     },
     /// DNS over HTTPS (POST).
     Https {
         /// The URL, e.g. `https://dns.example/dns-query`.
         url: http::Uri,
         /// Pooled client.
-        client: HttpsClient,
+        client: Box<HttpsClient>,
     },
 }
 
@@ -94,7 +94,7 @@ impl Upstream {
                 None => ServerName::from(addr.ip()),
             };
             let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&[b"dot"])?));
-            return Ok(Self::Tls { addr, name, tls, conn: tokio::sync::Mutex::new(None) });
+            return Ok(Self::Tls { addr, name, tls, conn: Box::new(tokio::sync::Mutex::new(None)) });
         }
         if spec.starts_with("https://") {
             let url: http::Uri = spec.parse().map_err(|_| bad())?;
@@ -111,7 +111,7 @@ impl Upstream {
             let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(https);
-            return Ok(Self::Https { url, client });
+            return Ok(Self::Https { url, client: Box::new(client) });
         }
         let addr = spec
             .parse::<SocketAddr>()
