@@ -18,6 +18,60 @@ use crate::config::{DnsConfig, ListFrom, ListSource};
 pub struct DnsLists {
     state: std::sync::Mutex<ListState>,
     cache_dir: PathBuf,
+    builder: ListBuilder,
+}
+
+enum BuildJob {
+    Parse(String, String, std::sync::mpsc::Sender<Arc<DomainSet>>),
+    Retire(Arc<DomainSet>),
+}
+
+/// One thread builds every list and frees every replaced one, once no policy table
+/// holds it any more. The allocator then gets the old list's memory back on the thread
+/// that allocated it and returns it to the system, so a refresh does not ratchet memory up
+/// (freed on another, idle thread, it would linger).
+#[derive(Clone)]
+struct ListBuilder {
+    jobs: std::sync::mpsc::Sender<BuildJob>,
+}
+
+impl ListBuilder {
+    fn start() -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<BuildJob>();
+        let spawned = std::thread::Builder::new().name("dns-lists".into()).spawn(move || {
+            let mut retired: Vec<Arc<DomainSet>> = Vec::new();
+            loop {
+                match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                    Ok(BuildJob::Parse(name, text, reply)) => {
+                        let _ = reply.send(parse_list(&name, &text));
+                    }
+                    Ok(BuildJob::Retire(set)) => retired.push(set),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                // The last owner drops it, here.
+                retired.retain(|s| Arc::strong_count(s) > 1);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "dns: cannot start the list thread; lists are built in place");
+        }
+        Self { jobs }
+    }
+
+    /// Parses on the list thread (in place if it is gone).
+    fn parse(&self, name: &str, text: String) -> Arc<DomainSet> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        match self.jobs.send(BuildJob::Parse(name.to_owned(), text, tx)) {
+            Ok(()) => rx.recv().unwrap_or_else(|_| Arc::new(DomainSet::new())),
+            Err(std::sync::mpsc::SendError(BuildJob::Parse(_, text, _))) => parse_list(name, &text),
+            Err(_) => Arc::new(DomainSet::new()),
+        }
+    }
+
+    fn retire(&self, set: Arc<DomainSet>) {
+        let _ = self.jobs.send(BuildJob::Retire(set));
+    }
 }
 
 #[derive(Default)]
@@ -49,7 +103,11 @@ impl DnsLists {
     /// Reads the file lists and the last good copies of URL lists (fetched again at the
     /// first refresh), and builds the policies.
     pub fn new(cfg: &DnsConfig, cache_dir: PathBuf) -> anyhow::Result<(Self, PolicyTable)> {
-        let me = Self { state: std::sync::Mutex::new(ListState::default()), cache_dir };
+        let me = Self {
+            state: std::sync::Mutex::new(ListState::default()),
+            cache_dir,
+            builder: ListBuilder::start(),
+        };
         let table = me.reconfigure(cfg)?;
         Ok((me, table))
     }
@@ -75,7 +133,7 @@ impl DnsLists {
                     let d = digest(&text);
                     let set = match st.sets.get(&src.name) {
                         Some((s, old)) if *old == d => s.clone(),
-                        _ => parse_list(&src.name, &text),
+                        _ => self.builder.parse(&src.name, text),
                     };
                     ((set, d), now + src.refresh)
                 }
@@ -83,7 +141,8 @@ impl DnsLists {
                     let kept = st.sets.get(&src.name).cloned().or_else(|| {
                         let text = std::fs::read_to_string(self.cache_file(&src.name)).ok()?;
                         tracing::info!(list = %src.name, url = %url, "dns list: using the last good copy until it is fetched");
-                        Some((parse_list(&src.name, &text), digest(&text)))
+                        let d = digest(&text);
+                        Some((self.builder.parse(&src.name, text), d))
                     });
                     match kept {
                         Some(k) => (k, st.next.get(&src.name).copied().unwrap_or(now)),
@@ -95,7 +154,10 @@ impl DnsLists {
             next.insert(src.name.clone(), due);
         }
         let table = policy_table(cfg, &sets)?;
-        *st = ListState { cfg: Some(cfg.clone()), sets, next };
+        let old = std::mem::replace(&mut *st, ListState { cfg: Some(cfg.clone()), sets, next });
+        for (_, (set, _)) in old.sets {
+            self.builder.retire(set);
+        }
         Ok(table)
     }
 
@@ -157,8 +219,10 @@ impl DnsLists {
                 continue;
             }
             // Parsing a big list takes a while: off the async threads.
-            let n = name.clone();
-            let Ok(set) = tokio::task::spawn_blocking(move || parse_list(&n, &text)).await else { continue };
+            let (n, builder) = (name.clone(), self.builder.clone());
+            let Ok(set) = tokio::task::spawn_blocking(move || builder.parse(&n, text)).await else {
+                continue;
+            };
             changed.push((name, (set, d)));
         }
         if changed.is_empty() {
@@ -166,7 +230,9 @@ impl DnsLists {
         }
         let mut st = self.state.lock().ok()?;
         for (name, set) in changed {
-            st.sets.insert(name, set);
+            if let Some((old, _)) = st.sets.insert(name, set) {
+                self.builder.retire(old);
+            }
         }
         match policy_table(&cfg, &st.sets) {
             Ok(t) => Some(t),

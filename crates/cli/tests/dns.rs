@@ -530,3 +530,71 @@ fn encrypted_upstreams_dot_and_doh_are_verified() {
     assert_eq!(status(&dig(&a, &["gone.test", "A"])), "SERVFAIL");
     assert_eq!(up.asked("gone.test."), 0);
 }
+
+#[test]
+fn dnspython_over_udp_tcp_and_tls_with_a_client_certificate() {
+    let up = DnsUpstream::start();
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("ads.txt"), "||ads.test^\n").unwrap();
+    let s = Server::start_with_config(&format!(
+        r#"
+[dns]
+upstreams = ["{up}"]
+unknown_clients = "open"
+[dns.lists.ads]
+path = "{ads}"
+[[dns.policies]]
+name = "open"
+mode = "blocklist"
+[[dns.policies]]
+name = "cameras"
+groups = ["cameras"]
+mode = "blocklist"
+lists = ["ads"]
+"#,
+        up = up.addr,
+        ads = dir.join("ads.txt").display()
+    ));
+    let (cert, key) = harness::upstream::enroll(&s, "cam-01", "cameras");
+    let (root, _) = s.ca_files();
+    let (dns, dot) = (s.dns.unwrap(), s.dot.unwrap());
+    let script = format!(
+        r#"
+import ssl, dns.message, dns.query, dns.rcode
+def ask(how, name, **kw):
+    q = dns.message.make_query(name, "A")
+    r = getattr(dns.query, how)(q, "127.0.0.1", timeout=3, **kw)
+    return dns.rcode.to_text(r.rcode()), [a.to_text() for rr in r.answer for a in rr]
+print("udp", *ask("udp", "allowed.test", port={dp}))
+print("tcp", *ask("tcp", "ads.test", port={dp}))
+ctx = ssl.create_default_context(cafile="{root}")
+ctx.load_cert_chain("{cert}", "{key}")
+ctx.set_alpn_protocols(["dot"])
+print("tls", *ask("tls", "ads.test", port={tp}, ssl_context=ctx, server_hostname="localhost"))
+print("tls", *ask("tls", "allowed.test", port={tp}, ssl_context=ctx, server_hostname="localhost"))
+"#,
+        dp = dns.port(),
+        tp = dot.port(),
+        root = root.display(),
+        cert = cert.display(),
+        key = key.display()
+    );
+    let out = Command::new("python3").arg("-c").arg(&script).output().expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dnspython (pip dnspython) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    // By address (unknown client, open policy) over UDP and TCP; by certificate over DoT.
+    assert_eq!(
+        lines,
+        [
+            "udp NOERROR ['192.0.2.1']",
+            "tcp NOERROR ['192.0.2.2']",
+            "tls NXDOMAIN []",
+            "tls NOERROR ['192.0.2.1']"
+        ]
+    );
+}
