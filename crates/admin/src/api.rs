@@ -40,6 +40,8 @@ pub struct GatewayHooks {
     pub describe: Arc<dyn Fn() -> Value + Send + Sync>,
     /// Re-reads the configuration; on error the previous routes keep serving.
     pub reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync>,
+    /// The DNS policies and lists in force, when the DNS port runs.
+    pub dns: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
 }
 
 impl fmt::Debug for GatewayHooks {
@@ -75,6 +77,7 @@ pub fn router(
         .route("/v1/devices/{id}/tokens", post(new_token))
         .route("/v1/devices/{id}/addresses", post(set_addresses))
         .route("/v1/dns/log", get(dns_log))
+        .route("/v1/dns/policies", get(dns_policies))
         .route("/v1/dns/top-blocked", get(dns_top_blocked))
         .route("/v1/certificates", get(list_certificates))
         .route("/v1/groups", get(list_groups))
@@ -362,6 +365,15 @@ impl DnsLogQuery {
             since,
             limit: self.limit,
         })
+    }
+}
+
+async fn dns_policies(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    match gateway(&s)?.dns.as_ref() {
+        Some(describe) => Ok(Json(describe())),
+        None => {
+            Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "dns-not-running", "the DNS port is disabled"))
+        }
     }
 }
 

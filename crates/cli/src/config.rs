@@ -101,6 +101,8 @@ struct RawPolicy {
     name: String,
     #[serde(default)]
     groups: Vec<String>,
+    #[serde(default)]
+    devices: Vec<String>,
     mode: portcullis_dns::Mode,
     #[serde(default)]
     lists: Vec<String>,
@@ -272,6 +274,8 @@ pub enum ListFrom {
 pub struct DnsPolicyConfig {
     pub name: String,
     pub groups: Vec<String>,
+    /// Devices that get this policy whatever their group.
+    pub devices: Vec<String>,
     pub mode: portcullis_dns::Mode,
     pub lists: Vec<String>,
     pub allow: Vec<String>,
@@ -380,6 +384,7 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
             .map(|p| DnsPolicyConfig {
                 name: p.name,
                 groups: p.groups,
+                devices: p.devices,
                 mode: p.mode,
                 lists: p.lists,
                 allow: p.allow,

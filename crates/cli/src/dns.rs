@@ -22,7 +22,7 @@ pub struct DnsLists {
 }
 
 enum BuildJob {
-    Parse(String, String, std::sync::mpsc::Sender<Arc<DomainSet>>),
+    Parse(String, String, std::sync::mpsc::Sender<(Arc<DomainSet>, portcullis_dns::ListStats)>),
     Retire(Arc<DomainSet>),
 }
 
@@ -60,12 +60,12 @@ impl ListBuilder {
     }
 
     /// Parses on the list thread (in place if it is gone).
-    fn parse(&self, name: &str, text: String) -> Arc<DomainSet> {
+    fn parse(&self, name: &str, text: String) -> (Arc<DomainSet>, portcullis_dns::ListStats) {
         let (tx, rx) = std::sync::mpsc::channel();
         match self.jobs.send(BuildJob::Parse(name.to_owned(), text, tx)) {
-            Ok(()) => rx.recv().unwrap_or_else(|_| Arc::new(DomainSet::new())),
+            Ok(()) => rx.recv().unwrap_or_default(),
             Err(std::sync::mpsc::SendError(BuildJob::Parse(_, text, _))) => parse_list(name, &text),
-            Err(_) => Arc::new(DomainSet::new()),
+            Err(_) => Default::default(),
         }
     }
 
@@ -78,6 +78,7 @@ impl ListBuilder {
 struct ListState {
     cfg: Option<DnsConfig>,
     sets: HashMap<String, (Arc<DomainSet>, u64)>,
+    stats: HashMap<String, portcullis_dns::ListStats>,
     next: HashMap<String, std::time::Instant>,
 }
 
@@ -88,7 +89,7 @@ fn digest(text: &str) -> u64 {
     h.finish()
 }
 
-fn parse_list(name: &str, text: &str) -> Arc<DomainSet> {
+fn parse_list(name: &str, text: &str) -> (Arc<DomainSet>, portcullis_dns::ListStats) {
     let (set, stats) = DomainSet::parse(text);
     tracing::info!(list = %name, entries = stats.entries, comments = stats.comments, junk = stats.junk,
         "dns list loaded");
@@ -96,7 +97,7 @@ fn parse_list(name: &str, text: &str) -> Arc<DomainSet> {
         tracing::warn!(list = %name, junk = stats.junk, examples = ?stats.junk_examples,
             "dns list has lines that are no rule; skipped");
     }
-    Arc::new(set)
+    (Arc::new(set), stats)
 }
 
 impl DnsLists {
@@ -123,6 +124,7 @@ impl DnsLists {
         let mut st = self.state.lock().map_err(|_| anyhow::anyhow!("dns lists lock poisoned"))?;
         let mut sets = HashMap::new();
         let mut next = HashMap::new();
+        let mut stats = HashMap::new();
         let now = std::time::Instant::now();
         for src in &cfg.lists {
             let (set, due) = match &src.from {
@@ -132,8 +134,17 @@ impl DnsLists {
                     })?;
                     let d = digest(&text);
                     let set = match st.sets.get(&src.name) {
-                        Some((s, old)) if *old == d => s.clone(),
-                        _ => self.builder.parse(&src.name, text),
+                        Some((s, old)) if *old == d => {
+                            if let Some(known) = st.stats.get(&src.name) {
+                                stats.insert(src.name.clone(), known.clone());
+                            }
+                            s.clone()
+                        }
+                        _ => {
+                            let (set, found) = self.builder.parse(&src.name, text);
+                            stats.insert(src.name.clone(), found);
+                            set
+                        }
                     };
                     ((set, d), now + src.refresh)
                 }
@@ -142,8 +153,13 @@ impl DnsLists {
                         let text = std::fs::read_to_string(self.cache_file(&src.name)).ok()?;
                         tracing::info!(list = %src.name, url = %url, "dns list: using the last good copy until it is fetched");
                         let d = digest(&text);
-                        Some((self.builder.parse(&src.name, text), d))
+                        let (set, found) = self.builder.parse(&src.name, text);
+                        stats.insert(src.name.clone(), found);
+                        Some((set, d))
                     });
+                    if let Some(known) = st.stats.get(&src.name) {
+                        stats.entry(src.name.clone()).or_insert_with(|| known.clone());
+                    }
                     match kept {
                         Some(k) => (k, st.next.get(&src.name).copied().unwrap_or(now)),
                         None => ((Arc::new(DomainSet::new()), 0), now),
@@ -154,7 +170,7 @@ impl DnsLists {
             next.insert(src.name.clone(), due);
         }
         let table = policy_table(cfg, &sets)?;
-        let old = std::mem::replace(&mut *st, ListState { cfg: Some(cfg.clone()), sets, next });
+        let old = std::mem::replace(&mut *st, ListState { cfg: Some(cfg.clone()), sets, stats, next });
         for (_, (set, _)) in old.sets {
             self.builder.retire(set);
         }
@@ -220,16 +236,17 @@ impl DnsLists {
             }
             // Parsing a big list takes a while: off the async threads.
             let (n, builder) = (name.clone(), self.builder.clone());
-            let Ok(set) = tokio::task::spawn_blocking(move || builder.parse(&n, text)).await else {
+            let Ok((set, found)) = tokio::task::spawn_blocking(move || builder.parse(&n, text)).await else {
                 continue;
             };
-            changed.push((name, (set, d)));
+            changed.push((name, (set, d), found));
         }
         if changed.is_empty() {
             return None;
         }
         let mut st = self.state.lock().ok()?;
-        for (name, set) in changed {
+        for (name, set, found) in changed {
+            st.stats.insert(name.clone(), found);
             if let Some((old, _)) = st.sets.insert(name, set) {
                 self.builder.retire(old);
             }
@@ -321,6 +338,9 @@ fn policy_table(
         }
         for g in &p.groups {
             table.by_group.insert(g.clone(), policy.clone());
+        }
+        for d in &p.devices {
+            table.by_device.insert(d.clone(), policy.clone());
         }
         by_name.insert(&p.name, policy);
     }
@@ -702,4 +722,59 @@ pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<portcullis_dns::Upstream
         .iter()
         .map(|u| portcullis_dns::Upstream::parse(u, &roots).map_err(anyhow::Error::from))
         .collect()
+}
+
+impl DnsLists {
+    /// The policies and lists in force, for the admin API and CLI.
+    pub fn describe(&self) -> serde_json::Value {
+        let Ok(st) = self.state.lock() else { return serde_json::json!({}) };
+        let Some(cfg) = &st.cfg else { return serde_json::json!({}) };
+        let policies: Vec<_> = cfg
+            .policies
+            .iter()
+            .map(|p| {
+                let otherwise = match p.mode {
+                    portcullis_dns::Mode::Allowlist => "DENIED: only the lists and allow rules resolve",
+                    portcullis_dns::Mode::Blocklist => "resolved",
+                };
+                serde_json::json!({
+                    "name": p.name,
+                    "mode": p.mode,
+                    "groups": p.groups,
+                    "devices": p.devices,
+                    "lists": p.lists,
+                    "allow": p.allow,
+                    "deny": p.deny,
+                    "block": p.block,
+                    "everything_else": otherwise,
+                })
+            })
+            .collect();
+        let lists: Vec<_> = cfg
+            .lists
+            .iter()
+            .map(|l| {
+                let (source, kind) = match &l.from {
+                    ListFrom::File(p) => (p.display().to_string(), "file"),
+                    ListFrom::Url(u) => (u.clone(), "url"),
+                };
+                let stats = st.stats.get(&l.name);
+                serde_json::json!({
+                    "name": l.name,
+                    kind: source,
+                    "refresh_s": l.refresh.as_secs(),
+                    "rules": st.sets.get(&l.name).map_or(0, |(s, _)| s.len()),
+                    "comments": stats.map_or(0, |s| s.comments),
+                    "junk": stats.map_or(0, |s| s.junk),
+                    "junk_examples": stats.map(|s| s.junk_examples.clone()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "policies": policies,
+            "lists": lists,
+            "unknown_clients": cfg.unknown_clients.as_deref().unwrap_or("refuse"),
+            "default_policy": cfg.default_policy,
+        })
+    }
 }

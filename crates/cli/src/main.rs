@@ -167,6 +167,14 @@ enum DnsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The policies (and what each does with names it does not list) and the lists.
+    Policies {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the configuration (DNS policies and lists, gateway routes); on error the
+    /// previous ones keep serving.
+    Reload,
     /// The most often blocked names per device.
     Top {
         #[arg(long)]
@@ -287,6 +295,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DnsCmd::Log { device, blocked, since, limit, json } => {
                     manage::dns_log(&c, device.as_deref(), blocked, since.as_deref(), limit, json).await
                 }
+                DnsCmd::Policies { json } => manage::dns_policies(&c, json).await,
+                DnsCmd::Reload => manage::gateway_reload(&c).await,
                 DnsCmd::Top { device, since, limit, json } => {
                     manage::dns_top(&c, device.as_deref(), since.as_deref(), limit, json).await
                 }

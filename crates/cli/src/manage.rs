@@ -209,6 +209,43 @@ pub async fn dns_log(
     Ok(())
 }
 
+pub async fn dns_policies(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
+    let r = c.get("/v1/dns/policies").await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    let names = |v: &Value| -> String {
+        let items: Vec<&str> = v.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        if items.is_empty() { "-".into() } else { items.join(", ") }
+    };
+    println!("queries from no known device: {}", s(&r, "unknown_clients"));
+    for p in r["policies"].as_array().into_iter().flatten() {
+        println!("policy {} ({})", s(p, "name"), s(p, "mode"));
+        println!("  groups: {}   devices: {}", names(&p["groups"]), names(&p["devices"]));
+        println!(
+            "  lists: {}   allow: {}   deny: {}",
+            names(&p["lists"]),
+            names(&p["allow"]),
+            names(&p["deny"])
+        );
+        println!("  blocked names get: {}", s(p, "block"));
+        println!("  every other name: {}", s(p, "everything_else"));
+    }
+    for l in r["lists"].as_array().into_iter().flatten() {
+        let from = l.get("url").or_else(|| l.get("file")).and_then(Value::as_str).unwrap_or("-");
+        println!(
+            "list {}: {} rules, {} comments, {} junk lines skipped, refreshed every {} s, from {from}",
+            s(l, "name"),
+            l["rules"].as_u64().unwrap_or(0),
+            l["comments"].as_u64().unwrap_or(0),
+            l["junk"].as_u64().unwrap_or(0),
+            l["refresh_s"].as_u64().unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
 pub async fn dns_top(
     c: &AdminClient,
     device: Option<&str>,

@@ -133,6 +133,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     }
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
         let gateway = gateway.clone();
+        let dns_lists = dns_lists.clone();
         Arc::new(move || {
             let fresh = Config::load(config_path.as_deref()).map_err(|e| format!("{e:#}"))?;
             let table = RouteTable::try_new(fresh.routes).map_err(|e| e.to_string())?;
@@ -156,6 +157,9 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
             Arc::new(move || gateway.describe())
         },
         reload: reload.clone(),
+        dns: dns_lists
+            .clone()
+            .map(|l| -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> { Arc::new(move || l.describe()) }),
     };
 
     let dot_config = crate::dns::dot_tls(&tls_config);

@@ -598,3 +598,68 @@ print("tls", *ask("tls", "allowed.test", port={tp}, ssl_context=ctx, server_host
         ]
     );
 }
+
+#[test]
+fn policies_are_shown_overridden_per_device_reloaded_and_rate_limited() {
+    let up = DnsUpstream::start();
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("vendor.txt"), "||allowed.test^\nnot a rule\n").unwrap();
+    let cfg = |extra_device: &str| {
+        format!(
+            r#"
+[dns]
+upstreams = ["{up}"]
+per_client = {{ per_second = 20, burst = 20 }}
+[dns.lists.vendor]
+path = "{vendor}"
+[[dns.policies]]
+name = "cameras"
+groups = ["cameras"]
+mode = "allowlist"
+lists = ["vendor"]
+[[dns.policies]]
+name = "lab"
+devices = [{extra_device}]
+mode = "blocklist"
+"#,
+            up = up.addr,
+            vendor = dir.join("vendor.txt").display()
+        )
+    };
+    let s = Server::start_with_config(&cfg(""));
+    std::fs::write(s.path("portcullis.toml"), cfg("")).unwrap();
+    let p = s.cli_ok(&["dns", "policies"]);
+    assert!(p.contains("policy cameras (allowlist)"), "{p}");
+    assert!(p.contains("every other name: DENIED"), "{p}");
+    assert!(p.contains("list vendor: 1 rules, 0 comments, 1 junk lines skipped"), "{p}");
+    assert!(p.contains("queries from no known device: refuse"), "{p}");
+
+    s.add_device("cam-01", &["--group", "cameras"]);
+    s.cli_ok(&["device", "addresses", "cam-01", "127.0.0.2"]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(status(&dig_from(&s, "127.0.0.2", &["news.test", "A"])), "NXDOMAIN");
+    // A device-level override, by reload: the camera now gets the lab's blocklist.
+    std::fs::write(s.path("portcullis.toml"), cfg("\"cam-01\"")).unwrap();
+    s.cli_ok(&["dns", "reload"]);
+    assert_eq!(status(&dig_from(&s, "127.0.0.2", &["news.test", "A"])), "NOERROR");
+
+    // 20 queries/s with a burst of 20 per address: a flood from one address is cut off,
+    // another address is still answered.
+    let sock = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let dns = s.dns.unwrap();
+    for id in 0..200u16 {
+        sock.send_to(&raw_query(id), dns).unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 512];
+    while sock.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    assert!((15..=40).contains(&answered), "{answered} of 200 answered");
+    assert_eq!(
+        status(&dig_from(&s, "127.0.0.3", &["allowed.test", "A"])),
+        "REFUSED",
+        "other clients still served"
+    );
+}

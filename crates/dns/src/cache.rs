@@ -134,3 +134,53 @@ impl Cache {
         map.insert(Self::key(name, qtype, class), Entry { msg: stored, stored: now, expires: now + life });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{MessageType, OpCode};
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::{A, SOA};
+
+    fn answer(name: &str, ttl: u32) -> (Name, Message) {
+        let n = Name::from_ascii(name).unwrap();
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        m.add_answer(Record::from_rdata(n.clone(), ttl, RData::A(A([192, 0, 2, 1].into()))));
+        (n, m)
+    }
+
+    #[test]
+    fn ttls_clamps_negative_answers_and_the_size_bound() {
+        let cfg = CacheConfig {
+            max_entries: 10,
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(60),
+            max_negative_ttl: Duration::from_secs(30),
+        };
+        let c = Cache::new(cfg);
+        let now = Instant::now();
+        let (n, m) = answer("a.test.", 1);
+        assert_eq!(c.lifetime(&m), Some(Duration::from_secs(5)), "min clamp");
+        let (_, long) = answer("b.test.", 100_000);
+        assert_eq!(c.lifetime(&long), Some(Duration::from_secs(60)), "max clamp");
+        c.put(&n, RecordType::A, DNSClass::IN, &m, now);
+        let got = c.get(&n, RecordType::A, DNSClass::IN, now + Duration::from_secs(3)).unwrap();
+        assert_eq!(got.answers[0].ttl, 0, "TTL counted down, never below 0");
+        assert!(c.get(&n, RecordType::A, DNSClass::IN, now + Duration::from_secs(6)).is_none());
+        // Negative: the SOA's min(TTL, MINIMUM), at most max_negative_ttl; none without a SOA.
+        let mut nx = Message::new(1, MessageType::Response, OpCode::Query);
+        nx.metadata.response_code = ResponseCode::NXDomain;
+        assert_eq!(c.lifetime(&nx), None);
+        let soa = SOA::new(Name::root(), Name::root(), 1, 1, 1, 1, 20);
+        nx.add_authority(Record::from_rdata(Name::root(), 3600, RData::SOA(soa)));
+        assert_eq!(c.lifetime(&nx), Some(Duration::from_secs(20)));
+        // Bounded: 25 names into 10 entries.
+        for i in 0..25 {
+            let (n, m) = answer(&format!("n{i}.test."), 60);
+            c.put(&n, RecordType::A, DNSClass::IN, &m, now);
+            assert!(c.len() <= 10);
+        }
+        let (last, _) = answer("n24.test.", 60);
+        assert!(c.get(&last, RecordType::A, DNSClass::IN, now).is_some(), "the newest entry is kept");
+    }
+}

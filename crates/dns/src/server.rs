@@ -79,6 +79,8 @@ pub type OnQuery = Arc<dyn Fn(QueryEvent) + Send + Sync>;
 /// The policies in force. Replaced whole on reload.
 #[derive(Debug, Default)]
 pub struct PolicyTable {
+    /// By device id: overrides the group's.
+    pub by_device: HashMap<String, Arc<Policy>>,
     /// By group name.
     pub by_group: HashMap<String, Arc<Policy>>,
     /// For devices whose group has no policy.
@@ -278,7 +280,11 @@ impl Resolver {
                 self.emit(event("refused", "device is not active".into(), ResponseCode::Refused, None));
                 return resp;
             }
-            Some(c) => table.by_group.get(&c.group).or(table.default.as_ref()),
+            Some(c) => table
+                .by_device
+                .get(&c.device)
+                .or_else(|| table.by_group.get(&c.group))
+                .or(table.default.as_ref()),
             None => table.unknown.as_ref(),
         };
         let Some(policy) = policy else {
