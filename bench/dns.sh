@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The DNS port with a big blocklist, side by side with unbound (Debian; local-zone
-# always_null, how unbound-based blockers load lists) loading the same names, in one run
-# on this machine. (dnsmasq 2.90 serves as the shared upstream; as a filtering peer with a
-# big hosts file it answered REFUSED, EDE "Not Ready", for over a minute here.)
+# The DNS port with a big blocklist, side by side in one run on this machine with
+# unbound (Debian; each name as `local-zone: "<d>" always_nxdomain`) and dnsmasq (Debian
+# dnsmasq-base, the resolver inside Pi-hole; each name as `address=/<d>/`), all loaded
+# with the same deterministic synthetic list (NXDOMAIN for listed names everywhere):
 #   - load time and memory per listed domain (RSS with the list minus RSS without);
 #   - memory across list refreshes (the old list must be freed after each swap);
 #   - queries/s with dnsperf (Debian dnsperf): half blocked names from the list, half
@@ -11,12 +11,14 @@
 #   [PIN=1] bench/dns.sh [DOMAINS] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-D=${1:-2000000}
+D=${1:-1000000}
 T=${2:-10}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 need dnsmasq dnsmasq-base
 need unbound unbound
+# dnsmasq's start with a big address= list is waited for at most this long.
+DNSMASQ_WAIT=${DNSMASQ_WAIT:-300}
 need dnsperf dnsperf
 need dig dnsutils
 if [ "${PIN:-0}" = 1 ]; then SERVER_CPU="taskset -c 0"; CLIENT_CPU="taskset -c 1"; else SERVER_CPU=""; CLIENT_CPU=""; fi
@@ -36,7 +38,10 @@ with open(f"{work}/block.hosts", "w") as f:
         f.write(f"0.0.0.0 {d}\n")
 with open(f"{work}/block.unbound", "w") as f:
     for d in names:
-        f.write(f'local-zone: "{d}." always_null\n')
+        f.write(f'local-zone: "{d}." always_nxdomain\n')
+with open(f"{work}/block.dnsmasq", "w") as f:
+    for d in names:
+        f.write(f"address=/{d}/\n")
 with open(f"{work}/queries.txt", "w") as f:
     for i in range(20000):
         if i % 2:
@@ -79,7 +84,7 @@ refresh = "5s"
 name = "lobby"
 mode = "blocklist"
 lists = ["big"]
-block = "null"
+block = "nxdomain"
 CONF
 t0=$(date +%s.%N)
 PORTCULLIS_ENV="$SERVER_CPU" start_portcullis "$work/list.toml"
@@ -94,7 +99,7 @@ awk -v a="$t0" -v b="$t1" -v e="$empty_rss" -v f="$full_rss" -v n="$D" 'BEGIN {
 for r in 1 2; do
   echo "0.0.0.0 refresh-$r.example" >>"$work/block.hosts"
   for _ in $(seq 120); do
-    [ "$(dig @127.0.0.1 -p "$dport" +short refresh-$r.example A)" = "0.0.0.0" ] && break
+    dig @127.0.0.1 -p "$dport" refresh-$r.example A | grep -q "status: NXDOMAIN" && break
     sleep 0.5
   done
   just=$(rss_kb "$pid")
@@ -121,7 +126,7 @@ server:
   do-not-query-localhost: no
   module-config: "iterator"
   include: "$work/block.unbound"
-  local-zone: "refresh-1.example." always_null
+  local-zone: "refresh-1.example." always_nxdomain
 forward-zone:
   name: "."
   forward-addr: 127.0.0.1@$up_port
@@ -131,13 +136,36 @@ $SERVER_CPU unbound -c "$work/unbound.conf" 2>"$work/ub.err" &
 ub=$!
 pids+=("$ub")
 for _ in $(seq 3000); do
-  [ "$(dig @127.0.0.1 -p "$ub_port" +short +time=1 +tries=1 refresh-1.example A 2>/dev/null)" = "0.0.0.0" ] && break
+  dig @127.0.0.1 -p "$ub_port" +time=1 +tries=1 refresh-1.example A 2>/dev/null | grep -q "status: NXDOMAIN" && break
   sleep 0.1
 done
 t1=$(date +%s.%N)
 ub_rss=$(rss_kb "$ub")
 awk -v a="$t0" -v b="$t1" -v f="$ub_rss" -v n="$D" 'BEGIN {
   printf "unbound:    start with the list %.1f s; RSS %d MB: %.0f bytes per domain (whole process)\n", b - a, f / 1024, f * 1024 / n }'
+
+# dnsmasq with the same names as address=/<d>/ lines.
+dm_port=$(free_port)
+echo "address=/refresh-1.example/" >>"$work/block.dnsmasq"
+t0=$(date +%s.%N)
+$SERVER_CPU dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$dm_port" --listen-address=127.0.0.1 \
+  --bind-interfaces --server="127.0.0.1#$up_port" --conf-file="$work/block.dnsmasq" --cache-size=10000 \
+  --pid-file="$work/dm.pid" 2>"$work/dm.err" &
+dm=$!
+pids+=("$dm")
+dm_ok=0
+for _ in $(seq $((DNSMASQ_WAIT * 5))); do
+  if dig @127.0.0.1 -p "$dm_port" +time=1 +tries=1 refresh-1.example A 2>/dev/null | grep -q "status: NXDOMAIN"; then dm_ok=1; break; fi
+  sleep 0.2
+done
+t1=$(date +%s.%N)
+if [ "$dm_ok" = 1 ]; then
+  dm_rss=$(rss_kb "$dm")
+  awk -v a="$t0" -v b="$t1" -v f="$dm_rss" -v n="$D" 'BEGIN {
+    printf "dnsmasq:    start with the list %.1f s; RSS %d MB: %.0f bytes per domain (whole process)\n", b - a, f / 1024, f * 1024 / n }'
+else
+  echo "dnsmasq:    not answering NXDOMAIN for a listed name after ${DNSMASQ_WAIT} s; left out ($(tail -1 "$work/dm.err"))"
+fi
 
 echo "== dnsperf, $T s each, queries: half blocked, half allowed (cached after the first)"
 run() {
@@ -146,6 +174,7 @@ run() {
       END {printf "%-34s %10.0f queries/s  avg latency %.3f ms  lost %s\n", name, q, lat * 1000, lost}'
 }
 for r in 1 2 3; do
+  [ "$dm_ok" = 1 ] && run "[$r] dnsmasq (address=)" "$dm_port"
   run "[$r] unbound (local zones)" "$ub_port"
   run "[$r] portcullis (blocklist policy)" "$dport"
 done

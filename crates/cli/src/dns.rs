@@ -21,18 +21,39 @@ pub struct DnsLists {
     builder: ListBuilder,
 }
 
+#[derive(Default)]
+struct ListState {
+    cfg: Option<DnsConfig>,
+    sets: HashMap<String, (Arc<DomainSet>, u64)>,
+    stats: HashMap<String, portcullis_dns::ListStats>,
+    next: HashMap<String, std::time::Instant>,
+}
+
+type Loaded = Result<Option<(Arc<DomainSet>, portcullis_dns::ListStats, u64)>, String>;
+
 enum BuildJob {
-    Parse(String, String, std::sync::mpsc::Sender<(Arc<DomainSet>, portcullis_dns::ListStats)>),
+    Load { name: String, path: PathBuf, known: Option<u64>, reply: std::sync::mpsc::Sender<Loaded> },
     Retire(Arc<DomainSet>),
 }
 
-/// One thread builds every list and frees every replaced one, once no policy table
-/// holds it any more. The allocator then gets the old list's memory back on the thread
-/// that allocated it and returns it to the system, so a refresh does not ratchet memory up
-/// (freed on another, idle thread, it would linger).
+/// One thread reads, builds and frees every list: the file's text, the new list and,
+/// once no policy table holds it any more, the replaced one. The allocator then gets all
+/// of a list's memory back on the thread that allocated it and returns it to the system,
+/// so refreshes do not ratchet memory up (memory freed from another, idle thread lingers).
 #[derive(Clone)]
 struct ListBuilder {
     jobs: std::sync::mpsc::Sender<BuildJob>,
+}
+
+/// Reads `path`; `None` when its digest is `known` (unchanged).
+fn load_list(name: &str, path: &std::path::Path, known: Option<u64>) -> Loaded {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let d = digest(&text);
+    if known == Some(d) {
+        return Ok(None);
+    }
+    let (set, stats) = parse_list(name, &text);
+    Ok(Some((set, stats, d)))
 }
 
 impl ListBuilder {
@@ -42,8 +63,8 @@ impl ListBuilder {
             let mut retired: Vec<Arc<DomainSet>> = Vec::new();
             loop {
                 match rx.recv_timeout(std::time::Duration::from_millis(200)) {
-                    Ok(BuildJob::Parse(name, text, reply)) => {
-                        let _ = reply.send(parse_list(&name, &text));
+                    Ok(BuildJob::Load { name, path, known, reply }) => {
+                        let _ = reply.send(load_list(&name, &path, known));
                     }
                     Ok(BuildJob::Retire(set)) => retired.push(set),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -59,27 +80,19 @@ impl ListBuilder {
         Self { jobs }
     }
 
-    /// Parses on the list thread (in place if it is gone).
-    fn parse(&self, name: &str, text: String) -> (Arc<DomainSet>, portcullis_dns::ListStats) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        match self.jobs.send(BuildJob::Parse(name.to_owned(), text, tx)) {
-            Ok(()) => rx.recv().unwrap_or_default(),
-            Err(std::sync::mpsc::SendError(BuildJob::Parse(_, text, _))) => parse_list(name, &text),
-            Err(_) => Default::default(),
+    /// Reads and parses on the list thread (in place if it is gone); blocks.
+    fn load(&self, name: &str, path: &std::path::Path, known: Option<u64>) -> Loaded {
+        let (reply, rx) = std::sync::mpsc::channel();
+        let job = BuildJob::Load { name: name.to_owned(), path: path.to_owned(), known, reply };
+        match self.jobs.send(job) {
+            Ok(()) => rx.recv().map_err(|_| "the list thread stopped".to_owned())?,
+            Err(_) => load_list(name, path, known),
         }
     }
 
     fn retire(&self, set: Arc<DomainSet>) {
         let _ = self.jobs.send(BuildJob::Retire(set));
     }
-}
-
-#[derive(Default)]
-struct ListState {
-    cfg: Option<DnsConfig>,
-    sets: HashMap<String, (Arc<DomainSet>, u64)>,
-    stats: HashMap<String, portcullis_dns::ListStats>,
-    next: HashMap<String, std::time::Instant>,
 }
 
 fn digest(text: &str) -> u64 {
@@ -127,46 +140,36 @@ impl DnsLists {
         let mut stats = HashMap::new();
         let now = std::time::Instant::now();
         for src in &cfg.lists {
-            let (set, due) = match &src.from {
+            let current = st.sets.get(&src.name).cloned();
+            let known_stats = st.stats.get(&src.name).cloned();
+            let (entry, found, due) = match &src.from {
                 ListFrom::File(path) => {
-                    let text = std::fs::read_to_string(path).with_context(|| {
-                        format!("dns list {:?}: cannot read {}", src.name, path.display())
-                    })?;
-                    let d = digest(&text);
-                    let set = match st.sets.get(&src.name) {
-                        Some((s, old)) if *old == d => {
-                            if let Some(known) = st.stats.get(&src.name) {
-                                stats.insert(src.name.clone(), known.clone());
-                            }
-                            s.clone()
-                        }
-                        _ => {
-                            let (set, found) = self.builder.parse(&src.name, text);
-                            stats.insert(src.name.clone(), found);
-                            set
-                        }
-                    };
-                    ((set, d), now + src.refresh)
-                }
-                ListFrom::Url(url) => {
-                    let kept = st.sets.get(&src.name).cloned().or_else(|| {
-                        let text = std::fs::read_to_string(self.cache_file(&src.name)).ok()?;
-                        tracing::info!(list = %src.name, url = %url, "dns list: using the last good copy until it is fetched");
-                        let d = digest(&text);
-                        let (set, found) = self.builder.parse(&src.name, text);
-                        stats.insert(src.name.clone(), found);
-                        Some((set, d))
-                    });
-                    if let Some(known) = st.stats.get(&src.name) {
-                        stats.entry(src.name.clone()).or_insert_with(|| known.clone());
-                    }
-                    match kept {
-                        Some(k) => (k, st.next.get(&src.name).copied().unwrap_or(now)),
-                        None => ((Arc::new(DomainSet::new()), 0), now),
+                    let loaded = self
+                        .builder
+                        .load(&src.name, path, current.as_ref().map(|(_, d)| *d))
+                        .map_err(|e| anyhow::anyhow!("dns list {:?}: {e}", src.name))?;
+                    match (loaded, current) {
+                        (Some((set, found, d)), _) => ((set, d), Some(found), now + src.refresh),
+                        (None, Some(cur)) => (cur, known_stats, now + src.refresh),
+                        (None, None) => ((Arc::new(DomainSet::new()), 0), None, now + src.refresh),
                     }
                 }
+                ListFrom::Url(url) => match current {
+                    Some(cur) => (cur, known_stats, st.next.get(&src.name).copied().unwrap_or(now)),
+                    None => match self.builder.load(&src.name, &self.cache_file(&src.name), None) {
+                        Ok(Some((set, found, d))) => {
+                            tracing::info!(list = %src.name, url = %url,
+                                "dns list: using the last good copy until it is fetched");
+                            ((set, d), Some(found), now)
+                        }
+                        _ => ((Arc::new(DomainSet::new()), 0), None, now),
+                    },
+                },
             };
-            sets.insert(src.name.clone(), set);
+            sets.insert(src.name.clone(), entry);
+            if let Some(f) = found {
+                stats.insert(src.name.clone(), f);
+            }
             next.insert(src.name.clone(), due);
         }
         let table = policy_table(cfg, &sets)?;
@@ -183,26 +186,45 @@ impl DnsLists {
             let st = self.state.lock().ok()?;
             let cfg = st.cfg.clone()?;
             let now = std::time::Instant::now();
-            let due: Vec<ListSource> = cfg
+            let due: Vec<(ListSource, Option<u64>)> = cfg
                 .lists
                 .iter()
                 .filter(|s| st.next.get(&s.name).is_none_or(|t| *t <= now))
-                .cloned()
+                .map(|s| (s.clone(), st.sets.get(&s.name).map(|(_, d)| *d)))
                 .collect();
             (cfg, due)
         };
         if due.is_empty() {
             return None;
         }
-        let mut fresh = Vec::new();
-        for src in &due {
-            let text = match &src.from {
-                ListFrom::File(p) => {
-                    tokio::fs::read_to_string(p).await.map_err(|e| format!("{}: {e}", p.display()))
-                }
-                ListFrom::Url(u) => fetch(u).await,
+        let mut changed = Vec::new();
+        for (src, known) in &due {
+            let path = match &src.from {
+                ListFrom::File(p) => Ok(p.clone()),
+                // Fetched, kept as the last good copy, then read from there by the list thread.
+                ListFrom::Url(u) => match fetch(u.as_str()).await {
+                    Ok(text) => {
+                        let _ = std::fs::create_dir_all(&self.cache_dir);
+                        let tmp = self.cache_file(&format!(".{}", src.name));
+                        let kept = std::fs::write(&tmp, &text)
+                            .and_then(|()| std::fs::rename(&tmp, self.cache_file(&src.name)));
+                        drop(text);
+                        kept.map(|()| self.cache_file(&src.name))
+                            .map_err(|e| format!("cannot keep the copy: {e}"))
+                    }
+                    Err(e) => Err(e),
+                },
             };
-            let retry = match &text {
+            let loaded = match path {
+                Ok(p) => {
+                    let (builder, name, known) = (self.builder.clone(), src.name.clone(), *known);
+                    tokio::task::spawn_blocking(move || builder.load(&name, &p, known))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                }
+                Err(e) => Err(e),
+            };
+            let retry = match &loaded {
                 Ok(_) => src.refresh,
                 // A list that cannot be read keeps its current copy; try again in a minute.
                 Err(_) => src.refresh.min(std::time::Duration::from_secs(60)),
@@ -210,36 +232,13 @@ impl DnsLists {
             if let Ok(mut st) = self.state.lock() {
                 st.next.insert(src.name.clone(), std::time::Instant::now() + retry);
             }
-            match text {
-                Ok(t) => {
-                    if let ListFrom::Url(_) = src.from {
-                        let _ = std::fs::create_dir_all(&self.cache_dir);
-                        let tmp = self.cache_file(&format!(".{}", src.name));
-                        if std::fs::write(&tmp, &t).is_ok() {
-                            let _ = std::fs::rename(&tmp, self.cache_file(&src.name));
-                        }
-                    }
-                    fresh.push((src.name.clone(), t));
-                }
+            match loaded {
+                Ok(Some((set, found, d))) => changed.push((src.name.clone(), (set, d), found)),
+                Ok(None) => {}
                 Err(e) => {
                     tracing::error!(list = %src.name, error = %e, "dns list could not be read; keeping the current copy")
                 }
             }
-        }
-        let mut changed = Vec::new();
-        for (name, text) in fresh {
-            let d = digest(&text);
-            let same =
-                self.state.lock().ok().is_some_and(|st| st.sets.get(&name).is_some_and(|(_, old)| *old == d));
-            if same {
-                continue;
-            }
-            // Parsing a big list takes a while: off the async threads.
-            let (n, builder) = (name.clone(), self.builder.clone());
-            let Ok((set, found)) = tokio::task::spawn_blocking(move || builder.parse(&n, text)).await else {
-                continue;
-            };
-            changed.push((name, (set, d), found));
         }
         if changed.is_empty() {
             return None;
