@@ -47,13 +47,25 @@ struct ListBuilder {
 
 /// Reads `path`; `None` when its digest is `known` (unchanged).
 fn load_list(name: &str, path: &std::path::Path, known: Option<u64>) -> Loaded {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let d = digest(&text);
+    let fail = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(fail)?;
+    let size = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    // Read and parsed in one pass; an unchanged list (same digest) is then dropped here.
+    let (set, stats, d) = DomainSet::parse_reader(std::io::BufReader::new(file), size).map_err(fail)?;
     if known == Some(d) {
         return Ok(None);
     }
-    let (set, stats) = parse_list(name, &text);
-    Ok(Some((set, stats, d)))
+    log_stats(name, &stats);
+    Ok(Some((Arc::new(set), stats, d)))
+}
+
+fn log_stats(name: &str, stats: &portcullis_dns::ListStats) {
+    tracing::info!(list = %name, entries = stats.entries, comments = stats.comments, junk = stats.junk,
+        "dns list loaded");
+    if stats.junk > 0 {
+        tracing::warn!(list = %name, junk = stats.junk, examples = ?stats.junk_examples,
+            "dns list has lines that are no rule; skipped");
+    }
 }
 
 impl ListBuilder {
@@ -93,24 +105,6 @@ impl ListBuilder {
     fn retire(&self, set: Arc<DomainSet>) {
         let _ = self.jobs.send(BuildJob::Retire(set));
     }
-}
-
-fn digest(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
-}
-
-fn parse_list(name: &str, text: &str) -> (Arc<DomainSet>, portcullis_dns::ListStats) {
-    let (set, stats) = DomainSet::parse(text);
-    tracing::info!(list = %name, entries = stats.entries, comments = stats.comments, junk = stats.junk,
-        "dns list loaded");
-    if stats.junk > 0 {
-        tracing::warn!(list = %name, junk = stats.junk, examples = ?stats.junk_examples,
-            "dns list has lines that are no rule; skipped");
-    }
-    (Arc::new(set), stats)
 }
 
 impl DnsLists {

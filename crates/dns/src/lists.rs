@@ -166,10 +166,52 @@ impl DomainSet {
     pub fn extend_from(&mut self, text: &str) -> ListStats {
         let mut stats = ListStats::default();
         for (i, raw) in text.lines().enumerate() {
+            self.add_raw(i, raw, &mut stats);
+        }
+        stats
+    }
+
+    /// Parses a list as it is read (no copy of the whole text is ever held); also returns
+    /// a digest of the bytes, to tell an unchanged list. Invalid UTF-8 lines are junk.
+    pub fn parse_reader(mut r: impl std::io::BufRead, size_hint: usize) -> std::io::Result<(Self, ListStats, u64)> {
+        use std::hash::Hasher;
+        let mut set = Self::new();
+        // Most rules are exact names: room for the file's bytes up front, so the arena
+        // never grows by copying.
+        set.exact.arena.reserve(size_hint.min(1 << 31));
+        let mut stats = ListStats::default();
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        let mut buf = Vec::with_capacity(512);
+        let mut i = 0;
+        loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf)? == 0 {
+                break;
+            }
+            digest.write(&buf);
+            match std::str::from_utf8(&buf) {
+                Ok(line) => set.add_raw(i, line, &mut stats),
+                Err(_) => {
+                    stats.junk += 1;
+                    if stats.junk_examples.len() < JUNK_EXAMPLES {
+                        stats.junk_examples.push((i + 1, String::from_utf8_lossy(&buf).chars().take(120).collect()));
+                    }
+                }
+            }
+            i += 1;
+        }
+        set.exact.arena.shrink_to_fit();
+        let (arena, hasher) = (&set.exact.arena, &set.exact.hasher);
+        set.exact.table.shrink_to_fit(|&o| hasher.hash_one(name_at(arena, o)));
+        Ok((set, stats, digest.finish()))
+    }
+
+    fn add_raw(&mut self, i: usize, raw: &str, stats: &mut ListStats) {
+        {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('!') || line.starts_with('#') || line.starts_with('[') {
                 stats.comments += 1;
-                continue;
+                return;
             }
             // A comment after a rule needs whitespace before its `#` (`x##.ad` is a
             // cosmetic adblock rule, junk here).
@@ -182,12 +224,11 @@ impl DomainSet {
             if added == 0 {
                 stats.junk += 1;
                 if stats.junk_examples.len() < JUNK_EXAMPLES {
-                    stats.junk_examples.push((i + 1, raw.chars().take(120).collect()));
+                    stats.junk_examples.push((i + 1, raw.trim_end().chars().take(120).collect()));
                 }
             }
             stats.entries += added;
         }
-        stats
     }
 
     /// Adds one rule line; returns how many names it added (0: junk).
