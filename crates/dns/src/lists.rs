@@ -173,7 +173,10 @@ impl DomainSet {
 
     /// Parses a list as it is read (no copy of the whole text is ever held); also returns
     /// a digest of the bytes, to tell an unchanged list. Invalid UTF-8 lines are junk.
-    pub fn parse_reader(mut r: impl std::io::BufRead, size_hint: usize) -> std::io::Result<(Self, ListStats, u64)> {
+    pub fn parse_reader(
+        mut r: impl std::io::BufRead,
+        size_hint: usize,
+    ) -> std::io::Result<(Self, ListStats, u64)> {
         use std::hash::Hasher;
         let mut set = Self::new();
         // Most rules are exact names: room for the file's bytes up front, so the arena
@@ -194,7 +197,9 @@ impl DomainSet {
                 Err(_) => {
                     stats.junk += 1;
                     if stats.junk_examples.len() < JUNK_EXAMPLES {
-                        stats.junk_examples.push((i + 1, String::from_utf8_lossy(&buf).chars().take(120).collect()));
+                        stats
+                            .junk_examples
+                            .push((i + 1, String::from_utf8_lossy(&buf).chars().take(120).collect()));
                     }
                 }
             }
