@@ -29,7 +29,7 @@ struct Raw {
 #[serde(deny_unknown_fields, default)]
 struct RawDns {
     enabled: bool,
-    addr: String,
+    addr: Option<String>,
     dot_addr: Option<String>,
     upstreams: Option<Vec<String>>,
     upstream_ca: Option<PathBuf>,
@@ -49,8 +49,8 @@ impl Default for RawDns {
     fn default() -> Self {
         Self {
             enabled: true,
-            addr: "127.0.0.1:5353".into(),
-            dot_addr: Some("127.0.0.1:8853".into()),
+            addr: None,
+            dot_addr: None,
             upstreams: None,
             upstream_ca: None,
             upstream_timeout: "2s".into(),
@@ -231,6 +231,9 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     pub addr: SocketAddr,
+    /// Neither address was chosen (config or flag): a port already in use then only
+    /// warns, so `portcullis up` still starts on a machine where e.g. mDNS holds 5353.
+    pub default_addrs: bool,
     /// DNS over TLS; `None` when set to "" (off).
     pub dot_addr: Option<SocketAddr>,
     /// `IP[:port]`, `tls://IP[:port]#name`, `https://host/path`.
@@ -335,10 +338,12 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
         parse_duration(v).map_err(anyhow::Error::msg).with_context(|| format!("config key dns.cache.{key}"))
     };
     Ok(Some(DnsConfig {
-        addr: addr("dns.addr", &raw.addr)?,
+        default_addrs: raw.addr.is_none() && raw.dot_addr.is_none(),
+        addr: addr("dns.addr", raw.addr.as_deref().unwrap_or("127.0.0.1:5353"))?,
         upstream_ca: raw.upstream_ca.map(|p| dir.join(p)),
         dot_addr: match raw.dot_addr.as_deref() {
-            None | Some("") => None,
+            None => Some(addr("dns.dot_addr", "127.0.0.1:8853")?),
+            Some("") => None,
             Some(a) => Some(addr("dns.dot_addr", a)?),
         },
         upstreams,

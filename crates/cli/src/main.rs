@@ -239,8 +239,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Up { device_addr, admin_addr, trust_domain, dns_addr, dot_addr } => {
             if let (Some(a), Some(dns)) = (dns_addr, cfg.dns.as_mut()) {
                 dns.addr = a.parse().map_err(|_| anyhow::anyhow!("--dns-addr: {a:?} is not an address"))?;
+                dns.default_addrs = false;
             }
             if let (Some(a), Some(dns)) = (dot_addr, cfg.dns.as_mut()) {
+                dns.default_addrs = false;
                 dns.dot_addr =
                     Some(a.parse().map_err(|_| anyhow::anyhow!("--dot-addr: {a:?} is not an address"))?);
             }

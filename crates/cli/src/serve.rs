@@ -62,11 +62,24 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let (dns_stop_tx, dns_stop_rx) = watch::channel(false);
     let mut dns_tasks = Vec::new();
     let mut dns_lists = None;
-    let dns = match &cfg.dns {
-        Some(d) => {
+    // On default addresses a port in use only warns (mDNS daemons hold 5353 on many
+    // machines); chosen addresses must bind.
+    let dns_cfg = match &cfg.dns {
+        Some(d) => match crate::dns::bind(d.addr).await {
+            Ok(bound) => Some((d, bound)),
+            Err(e) if d.default_addrs => {
+                tracing::warn!(error = %format!("{e:#}"), "DNS port not started; set dns.addr (or dns.enabled = false)");
+                eprintln!("portcullis: DNS port not started: {e:#}; set dns.addr (or dns.enabled = false)");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let dns = match dns_cfg {
+        Some((d, (udp, tcp))) => {
             let (lists, table) = crate::dns::DnsLists::new(d, cfg.data_dir.join("dns-lists"))?;
             let lists = Arc::new(lists);
-            let (udp, tcp) = crate::dns::bind(d.addr).await?;
             let (identify, attribution) =
                 crate::dns::attribution(authority.clone(), dns_stop_rx.clone()).await?;
             let (on_query, log_writer) = crate::dns::query_log(authority.clone(), d, dns_stop_rx.clone());
@@ -90,9 +103,14 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 );
             }
             let dot = match d.dot_addr {
-                Some(a) => Some(
-                    TcpListener::bind(a).await.with_context(|| format!("cannot bind DNS over TLS to {a}"))?,
-                ),
+                Some(a) => match TcpListener::bind(a).await {
+                    Ok(l) => Some(l),
+                    Err(e) if d.default_addrs => {
+                        tracing::warn!(error = %e, addr = %a, "DNS over TLS not started; set dns.dot_addr");
+                        None
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("cannot bind DNS over TLS to {a}")),
+                },
                 None => None,
             };
             dns_tasks.push(crate::dns::spawn_list_refresh(
