@@ -447,30 +447,48 @@ impl Resolver {
             let idle = cfg.tcp_idle_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
-                loop {
-                    let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
-                    let mut msg = vec![0u8; usize::from(len)];
-                    if !matches!(tokio::time::timeout(idle, stream.read_exact(&mut msg)).await, Ok(Ok(_))) {
-                        return;
-                    }
-                    if !me.admit(&limiter, src.ip()) {
-                        return;
-                    }
-                    let Some(out) = me.answer(&msg, src.ip(), false).await else { return };
-                    let Ok(n) = u16::try_from(out.len()) else { return };
-                    let mut framed = Vec::with_capacity(out.len() + 2);
-                    framed.extend_from_slice(&n.to_be_bytes());
-                    framed.extend_from_slice(&out);
-                    if stream.write_all(&framed).await.is_err() {
-                        return;
-                    }
-                }
+                me.serve_stream(&mut stream, src.ip(), idle, &limiter, None).await;
             });
         }
     }
 }
 
 impl Resolver {
+    /// Answers length-prefixed messages (RFC 1035 section 4.2.2; RFC 7858) on one
+    /// connection until it idles out, closes, or its client exceeds its rate. `who`
+    /// attributes each query (DoT: the certificate); `None`: by address.
+    async fn serve_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        src: IpAddr,
+        idle: Duration,
+        limiter: &Option<Arc<Limiter<IpAddr>>>,
+        who: Option<&ConnAttribution>,
+    ) {
+        loop {
+            let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
+            let mut msg = vec![0u8; usize::from(len)];
+            if !matches!(tokio::time::timeout(idle, stream.read_exact(&mut msg)).await, Ok(Ok(_))) {
+                return;
+            }
+            if !self.admit(limiter, src) {
+                return;
+            }
+            let attribution = match who {
+                Some(w) => w().await,
+                None => Attribution::ByAddress,
+            };
+            let Some(out) = self.answer_for(&msg, src, false, attribution).await else { return };
+            let Ok(n) = u16::try_from(out.len()) else { return };
+            let mut framed = Vec::with_capacity(out.len() + 2);
+            framed.extend_from_slice(&n.to_be_bytes());
+            framed.extend_from_slice(&out);
+            if stream.write_all(&framed).await.is_err() || stream.flush().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Serves DNS over TLS (RFC 7858) on `listener` until `shutdown` turns true: each
     /// connection's client certificate (if any) attributes its queries.
     pub async fn serve_tls(
@@ -517,25 +535,7 @@ impl Resolver {
                     .peer_certificates()
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>());
                 let who = attribute(chain);
-                loop {
-                    let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
-                    let mut msg = vec![0u8; usize::from(len)];
-                    if !matches!(tokio::time::timeout(idle, stream.read_exact(&mut msg)).await, Ok(Ok(_))) {
-                        return;
-                    }
-                    if !me.admit(&limiter, src.ip()) {
-                        return;
-                    }
-                    let attribution = who().await;
-                    let Some(out) = me.answer_for(&msg, src.ip(), false, attribution).await else { return };
-                    let Ok(n) = u16::try_from(out.len()) else { return };
-                    let mut framed = Vec::with_capacity(out.len() + 2);
-                    framed.extend_from_slice(&n.to_be_bytes());
-                    framed.extend_from_slice(&out);
-                    if stream.write_all(&framed).await.is_err() || stream.flush().await.is_err() {
-                        return;
-                    }
-                }
+                me.serve_stream(&mut stream, src.ip(), idle, &limiter, Some(&who)).await;
             });
         }
     }
