@@ -12,10 +12,14 @@ use harness::dns_upstream::DnsUpstream;
 
 /// `dig @server NAME TYPE` with extra flags; the whole output.
 fn dig(s: &Server, args: &[&str]) -> String {
-    let dns = s.dns.expect("dns port");
+    dig_at(s.dns.expect("dns port"), args)
+}
+
+/// `dig` against `addr` (any transport the flags choose); the whole output.
+fn dig_at(addr: std::net::SocketAddr, args: &[&str]) -> String {
     let out = Command::new("dig")
-        .arg(format!("@{}", dns.ip()))
-        .args(["-p", &dns.port().to_string(), "+time=3", "+tries=1"])
+        .arg(format!("@{}", addr.ip()))
+        .args(["-p", &addr.port().to_string(), "+time=3", "+tries=1"])
         .args(args)
         .output()
         .expect("dig (Debian dnsutils) is installed");
@@ -280,21 +284,9 @@ mode = "blocklist"
     let (cert, key) = harness::upstream::enroll(&s, "cam-01", "cameras");
     let (root, _) = s.ca_files();
     let dot = s.dot.expect("dot port");
-    let tls = |extra: &[&str]| -> String {
-        let mut args = vec![
-            format!("@{}", dot.ip()),
-            "-p".into(),
-            dot.port().to_string(),
-            "+tls".into(),
-            format!("+tls-ca={}", root.display()),
-            "+tls-hostname=localhost".into(),
-            "+time=3".into(),
-            "+tries=1".into(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let out = Command::new("dig").args(&args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ca = format!("+tls-ca={}", root.display());
+    // DoT, and DoH on the device port, verified against the CA.
+    let tls = |extra: &[&str]| dig_at(dot, &[&["+tls", &ca, "+tls-hostname=localhost"], extra].concat());
     let certfile = format!("+tls-certfile={}", cert.display());
     let keyfile = format!("+tls-keyfile={}", key.display());
 
@@ -307,21 +299,8 @@ mode = "blocklist"
     assert_eq!(status(&tls(&["news.test", "A"])), "NOERROR");
 
     // DoH (RFC 8484) on the device port: dig POST and GET, curl POST.
-    let https = |extra: &[&str]| -> String {
-        let mut args = vec![
-            format!("@{}", s.device.ip()),
-            "-p".into(),
-            s.device.port().to_string(),
-            "+https".into(),
-            format!("+tls-ca={}", root.display()),
-            "+tls-hostname=localhost".into(),
-            "+time=3".into(),
-            "+tries=1".into(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let out = Command::new("dig").args(&args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let https =
+        |extra: &[&str]| dig_at(s.device, &[&["+https", &ca, "+tls-hostname=localhost"], extra].concat());
     let out = https(&[&certfile, &keyfile, "news.test", "A"]);
     assert_eq!(status(&out), "NXDOMAIN", "{out}");
     let out = https(&[&certfile, &keyfile, "+https-get", "allowed.test", "A"]);
