@@ -31,40 +31,8 @@ token=$($P device add bench-cam 2>/dev/null)
 target/release/portcullis-agent enroll --server "https://$dev" --ca "$work/root.pem" --id bench-cam \
   --token "$token" --dir "$work/agent" >/dev/null
 cat "$work/agent/chain.pem" "$work/agent/key.pem" >"$work/client.pem"
-mkdir -p "$work/up" "$work/nginx"
-cat >"$work/up/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } } }
-CONF
-cat >"$work/nginx/nginx.conf" <<CONF
-master_process off;
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream backend { server 127.0.0.1:$up_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$ng_port ssl;
-    ssl_certificate $work/data/tls/server.crt;
-    ssl_certificate_key $work/data/tls/server.key;
-    ssl_client_certificate $work/chain.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 2;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Device \$ssl_client_s_dn;
-    }
-  }
-}
-CONF
+nginx_upstream_conf "$up_port"
+nginx_proxy_conf "$ng_port" "$up_port" 1 "master_process off;"
 nginx -c "$work/up/nginx.conf" -g 'daemon off;' &
 pids+=("$!")
 valgrind --tool=callgrind --callgrind-out-file="$work/ng.out" nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>/dev/null &

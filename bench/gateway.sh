@@ -48,42 +48,8 @@ cat "$work/agent/chain.pem" "$work/agent/key.pem" >"$work/client.pem"
 
 # Two nginx instances, so each one's CPU can be measured: the upstream (1 worker) and
 # the mTLS proxy (NGINX_WORKERS, default 2: one per core).
-mkdir -p "$work/up" "$work/nginx"
-cat >"$work/up/nginx.conf" <<CONF
-worker_processes 1;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
-}
-CONF
-cat >"$work/nginx/nginx.conf" <<CONF
-worker_processes ${NGINX_WORKERS:-2};
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream backend { server 127.0.0.1:$up_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$ng_port ssl;
-    ssl_certificate $work/data/tls/server.crt;
-    ssl_certificate_key $work/data/tls/server.key;
-    ssl_client_certificate $work/chain.pem;
-    ssl_verify_client on;
-    ssl_verify_depth 2;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Device \$ssl_client_s_dn;
-    }
-  }
-}
-CONF
+nginx_upstream_conf "$up_port"
+nginx_proxy_conf "$ng_port" "$up_port" ${NGINX_WORKERS:-2}
 $CLIENT_CPU nginx -c "$work/up/nginx.conf" -g 'daemon off;' &
 pids+=("$!")
 $SERVER_CPU nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &

@@ -26,3 +26,51 @@ start_portcullis() {
   $P ca cert >"$work/root.pem"
   $P ca chain >"$work/chain.pem"
 }
+
+# The gateway benchmarks' nginx pair, both written under $work:
+#   nginx_upstream_conf UPSTREAM-PORT: $work/up/nginx.conf, `return 200` on plain HTTP;
+#   nginx_proxy_conf PORT UPSTREAM-PORT WORKERS [EXTRA-MAIN-DIRECTIVE]: $work/nginx/nginx.conf,
+#     mTLS (`ssl_verify_client on`, the Portcullis CA) proxying to the upstream, keep-alive.
+nginx_upstream_conf() {
+  mkdir -p "$work/up"
+  cat >"$work/up/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$1; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
+}
+CONF
+}
+
+nginx_proxy_conf() {
+  mkdir -p "$work/nginx"
+  cat >"$work/nginx/nginx.conf" <<CONF
+${4:-}
+worker_processes $3;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream backend { server 127.0.0.1:$2; keepalive 64; }
+  server {
+    listen 127.0.0.1:$1 ssl;
+    ssl_certificate $work/data/tls/server.crt;
+    ssl_certificate_key $work/data/tls/server.key;
+    ssl_client_certificate $work/chain.pem;
+    ssl_verify_client on;
+    ssl_verify_depth 2;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Device \$ssl_client_s_dn;
+    }
+  }
+}
+CONF
+}
