@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{StatusCode, header};
+use portcullis_audit::{AuditError, AuditRequest, Auditor, Profile, Started};
 use portcullis_core::{DeviceId, DeviceState, GroupName, Token, TokenHash, parse_duration};
 use portcullis_pki::{Authority, Problem, est};
 use portcullis_store::{Actor, EventFilter};
@@ -53,6 +54,7 @@ impl fmt::Debug for GatewayHooks {
 #[derive(Clone)]
 struct AppState {
     authority: Arc<Authority>,
+    audit: Arc<Auditor>,
     actor: Actor,
     gateway: Option<GatewayHooks>,
 }
@@ -64,8 +66,10 @@ pub fn router(
     token: AdminToken,
     operator: &str,
     gateway: Option<GatewayHooks>,
+    audit: Arc<Auditor>,
 ) -> Router {
-    let state = AppState { authority, actor: Actor::Operator(operator.to_owned()), gateway };
+    let state = AppState { authority, audit, actor: Actor::Operator(operator.to_owned()), gateway };
+    let big = || axum::extract::DefaultBodyLimit::max(1 << 20);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -76,6 +80,13 @@ pub fn router(
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/devices/{id}/tokens", post(new_token))
         .route("/v1/devices/{id}/addresses", post(set_addresses))
+        .route("/v1/devices/{id}/profile", post(set_profile))
+        .route("/v1/profiles", get(list_profiles).post(put_profile))
+        .route("/v1/profiles/import-mud", post(import_mud).layer(big()))
+        .route("/v1/audit/runs", get(audit_runs).post(audit_start).layer(big()))
+        .route("/v1/audit/runs/{id}", get(audit_run))
+        .route("/v1/audit/runs/{id}/report", get(audit_report))
+        .route("/v1/audit/findings", get(audit_findings))
         .route("/v1/dns/log", get(dns_log))
         .route("/v1/dns/policies", get(dns_policies))
         .route("/v1/dns/top-blocked", get(dns_top_blocked))
@@ -467,4 +478,198 @@ async fn ca_chain(State(s): State<AppState>) -> Response {
 
 async fn ca_crl(State(s): State<AppState>) -> Response {
     pem(s.authority.crl_pem())
+}
+
+fn store_err(e: portcullis_store::Error) -> Problem {
+    match e {
+        portcullis_store::Error::NotFound { .. } => {
+            Problem::new(StatusCode::NOT_FOUND, "not-found", e.to_string())
+        }
+        other => err(other.into()),
+    }
+}
+
+async fn list_profiles(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    let profiles = s.authority.store().profiles().await.map_err(store_err)?;
+    let devices = s.authority.store().devices().await.map_err(store_err)?;
+    let rows: Vec<Value> = profiles
+        .into_iter()
+        .map(|p| {
+            let using: Vec<&str> =
+                devices.iter().filter(|d| d.profile.as_deref() == Some(p.name.as_str())).map(|d| d.id.as_str()).collect();
+            json!({ "name": p.name, "profile": p.document, "updated_at": rfc3339(p.updated_at), "devices": using })
+        })
+        .collect();
+    Ok(Json(json!({ "profiles": rows })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutProfile {
+    name: String,
+    profile: Value,
+}
+
+fn checked_profile(name: &str, doc: Value) -> Result<Value, Problem> {
+    let bad = |e: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-profile", e);
+    portcullis_audit::profile::check_name(name).map_err(bad)?;
+    let p: Profile = serde_json::from_value(doc).map_err(|e| bad(format!("profile: {e}")))?;
+    let p = p.checked().map_err(bad)?;
+    serde_json::to_value(p).map_err(|e| bad(e.to_string()))
+}
+
+async fn put_profile(State(s): State<AppState>, Body(b): Body<PutProfile>) -> Result<Response, Problem> {
+    let doc = checked_profile(&b.name, b.profile)?;
+    let rec = s.authority.store().put_profile(&b.name, doc, s.actor.clone()).await.map_err(store_err)?;
+    s.authority.registry_changed();
+    Ok((StatusCode::CREATED, Json(json!({ "name": rec.name, "profile": rec.document }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportMud {
+    name: Option<String>,
+    mud: Value,
+}
+
+async fn import_mud(State(s): State<AppState>, Body(b): Body<ImportMud>) -> Result<Response, Problem> {
+    let bytes = serde_json::to_vec(&b.mud).unwrap_or_default();
+    let imported = portcullis_audit::mud::import(&bytes)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-mud", e.to_string()))?;
+    let name = b.name.unwrap_or(imported.suggested_name);
+    let doc = checked_profile(&name, serde_json::to_value(&imported.profile).unwrap_or_default())?;
+    let rec = s.authority.store().put_profile(&name, doc, s.actor.clone()).await.map_err(store_err)?;
+    s.authority.registry_changed();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": rec.name, "profile": rec.document, "warnings": imported.warnings })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetProfile {
+    profile: Option<String>,
+}
+
+async fn set_profile(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<SetProfile>,
+) -> Result<Json<Value>, Problem> {
+    let id = device_id(&id)?;
+    let d = s
+        .authority
+        .store()
+        .set_device_profile(&id, b.profile.as_deref(), s.actor.clone())
+        .await
+        .map_err(store_err)?;
+    s.authority.registry_changed();
+    Ok(Json(json!({ "device": d })))
+}
+
+fn audit_err(e: AuditError) -> Problem {
+    match e {
+        AuditError::Refused(m) => Problem::new(StatusCode::BAD_REQUEST, "audit-refused", m),
+        AuditError::Busy(_) => Problem::new(StatusCode::CONFLICT, "audit-busy", e.to_string()),
+        AuditError::Store(e) => store_err(e),
+    }
+}
+
+async fn audit_start(State(s): State<AppState>, Body(req): Body<AuditRequest>) -> Result<Response, Problem> {
+    match s.audit.start(req, s.actor.clone()).await.map_err(audit_err)? {
+        Started::Run(id) => {
+            Ok((StatusCode::ACCEPTED, Json(json!({ "run": id, "status": "running" }))).into_response())
+        }
+        Started::Plan(plan) => Ok(Json(json!({ "dry_run": true, "plan": plan })).into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    limit: Option<u32>,
+}
+
+async fn audit_runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<Json<Value>, Problem> {
+    let runs = s.authority.store().audit_runs(q.limit.unwrap_or(20)).await.map_err(store_err)?;
+    Ok(Json(json!({ "runs": runs })))
+}
+
+async fn load_run(
+    s: &AppState,
+    id: &str,
+) -> Result<(portcullis_store::AuditRunRecord, Vec<portcullis_store::FindingRecord>), Problem> {
+    let store = s.authority.store();
+    let id = if id == "latest" {
+        store
+            .audit_runs(50)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .find(|r| r.status == "finished")
+            .map(|r| r.id)
+            .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "not-found", "no finished audit run yet"))?
+    } else {
+        id.parse::<i64>().map_err(|_| {
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-name", format!("run {id:?} is not a run id"))
+        })?
+    };
+    store
+        .audit_run(id)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "not-found", format!("audit run {id} not found")))
+}
+
+async fn audit_run(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+    let (run, findings) = load_run(&s, &id).await?;
+    let progress = s.audit.progress(run.id);
+    Ok(Json(json!({ "run": run, "progress": progress, "findings": findings })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    format: Option<String>,
+}
+
+async fn audit_report(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, Problem> {
+    let format: portcullis_audit::report::Format = q
+        .format
+        .as_deref()
+        .unwrap_or("markdown")
+        .parse()
+        .map_err(|e: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", e))?;
+    let (run, findings) = load_run(&s, &id).await?;
+    let body = portcullis_audit::report::render(&run, &findings, format);
+    let ct = match format {
+        portcullis_audit::report::Format::Json => "application/json",
+        portcullis_audit::report::Format::Markdown => "text/markdown; charset=utf-8",
+        portcullis_audit::report::Format::Html => "text/html; charset=utf-8",
+    };
+    Ok(([(header::CONTENT_TYPE, ct)], body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FindingsQuery {
+    device: Option<String>,
+}
+
+async fn audit_findings(
+    State(s): State<AppState>,
+    Query(q): Query<FindingsQuery>,
+) -> Result<Json<Value>, Problem> {
+    let (run, findings) = load_run(&s, "latest").await?;
+    let open: Vec<_> = findings
+        .into_iter()
+        .filter(|f| f.status != "resolved" && q.device.as_deref().is_none_or(|d| d == f.device))
+        .collect();
+    Ok(Json(json!({ "run": run.id, "findings": open })))
 }

@@ -1,5 +1,6 @@
 //! `portcullis`: args -> config -> tracing -> wire services.
 
+mod audit;
 mod config;
 mod dns;
 mod instance;
@@ -79,6 +80,12 @@ enum Cmd {
     /// The DNS query log.
     #[command(subcommand)]
     Dns(DnsCmd),
+    /// Device profiles: what a kind of device may expose and reach.
+    #[command(subcommand)]
+    Profile(ProfileCmd),
+    /// Audit your own devices: exposed ports, default credentials, plaintext, TLS and identity hygiene.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// The append-only event log.
     Events {
         /// Only this device's events.
@@ -143,6 +150,107 @@ enum DeviceCmd {
         /// Token lifetime [default: 24h].
         #[arg(long)]
         ttl: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Assign a profile to a device (or `--clear` it).
+    Profile {
+        id: String,
+        profile: Option<String>,
+        #[arg(long, conflicts_with = "profile")]
+        clear: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Create or replace a profile, from a TOML/JSON file or from flags.
+    Set {
+        name: String,
+        /// TOML or JSON document (`tcp = [443]`, `udp`, `domains`, `tls_required`, `description`).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Allowed listening TCP ports.
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        /// Allowed listening UDP ports.
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+        /// Allowed outbound domains (the DNS allowlist reads these).
+        #[arg(long, value_delimiter = ',')]
+        domains: Vec<String>,
+        /// TCP ports whose service must speak TLS.
+        #[arg(long, value_delimiter = ',')]
+        tls_required: Vec<u16>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Import an IETF MUD file (RFC 8520) as a profile.
+    ImportMud {
+        file: PathBuf,
+        /// Profile name (default: from the MUD URL).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Profiles and the devices that use them.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Probe inventory devices and report findings (only registered device addresses).
+    Run {
+        #[arg(long, conflicts_with = "group")]
+        device: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// Only this address (must belong to an inventory device); repeatable.
+        #[arg(long = "address")]
+        addresses: Vec<String>,
+        /// Ports: `default` (the IoT list), lists and ranges (`22,80,8000-8100`), or `all`.
+        #[arg(long)]
+        ports: Option<String>,
+        /// Global cap on probes per second [default: 10000].
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Concurrent probes per device [default: 64].
+        #[arg(long)]
+        per_device: Option<usize>,
+        /// TCP connect timeout in milliseconds [default: 1500].
+        #[arg(long)]
+        connect_timeout: Option<u64>,
+        /// Login attempts per device over all its services [default: 150].
+        #[arg(long)]
+        attempts: Option<u32>,
+        /// Extra credentials to try, `user:password` per line.
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+        /// Skip the default-credential check.
+        #[arg(long)]
+        no_credentials: bool,
+        /// Exposure check alone: connect scan, no identification, TLS checks or logins.
+        #[arg(long)]
+        scan_only: bool,
+        /// Print the planned probes and stop.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A run's report [default: the latest finished run].
+    Report {
+        run: Option<String>,
+        /// json, markdown or html.
+        #[arg(long, default_value = "markdown")]
+        format: String,
+    },
+    /// Past runs.
+    Runs {
         #[arg(long)]
         json: bool,
     },
@@ -281,6 +389,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DeviceCmd::Token { id, ttl, json } => {
                     manage::device_token(&c, &id, ttl.as_deref(), json).await
                 }
+                DeviceCmd::Profile { id, profile, clear } => {
+                    if profile.is_none() && !clear {
+                        anyhow::bail!("name a profile, or pass --clear");
+                    }
+                    audit::device_profile(&c, &id, profile.as_deref()).await
+                }
+            }
+        }
+        Cmd::Profile(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                ProfileCmd::Set { name, file, tcp, udp, domains, tls_required, description } => {
+                    let f = audit::ProfileFlags { file, tcp, udp, domains, tls_required, description };
+                    audit::profile_set(&c, &name, f).await
+                }
+                ProfileCmd::ImportMud { file, name, json } => {
+                    audit::profile_import_mud(&c, &file, name.as_deref(), json).await
+                }
+                ProfileCmd::List { json } => audit::profile_list(&c, json).await,
+            }
+        }
+        Cmd::Audit(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                AuditCmd::Run {
+                    device,
+                    group,
+                    addresses,
+                    ports,
+                    rate,
+                    per_device,
+                    connect_timeout,
+                    attempts,
+                    credentials,
+                    no_credentials,
+                    scan_only,
+                    dry_run,
+                    json,
+                } => {
+                    let f = audit::RunFlags {
+                        device,
+                        group,
+                        addresses,
+                        ports,
+                        rate,
+                        per_device,
+                        connect_timeout_ms: connect_timeout,
+                        attempts,
+                        credentials,
+                        no_credentials,
+                        scan_only,
+                        dry_run,
+                        json,
+                    };
+                    audit::run(&c, f).await
+                }
+                AuditCmd::Report { run, format } => audit::report(&c, run.as_deref(), &format).await,
+                AuditCmd::Runs { json } => audit::runs(&c, json).await,
             }
         }
         Cmd::Ca(cmd) => {

@@ -24,7 +24,9 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     }
     let lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
-    let router = portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli", None);
+    let audit = portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit")));
+    let router =
+        portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli", None, audit);
     Ok(AdminClient::local(router, token, lock))
 }
 

@@ -193,7 +193,9 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     ));
     let hup = spawn_reload_on_sighup(hup, reload, stop_rx.clone());
     let admin_app =
-        portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api", Some(hooks));
+        portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api", Some(hooks), {
+            portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit")))
+        });
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(async move {
         let r = axum::serve(admin_listener, admin_app)

@@ -448,6 +448,12 @@ impl Authority {
         Ok(device)
     }
 
+    /// Marks the registry changed in a way listeners must re-read (profiles: the DNS port
+    /// derives allowlists from them).
+    pub fn registry_changed(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Bumped by every change to device state or addresses: a listener that keeps a view
     /// of the registry rebuilds it when this moves.
     pub fn generation(&self) -> u64 {

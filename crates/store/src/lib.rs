@@ -15,8 +15,9 @@ mod model;
 mod sqlite;
 
 pub use model::{
-    Actor, BlockedName, CertificateRecord, CertificateStatus, Device, DnsQueryFilter, DnsQueryRecord, Event,
-    EventFilter, Group, NewCertificate, NewDevice, NewToken, RevokedEntry, TokenCheck,
+    Actor, AuditRunRecord, BlockedName, CertificateRecord, CertificateStatus, Device, DnsQueryFilter,
+    DnsQueryRecord, Event, EventFilter, FindingRecord, Group, NewCertificate, NewDevice, NewToken,
+    ProfileRecord, RevokedEntry, TokenCheck,
 };
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
@@ -148,4 +149,41 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes query-log entries older than `before`, then the oldest beyond `max_rows`;
     /// returns how many went.
     async fn prune_dns_queries(&self, before: OffsetDateTime, max_rows: u64) -> Result<u64>;
+
+    /// Creates or replaces a profile.
+    async fn put_profile(
+        &self,
+        name: &str,
+        document: serde_json::Value,
+        actor: Actor,
+    ) -> Result<ProfileRecord>;
+
+    /// All profiles, by name.
+    async fn profiles(&self) -> Result<Vec<ProfileRecord>>;
+
+    /// Assigns a profile (which must exist) to a device, or clears it.
+    async fn set_device_profile(&self, id: &DeviceId, profile: Option<&str>, actor: Actor) -> Result<Device>;
+
+    /// Records the start of an audit run; returns its id.
+    async fn start_audit_run(&self, request: serde_json::Value, actor: Actor) -> Result<i64>;
+
+    /// Records the end of an audit run with its findings and the devices it covered.
+    async fn finish_audit_run(
+        &self,
+        id: i64,
+        status: &str,
+        summary: serde_json::Value,
+        devices: Vec<String>,
+        findings: Vec<FindingRecord>,
+    ) -> Result<()>;
+
+    /// Runs, newest first.
+    async fn audit_runs(&self, limit: u32) -> Result<Vec<AuditRunRecord>>;
+
+    /// One run and its findings.
+    async fn audit_run(&self, id: i64) -> Result<Option<(AuditRunRecord, Vec<FindingRecord>)>>;
+
+    /// For each device, the findings (not resolved) of the newest finished run before
+    /// `before_run` that covered it.
+    async fn previous_findings(&self, devices: Vec<String>, before_run: i64) -> Result<Vec<FindingRecord>>;
 }

@@ -67,6 +67,8 @@ pub struct Device {
     pub cert_not_after: Option<OffsetDateTime>,
     /// Source addresses (IPs or CIDRs) its traffic comes from, for DNS attribution.
     pub addresses: Vec<String>,
+    /// The name of the profile that says what it may expose and reach, if assigned.
+    pub profile: Option<String>,
 }
 
 /// A group and how many devices it holds.
@@ -253,4 +255,63 @@ pub struct BlockedName {
     pub name: String,
     /// Times blocked.
     pub count: u64,
+}
+
+/// A device profile as stored: its name and its JSON document (the audit crate owns the
+/// format; the store keeps it verbatim).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProfileRecord {
+    /// Its name.
+    pub name: String,
+    /// The profile document (JSON).
+    pub document: serde_json::Value,
+    /// When it was last written.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// An audit run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRunRecord {
+    /// Its id, increasing.
+    pub id: i64,
+    /// When it started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// When it ended.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// `running`, `finished`, `failed` or `interrupted`.
+    pub status: String,
+    /// What was asked (scope, ports, limits), as JSON.
+    pub request: serde_json::Value,
+    /// Counts and notes, as JSON.
+    pub summary: serde_json::Value,
+}
+
+/// One audit finding as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FindingRecord {
+    /// The device.
+    pub device: String,
+    /// Stable key of the finding on that device (e.g. `exposure/tcp/23`), for diffs.
+    pub key: String,
+    /// The check that found it.
+    pub check: String,
+    /// `critical`, `high`, `medium`, `low` or `info`.
+    pub severity: String,
+    /// One line.
+    pub title: String,
+    /// Where: `address:port` or the device.
+    pub target: String,
+    /// What was observed (never a password).
+    pub evidence: String,
+    /// Why it matters.
+    pub why: String,
+    /// How to fix it.
+    pub remediation: String,
+    /// Baselines violated (ETSI EN 303 645 provisions, OWASP IoT Top 10 items).
+    pub baselines: Vec<String>,
+    /// `new`, `open` (seen in the previous run too) or `resolved` (seen before, gone now).
+    pub status: String,
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use crate::{BlockedName, DnsQueryFilter, DnsQueryRecord};
+use crate::{AuditRunRecord, BlockedName, DnsQueryFilter, DnsQueryRecord, FindingRecord, ProfileRecord};
 
 use crate::{
     Actor, CertificateRecord, CertificateStatus, Device, Error, Event, EventFilter, Group, NewCertificate,
@@ -102,6 +102,46 @@ CREATE TABLE dns_queries (
 ) STRICT;
 CREATE INDEX dns_queries_at ON dns_queries(at_ms);
 CREATE INDEX dns_queries_device ON dns_queries(device_id, at_ms);
+"#,
+    r#"
+CREATE TABLE profiles (
+    name        TEXT PRIMARY KEY,
+    document    TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+) STRICT;
+ALTER TABLE devices ADD COLUMN profile TEXT REFERENCES profiles(name);
+
+CREATE TABLE audit_runs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER,
+    status       TEXT NOT NULL,
+    request      TEXT NOT NULL,
+    summary      TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE audit_run_devices (
+    run_id     INTEGER NOT NULL REFERENCES audit_runs(id),
+    device_id  TEXT NOT NULL,
+    PRIMARY KEY (run_id, device_id)
+) STRICT;
+CREATE INDEX audit_run_devices_device ON audit_run_devices(device_id, run_id);
+
+CREATE TABLE audit_findings (
+    run_id       INTEGER NOT NULL REFERENCES audit_runs(id),
+    device_id    TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    check_name   TEXT NOT NULL,
+    severity     TEXT NOT NULL,
+    title        TEXT NOT NULL,
+    target       TEXT NOT NULL,
+    evidence     TEXT NOT NULL,
+    why          TEXT NOT NULL,
+    remediation  TEXT NOT NULL,
+    baselines    TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    PRIMARY KEY (run_id, device_id, key)
+) STRICT;
 "#,
 ];
 
@@ -322,7 +362,8 @@ fn event(
 const DEVICE_SELECT: &str = "SELECT d.id, d.group_name, d.state, d.state_reason, d.created_at, d.updated_at,
         (SELECT COUNT(*) FROM certificates c WHERE c.device_id = d.id),
         (SELECT MAX(c.not_after) FROM certificates c WHERE c.device_id = d.id AND c.state = 'valid'),
-        (SELECT group_concat(a.cidr, ' ') FROM device_addresses a WHERE a.device_id = d.id)
+        (SELECT group_concat(a.cidr, ' ') FROM device_addresses a WHERE a.device_id = d.id),
+        d.profile
      FROM devices d";
 
 fn corrupt(what: &str, value: &str) -> rusqlite::Error {
@@ -357,6 +398,7 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
             a.sort();
             a
         },
+        profile: r.get(9)?,
     })
 }
 
@@ -859,6 +901,231 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn put_profile(
+        &self,
+        name: &str,
+        document: serde_json::Value,
+        actor: Actor,
+    ) -> Result<ProfileRecord> {
+        let name = name.to_owned();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            c.prepare_cached(
+                "INSERT INTO profiles (name, document, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET document = excluded.document, updated_at = excluded.updated_at",
+            )?
+            .execute(params![name, document.to_string(), ts(now)])?;
+            event(c, now, &actor, "profile.saved", None, None, serde_json::json!({ "profile": name }))?;
+            Ok(ProfileRecord { name, document, updated_at: from_ts(ts(now)) })
+        })
+        .await
+    }
+
+    async fn profiles(&self) -> Result<Vec<ProfileRecord>> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT name, document, updated_at FROM profiles ORDER BY name")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(ProfileRecord {
+                    name: r.get(0)?,
+                    document: json_col(r, 1)?,
+                    updated_at: from_ts(r.get(2)?),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn set_device_profile(&self, id: &DeviceId, profile: Option<&str>, actor: Actor) -> Result<Device> {
+        let id = id.clone();
+        let profile = profile.map(str::to_owned);
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })?;
+            if let Some(p) = &profile {
+                let exists: Option<i64> = c
+                    .prepare_cached("SELECT 1 FROM profiles WHERE name = ?1")?
+                    .query_row([p], |r| r.get(0))
+                    .optional()?;
+                if exists.is_none() {
+                    return Err(Error::NotFound { what: "profile", id: p.clone() });
+                }
+            }
+            c.prepare_cached("UPDATE devices SET profile = ?1, updated_at = ?2 WHERE id = ?3")?
+                .execute(params![profile, ts(now), id.as_str()])?;
+            event(
+                c,
+                now,
+                &actor,
+                "device.profile",
+                Some(&id),
+                None,
+                serde_json::json!({ "profile": profile }),
+            )?;
+            load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })
+        })
+        .await
+    }
+
+    async fn start_audit_run(&self, request: serde_json::Value, actor: Actor) -> Result<i64> {
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            // A run left `running` by a process that stopped will never finish.
+            c.prepare_cached("UPDATE audit_runs SET status = 'interrupted' WHERE status = 'running'")?.execute([])?;
+            c.prepare_cached(
+                "INSERT INTO audit_runs (started_at, status, request, summary) VALUES (?1, 'running', ?2, '{}')",
+            )?
+            .execute(params![ts(now), request.to_string()])?;
+            let id = c.last_insert_rowid();
+            event(c, now, &actor, "audit.started", None, None, serde_json::json!({ "run": id, "request": request }))?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn finish_audit_run(
+        &self,
+        id: i64,
+        status: &str,
+        summary: serde_json::Value,
+        devices: Vec<String>,
+        findings: Vec<FindingRecord>,
+    ) -> Result<()> {
+        let status = status.to_owned();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            let n = c
+                .prepare_cached("UPDATE audit_runs SET finished_at = ?1, status = ?2, summary = ?3 WHERE id = ?4")?
+                .execute(params![ts(now), status, summary.to_string(), id])?;
+            if n == 0 {
+                return Err(Error::NotFound { what: "audit run", id: id.to_string() });
+            }
+            let mut dev = c.prepare_cached("INSERT OR IGNORE INTO audit_run_devices (run_id, device_id) VALUES (?1, ?2)")?;
+            for d in &devices {
+                dev.execute(params![id, d])?;
+            }
+            let mut stmt = c.prepare_cached(
+                "INSERT OR REPLACE INTO audit_findings (run_id, device_id, key, check_name, severity, title, target,
+                    evidence, why, remediation, baselines, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for f in &findings {
+                stmt.execute(params![
+                    id,
+                    f.device,
+                    f.key,
+                    f.check,
+                    f.severity,
+                    f.title,
+                    f.target,
+                    f.evidence,
+                    f.why,
+                    f.remediation,
+                    serde_json::to_string(&f.baselines).unwrap_or_else(|_| "[]".into()),
+                    f.status
+                ])?;
+            }
+            event(
+                c,
+                now,
+                &Actor::System,
+                "audit.finished",
+                None,
+                None,
+                serde_json::json!({ "run": id, "status": status, "findings": findings.len() }),
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit_runs(&self, limit: u32) -> Result<Vec<AuditRunRecord>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, started_at, finished_at, status, request, summary FROM audit_runs ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit.min(10_000)], run_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn audit_run(&self, id: i64) -> Result<Option<(AuditRunRecord, Vec<FindingRecord>)>> {
+        self.read(move |c| {
+            let run = c
+                .prepare_cached(
+                    "SELECT id, started_at, finished_at, status, request, summary FROM audit_runs WHERE id = ?1",
+                )?
+                .query_row([id], run_row)
+                .optional()?;
+            let Some(run) = run else { return Ok(None) };
+            let mut stmt = c.prepare_cached(&format!("{FINDING_SELECT} WHERE run_id = ?1 ORDER BY device_id, key"))?;
+            let rows = stmt.query_map([id], finding_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((run, rows)))
+        })
+        .await
+    }
+
+    async fn previous_findings(&self, devices: Vec<String>, before_run: i64) -> Result<Vec<FindingRecord>> {
+        self.read(move |c| {
+            let mut last = c.prepare_cached(
+                "SELECT MAX(d.run_id) FROM audit_run_devices d JOIN audit_runs r ON r.id = d.run_id
+                 WHERE d.device_id = ?1 AND d.run_id < ?2 AND r.status = 'finished'",
+            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "{FINDING_SELECT} WHERE run_id = ?1 AND device_id = ?2 AND status <> 'resolved' ORDER BY key"
+            ))?;
+            let mut out = Vec::new();
+            for d in &devices {
+                let run: Option<i64> = last.query_row(params![d, before_run], |r| r.get(0))?;
+                if let Some(run) = run {
+                    out.extend(
+                        stmt.query_map(params![run, d], finding_row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()?,
+                    );
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<serde_json::Value> {
+    let text: String = r.get(i)?;
+    serde_json::from_str(&text).map_err(|_| corrupt("JSON document", &text))
+}
+
+fn run_row(r: &Row<'_>) -> rusqlite::Result<AuditRunRecord> {
+    Ok(AuditRunRecord {
+        id: r.get(0)?,
+        started_at: from_ts(r.get(1)?),
+        finished_at: r.get::<_, Option<i64>>(2)?.map(from_ts),
+        status: r.get(3)?,
+        request: json_col(r, 4)?,
+        summary: json_col(r, 5)?,
+    })
+}
+
+const FINDING_SELECT: &str = "SELECT device_id, key, check_name, severity, title, target, evidence, why,
+        remediation, baselines, status FROM audit_findings";
+
+fn finding_row(r: &Row<'_>) -> rusqlite::Result<FindingRecord> {
+    Ok(FindingRecord {
+        device: r.get(0)?,
+        key: r.get(1)?,
+        check: r.get(2)?,
+        severity: r.get(3)?,
+        title: r.get(4)?,
+        target: r.get(5)?,
+        evidence: r.get(6)?,
+        why: r.get(7)?,
+        remediation: r.get(8)?,
+        baselines: serde_json::from_value(json_col(r, 9)?).unwrap_or_default(),
+        status: r.get(10)?,
+    })
 }
 
 fn ms(t: OffsetDateTime) -> i64 {

@@ -200,3 +200,63 @@ async fn device_addresses_are_unique_across_devices() {
     s.set_device_addresses(&id("cam-02"), vec!["10.0.1.5".into()], Actor::System).await.unwrap();
     assert_eq!(s.device(&id("cam-02")).await.unwrap().unwrap().addresses, ["10.0.1.5"]);
 }
+
+fn finding(device: &str, key: &str, status: &str) -> FindingRecord {
+    FindingRecord {
+        device: device.into(),
+        key: key.into(),
+        check: "exposure".into(),
+        severity: "high".into(),
+        title: "t".into(),
+        target: "127.0.0.1:23".into(),
+        evidence: "e".into(),
+        why: "w".into(),
+        remediation: "r".into(),
+        baselines: vec!["ETSI EN 303 645 5.6-1".into()],
+        status: status.into(),
+    }
+}
+
+#[tokio::test]
+async fn profiles_and_audit_runs_round_trip_and_diff_per_device() {
+    let (_d, s) = store();
+    add(&s, "cam-1").await;
+    add(&s, "cam-2").await;
+    let err = s.set_device_profile(&id("cam-1"), Some("camera"), Actor::System).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { what: "profile", .. }), "{err}");
+    s.put_profile("camera", serde_json::json!({ "tcp": [443] }), Actor::System).await.unwrap();
+    s.put_profile("camera", serde_json::json!({ "tcp": [443, 554] }), Actor::System).await.unwrap();
+    let profiles = s.profiles().await.unwrap();
+    assert_eq!(profiles.len(), 1);
+    assert_eq!(profiles[0].document["tcp"][1], 554);
+    let d = s.set_device_profile(&id("cam-1"), Some("camera"), Actor::System).await.unwrap();
+    assert_eq!(d.profile.as_deref(), Some("camera"));
+
+    let r1 = s.start_audit_run(serde_json::json!({ "scope": "all" }), Actor::System).await.unwrap();
+    s.finish_audit_run(
+        r1,
+        "finished",
+        serde_json::json!({}),
+        vec!["cam-1".into(), "cam-2".into()],
+        vec![finding("cam-1", "exposure/tcp/23", "new"), finding("cam-2", "exposure/tcp/80", "new")],
+    )
+    .await
+    .unwrap();
+    // A second run covering only cam-1: cam-2's previous findings still come from run 1.
+    let r2 = s.start_audit_run(serde_json::json!({ "device": "cam-1" }), Actor::System).await.unwrap();
+    s.finish_audit_run(r2, "finished", serde_json::json!({}), vec!["cam-1".into()], vec![]).await.unwrap();
+    let r3 = s.start_audit_run(serde_json::json!({}), Actor::System).await.unwrap();
+    let prev = s.previous_findings(vec!["cam-1".into(), "cam-2".into()], r3).await.unwrap();
+    assert_eq!(prev, vec![finding("cam-2", "exposure/tcp/80", "new")]);
+    // A run that never finished is marked interrupted when the next one starts.
+    let r4 = s.start_audit_run(serde_json::json!({}), Actor::System).await.unwrap();
+    let runs = s.audit_runs(10).await.unwrap();
+    assert_eq!(
+        runs.iter().map(|r| (r.id, r.status.as_str())).collect::<Vec<_>>(),
+        vec![(r4, "running"), (r3, "interrupted"), (r2, "finished"), (r1, "finished")]
+    );
+    let (run, findings) = s.audit_run(r1).await.unwrap().unwrap();
+    assert_eq!(run.status, "finished");
+    assert_eq!(findings.len(), 2);
+    assert!(s.audit_run(999).await.unwrap().is_none());
+}

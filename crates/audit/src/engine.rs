@@ -1,0 +1,1037 @@
+//! Running an audit: resolve the scope to inventory addresses, scan, identify, check,
+//! diff against the previous run, persist.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use portcullis_core::{CertState, Cidr, DeviceState};
+use portcullis_store::{Actor, Device, FindingRecord, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::creds::{self, Credential};
+use crate::finding::{Finding, Severity, baseline as b};
+use crate::probe::{Kind, Prober, Service, Timeouts};
+use crate::profile::Profile;
+use crate::tlscheck::{self, CertIssue};
+use crate::{ports, wire};
+
+/// What to audit and how hard to push.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRequest {
+    /// Only this device.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Only this group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Only these addresses; each must be an inventory device's address.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Port expression (`default`, `1-1024,8080`, `all`).
+    #[serde(default)]
+    pub ports: Option<String>,
+    /// Plan only.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Global cap on probes (connection attempts) per second.
+    #[serde(default)]
+    pub rate: Option<u32>,
+    /// Concurrent probes per device.
+    #[serde(default)]
+    pub per_device: Option<usize>,
+    /// TCP connect timeout in milliseconds.
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Login attempts per device, over all its services.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Skip the default-credential check.
+    #[serde(default)]
+    pub no_credentials: bool,
+    /// Exposure check alone: the connect scan, without service identification, TLS
+    /// checks or logins.
+    #[serde(default)]
+    pub scan_only: bool,
+    /// Operator-supplied credentials, tried after the built-in list (never echoed).
+    #[serde(default, skip_serializing)]
+    pub credentials: Vec<Credential>,
+    /// Certificates expiring within this many days are findings.
+    #[serde(default)]
+    pub cert_expiry_days: Option<u32>,
+}
+
+/// Defaults and hard caps.
+pub mod limits {
+    /// Default probes per second, over the whole run.
+    pub const RATE: u32 = 10_000;
+    /// Highest accepted probe rate.
+    pub const MAX_RATE: u32 = 100_000;
+    /// Default concurrent probes per device.
+    pub const PER_DEVICE: usize = 64;
+    /// Most sockets open at once.
+    pub const SOCKETS: usize = 1024;
+    /// Default connect timeout.
+    pub const CONNECT_MS: u64 = 1500;
+    /// Default login attempts per device.
+    pub const ATTEMPTS: u32 = 150;
+    /// Default certificate-expiry horizon.
+    pub const EXPIRY_DAYS: u32 = 30;
+}
+
+/// Why an audit cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The request asks for something the guard rails refuse, or is malformed.
+    #[error("{0}")]
+    Refused(String),
+    /// Another audit runs.
+    #[error("audit run {0} is still running; wait for it to finish")]
+    Busy(i64),
+    /// The store failed.
+    #[error("registry store: {0}")]
+    Store(#[from] portcullis_store::Error),
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    device: Device,
+    profile_name: Option<String>,
+    profile: Option<Profile>,
+    addrs: Vec<IpAddr>,
+}
+
+/// A resolved audit: who gets probed where.
+#[derive(Debug)]
+pub struct Plan {
+    targets: Vec<Target>,
+    ports: Vec<u16>,
+    notes: Vec<String>,
+    rate: u32,
+    per_device: usize,
+    connect: Duration,
+    attempts: u32,
+    creds: Vec<Credential>,
+    expiry_days: u32,
+    scan_only: bool,
+}
+
+impl Plan {
+    /// Connection attempts of the port scan.
+    pub fn scan_probes(&self) -> u64 {
+        self.targets.iter().map(|t| t.addrs.len() as u64).sum::<u64>() * self.ports.len() as u64
+    }
+
+    /// What `--dry-run` prints.
+    pub fn describe(&self) -> Value {
+        json!({
+            "devices": self.targets.iter().map(|t| json!({
+                "device": t.device.id,
+                "state": t.device.state,
+                "profile": t.profile_name,
+                "addresses": t.addrs,
+                "probes": t.addrs.len() * self.ports.len(),
+            })).collect::<Vec<_>>(),
+            "ports": compress(&self.ports),
+            "port_count": self.ports.len(),
+            "scan_probes": self.scan_probes(),
+            "rate_per_second": self.rate,
+            "per_device_concurrency": self.per_device,
+            "connect_timeout_ms": self.connect.as_millis() as u64,
+            "login_attempts_per_device": if self.creds.is_empty() { 0 } else { self.attempts },
+            "credentials": self.creds.len(),
+            "then": if self.scan_only { "nothing more (scan only)" } else { "each open port: service identification (banner, TLS, HTTP, MQTT, RTSP), plaintext and TLS checks, default credentials" },
+            "notes": self.notes,
+        })
+    }
+}
+
+/// `1-3,7` from a sorted port list.
+pub fn compress(ports: &[u16]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < ports.len() {
+        let mut j = i;
+        while j + 1 < ports.len() && ports[j + 1] == ports[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { ports[i].to_string() } else { format!("{}-{}", ports[i], ports[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// Live progress of a run.
+#[derive(Debug, Default)]
+pub struct Progress {
+    planned: AtomicU64,
+    done: AtomicU64,
+    devices: AtomicU64,
+    devices_done: AtomicU64,
+    open_ports: AtomicU64,
+    logins: AtomicU64,
+    finished: AtomicBool,
+    phase: Mutex<&'static str>,
+}
+
+impl Progress {
+    fn snapshot(&self, run: i64) -> Value {
+        json!({
+            "run": run,
+            "status": if self.finished.load(Ordering::Relaxed) { "finished" } else { "running" },
+            "phase": *self.phase.lock().unwrap_or_else(|e| e.into_inner()),
+            "probes_planned": self.planned.load(Ordering::Relaxed),
+            "probes_done": self.done.load(Ordering::Relaxed),
+            "devices": self.devices.load(Ordering::Relaxed),
+            "devices_done": self.devices_done.load(Ordering::Relaxed),
+            "open_ports": self.open_ports.load(Ordering::Relaxed),
+            "login_attempts": self.logins.load(Ordering::Relaxed),
+        })
+    }
+
+    fn phase(&self, p: &'static str) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+}
+
+/// Runs audits against the inventory in `store`; one at a time.
+pub struct Auditor {
+    store: Arc<dyn Store>,
+    log_dir: Option<PathBuf>,
+    current: Mutex<Option<(i64, Arc<Progress>)>>,
+    /// Held while a run is being registered, so two starts cannot both pass the check.
+    starting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor").field("log_dir", &self.log_dir).finish_non_exhaustive()
+    }
+}
+
+/// How a start request ended.
+#[derive(Debug)]
+pub enum Started {
+    /// The run, going on in the background.
+    Run(i64),
+    /// `dry_run`: what would be probed.
+    Plan(Value),
+}
+
+impl Auditor {
+    /// An auditor over `store`, writing each run's probe log into `log_dir`.
+    pub fn new(store: Arc<dyn Store>, log_dir: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(Self { store, log_dir, current: Mutex::new(None), starting: tokio::sync::Mutex::new(()) })
+    }
+
+    /// Resolves a request against the inventory. Every probed address is a host
+    /// address of an inventory device; anything else is refused.
+    pub async fn plan(&self, req: &AuditRequest) -> Result<Plan, AuditError> {
+        let refuse = |s: String| AuditError::Refused(s);
+        let ports = ports::parse(req.ports.as_deref().unwrap_or("default")).map_err(refuse)?;
+        let rate = req.rate.unwrap_or(limits::RATE);
+        if rate == 0 || rate > limits::MAX_RATE {
+            return Err(refuse(format!("rate: {rate} probes/s is outside 1-{}", limits::MAX_RATE)));
+        }
+        let per_device = req.per_device.unwrap_or(limits::PER_DEVICE);
+        if per_device == 0 || per_device > limits::SOCKETS {
+            return Err(refuse(format!("per_device: {per_device} is outside 1-{}", limits::SOCKETS)));
+        }
+        let connect =
+            Duration::from_millis(req.connect_timeout_ms.unwrap_or(limits::CONNECT_MS).clamp(50, 30_000));
+        let devices = self.store.devices().await?;
+        let profiles: HashMap<String, Profile> = self
+            .store
+            .profiles()
+            .await?
+            .into_iter()
+            .filter_map(|p| serde_json::from_value(p.document).ok().map(|d| (p.name, d)))
+            .collect();
+        if let Some(d) = &req.device
+            && !devices.iter().any(|x| x.id.as_str() == d)
+        {
+            return Err(refuse(format!("device {d} is not in the inventory")));
+        }
+        if let Some(g) = &req.group
+            && !devices.iter().any(|x| x.group.as_str() == g)
+        {
+            return Err(refuse(format!("group {g} has no devices in the inventory")));
+        }
+        let mut wanted: Vec<IpAddr> = Vec::new();
+        for a in &req.addresses {
+            let ip: IpAddr =
+                a.trim().parse().map_err(|_| refuse(format!("address {a:?} is not an IP address")))?;
+            wanted.push(ip);
+        }
+        let mut notes = Vec::new();
+        let mut targets = Vec::new();
+        let mut matched: BTreeSet<IpAddr> = BTreeSet::new();
+        for d in devices {
+            if req.device.as_deref().is_some_and(|x| x != d.id.as_str())
+                || req.group.as_deref().is_some_and(|g| g != d.group.as_str())
+            {
+                continue;
+            }
+            let mut addrs = Vec::new();
+            for a in &d.addresses {
+                let Ok(c) = a.parse::<Cidr>() else { continue };
+                let host = c.addr();
+                let is_host = (host.is_ipv4() && c.len() == 32) || (host.is_ipv6() && c.len() == 128);
+                if !is_host {
+                    notes.push(format!(
+                        "{}: address range {a} not scanned; give the device its host address",
+                        d.id
+                    ));
+                    continue;
+                }
+                if wanted.is_empty() || wanted.contains(&host) {
+                    matched.insert(host);
+                    addrs.push(host);
+                }
+            }
+            if !wanted.is_empty() && addrs.is_empty() {
+                continue;
+            }
+            if addrs.is_empty() {
+                notes.push(format!("{}: no address in the registry; only registry checks ran", d.id));
+            }
+            let profile = d.profile.as_ref().and_then(|p| profiles.get(p).cloned());
+            targets.push(Target { profile_name: d.profile.clone(), profile, addrs, device: d });
+        }
+        for w in &wanted {
+            if !matched.contains(w) {
+                return Err(refuse(format!(
+                    "{w} is not the address of any device in scope; the audit probes only inventory devices \
+                     (add it with `portcullis device addresses ID {w}`)"
+                )));
+            }
+        }
+        if targets.is_empty() {
+            return Err(refuse("no devices in scope".into()));
+        }
+        let mut creds = Vec::new();
+        if !req.no_credentials && !req.scan_only {
+            creds = creds::built_in();
+            for c in &req.credentials {
+                if !creds.contains(c) {
+                    creds.push(c.clone());
+                }
+            }
+        }
+        notes.push(
+            "firmware: skipped; this build has no firmware rollout capability to compare against".to_owned(),
+        );
+        Ok(Plan {
+            targets,
+            ports,
+            notes,
+            rate,
+            per_device,
+            connect,
+            attempts: req.attempts.unwrap_or(limits::ATTEMPTS),
+            creds,
+            expiry_days: req.cert_expiry_days.unwrap_or(limits::EXPIRY_DAYS),
+            scan_only: req.scan_only,
+        })
+    }
+
+    /// Starts a run in the background (or returns the plan for a dry run).
+    pub async fn start(self: &Arc<Self>, req: AuditRequest, actor: Actor) -> Result<Started, AuditError> {
+        let plan = self.plan(&req).await?;
+        if req.dry_run {
+            return Ok(Started::Plan(plan.describe()));
+        }
+        let progress = Arc::new(Progress::default());
+        let _one_at_a_time = self.starting.lock().await;
+        let run = {
+            if let Some(id) = self.running() {
+                return Err(AuditError::Busy(id));
+            }
+            let mut recorded = serde_json::to_value(&req).unwrap_or(Value::Null);
+            recorded["operator_credentials"] = json!(req.credentials.len());
+            let id = self.store.start_audit_run(recorded, actor).await?;
+            let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            *cur = Some((id, progress.clone()));
+            id
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let out = me.execute(run, plan, progress.clone()).await;
+            if let Err(e) = out {
+                tracing::error!(run, error = %e, "audit run failed");
+                let _ = me
+                    .store
+                    .finish_audit_run(run, "failed", json!({ "error": e.to_string() }), vec![], vec![])
+                    .await;
+            }
+            progress.finished.store(true, Ordering::Relaxed);
+        });
+        Ok(Started::Run(run))
+    }
+
+    fn running(&self) -> Option<i64> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        cur.as_ref().filter(|(_, p)| !p.finished.load(Ordering::Relaxed)).map(|(id, _)| *id)
+    }
+
+    /// Progress of the current (or last) run started by this process.
+    pub fn progress(&self, run: i64) -> Option<Value> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        cur.as_ref().filter(|(id, _)| *id == run).map(|(id, p)| p.snapshot(*id))
+    }
+
+    async fn execute(&self, run: i64, plan: Plan, progress: Arc<Progress>) -> Result<(), AuditError> {
+        let started = Instant::now();
+        progress.planned.store(plan.scan_probes(), Ordering::Relaxed);
+        progress.devices.store(plan.targets.len() as u64, Ordering::Relaxed);
+        progress.phase("scanning");
+        let log = ProbeLog::open(self.log_dir.as_ref(), run);
+        let ctx = Arc::new(Ctx {
+            rate: Rate::new(plan.rate),
+            sockets: Semaphore::new(limits::SOCKETS),
+            prober: Prober {
+                t: Timeouts {
+                    connect: plan.connect,
+                    banner: Duration::from_millis(800),
+                    io: Duration::from_secs(3),
+                },
+                tls: crate::probe::tls_connector(),
+            },
+            log,
+            progress: progress.clone(),
+            plan_ports: plan.ports.clone(),
+            per_device: plan.per_device,
+            creds: plan.creds.clone(),
+            attempts: plan.attempts,
+            scan_only: plan.scan_only,
+        });
+        let parallel_devices = (limits::SOCKETS / plan.per_device).max(1);
+        let results: Vec<(Target, Vec<Finding>, bool)> = stream::iter(plan.targets.clone())
+            .map(|t| {
+                let ctx = ctx.clone();
+                async move {
+                    let (findings, seen) = audit_device(&ctx, &t).await;
+                    ctx.progress.devices_done.fetch_add(1, Ordering::Relaxed);
+                    (t, findings, seen)
+                }
+            })
+            .buffer_unordered(parallel_devices)
+            .collect()
+            .await;
+        progress.phase("registry checks");
+        let mut findings: Vec<Finding> = Vec::new();
+        let certs = self.store.certificates(None).await?;
+        let now = OffsetDateTime::now_utc();
+        let in_scope: BTreeSet<&str> = results.iter().map(|(t, _, _)| t.device.id.as_str()).collect();
+        for (t, device_findings, seen) in &results {
+            findings.extend(device_findings.iter().cloned());
+            findings.extend(identity_checks(t, *seen, &certs, &in_scope, now, plan.expiry_days));
+        }
+        progress.phase("saving");
+        let scanned_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
+        let devices: Vec<String> = results.iter().map(|(t, _, _)| t.device.id.to_string()).collect();
+        let scanned_devices: BTreeSet<String> = results
+            .iter()
+            .filter(|(t, _, _)| !t.addrs.is_empty())
+            .map(|(t, _, _)| t.device.id.to_string())
+            .collect();
+        let previous = self.store.previous_findings(devices.clone(), run).await?;
+        let credentials_ran = !plan.creds.is_empty();
+        let records = diff(&findings, previous, |f| {
+            // A previous finding is resolved only if this run looked where it was seen.
+            let port = f.target.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+            match port {
+                None => true,
+                Some(p) => {
+                    scanned_devices.contains(&f.device)
+                        && scanned_ports.contains(&p)
+                        && (f.check == "exposure" || !plan.scan_only)
+                        && (f.check != "credentials" || credentials_ran)
+                }
+            }
+        });
+        let mut by_sev: BTreeMap<&str, u64> = BTreeMap::new();
+        let (mut new, mut open, mut resolved) = (0u64, 0u64, 0u64);
+        for r in &records {
+            match r.status.as_str() {
+                "new" => new += 1,
+                "open" => open += 1,
+                _ => resolved += 1,
+            }
+            if r.status != "resolved" {
+                *by_sev.entry(Severity::parse(&r.severity).as_str()).or_default() += 1;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let probes = progress.done.load(Ordering::Relaxed);
+        let summary = json!({
+            "devices": devices.len(),
+            "devices_scanned": scanned_devices.len(),
+            "ports": compress(&plan.ports),
+            "scan_probes": probes,
+            "open_ports": progress.open_ports.load(Ordering::Relaxed),
+            "login_attempts": progress.logins.load(Ordering::Relaxed),
+            "seconds": (elapsed * 1000.0).round() / 1000.0,
+            "probes_per_second": if elapsed > 0.0 { (probes as f64 / elapsed).round() } else { 0.0 },
+            "findings": { "new": new, "still_open": open, "resolved": resolved },
+            "open_by_severity": by_sev,
+            "checks": {
+                "exposure": "ran",
+                "service": if plan.scan_only { "skipped (scan only)" } else { "ran" },
+                "plaintext": if plan.scan_only { "skipped (scan only)" } else { "ran" },
+                "tls": if plan.scan_only { "skipped (scan only)" } else { "ran" },
+                "credentials": if credentials_ran { "ran" } else { "skipped" },
+                "identity": "ran",
+                "firmware": "skipped: no firmware rollout capability in this build",
+            },
+            "notes": plan.notes,
+            "probe_log": ctx.log.path.as_ref().map(|p| p.display().to_string()),
+        });
+        ctx.log.flush();
+        self.store.finish_audit_run(run, "finished", summary, devices, records).await?;
+        progress.phase("done");
+        tracing::info!(run, seconds = elapsed, probes, new, open, resolved, "audit run finished");
+        Ok(())
+    }
+}
+
+/// Marks `current` new or open against `previous`, and adds the previous findings that
+/// are gone (where `looked(previous)` says this run would have seen them) as resolved.
+fn diff(
+    current: &[Finding],
+    previous: Vec<FindingRecord>,
+    looked: impl Fn(&FindingRecord) -> bool,
+) -> Vec<FindingRecord> {
+    let before: BTreeSet<(String, String)> =
+        previous.iter().map(|f| (f.device.clone(), f.key.clone())).collect();
+    let now: BTreeSet<(String, String)> = current.iter().map(|f| (f.device.clone(), f.key.clone())).collect();
+    let mut out: Vec<FindingRecord> = current
+        .iter()
+        .map(|f| f.record(if before.contains(&(f.device.clone(), f.key.clone())) { "open" } else { "new" }))
+        .collect();
+    for mut p in previous {
+        if !now.contains(&(p.device.clone(), p.key.clone())) {
+            if looked(&p) {
+                p.status = "resolved".into();
+            } else {
+                // Not looked at this time: still open as far as anyone knows.
+                p.status = "open".into();
+            }
+            out.push(p);
+        }
+    }
+    out.sort_by(|a, b| (&a.device, &a.key).cmp(&(&b.device, &b.key)));
+    out
+}
+
+struct Ctx {
+    rate: Rate,
+    sockets: Semaphore,
+    prober: Prober,
+    log: ProbeLog,
+    progress: Arc<Progress>,
+    plan_ports: Vec<u16>,
+    per_device: usize,
+    creds: Vec<Credential>,
+    attempts: u32,
+    scan_only: bool,
+}
+
+/// A global pace: at most `rate` probes per second, no bursts beyond one tick.
+struct Rate {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Rate {
+    fn new(per_second: u32) -> Self {
+        Self { interval: Duration::from_secs(1) / per_second.max(1), next: Mutex::new(Instant::now()) }
+    }
+
+    async fn acquire(&self) {
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let at = (*next).max(now);
+            *next = at + self.interval;
+            at
+        };
+        if at > Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+/// Every probe of a run, one JSON line each, in `audit/run-N.probes.jsonl`.
+struct ProbeLog {
+    path: Option<PathBuf>,
+    out: Option<Mutex<BufWriter<File>>>,
+}
+
+impl ProbeLog {
+    fn open(dir: Option<&PathBuf>, run: i64) -> Self {
+        let Some(dir) = dir else { return Self { path: None, out: None } };
+        let path = dir.join(format!("run-{run}.probes.jsonl"));
+        let file = std::fs::create_dir_all(dir).and_then(|_| {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            o.open(&path)
+        });
+        match file {
+            Ok(f) => {
+                Self { path: Some(path), out: Some(Mutex::new(BufWriter::with_capacity(256 * 1024, f))) }
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "audit: cannot write the probe log");
+                Self { path: None, out: None }
+            }
+        }
+    }
+
+    fn write(&self, device: &str, addr: SocketAddr, probe: &str, result: &str) {
+        tracing::trace!(device, %addr, probe, result, "audit probe");
+        if let Some(out) = &self.out {
+            let t = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+            let line = json!({ "t_ms": t as i64, "device": device, "addr": addr.to_string(), "probe": probe, "result": result });
+            let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(w, "{line}");
+        }
+    }
+
+    fn flush(&self) {
+        if let Some(out) = &self.out {
+            let _ = out.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortState {
+    Open,
+    Closed,
+    Filtered,
+}
+
+async fn connect_probe(ctx: &Ctx, device: &str, addr: SocketAddr) -> PortState {
+    ctx.rate.acquire().await;
+    let _permit = ctx.sockets.acquire().await;
+    let r = tokio::time::timeout(ctx.prober.t.connect, TcpStream::connect(addr)).await;
+    ctx.progress.done.fetch_add(1, Ordering::Relaxed);
+    let (state, what) = match r {
+        Ok(Ok(s)) => {
+            // Close with a reset: no TIME_WAIT left behind on either side.
+            let _ = s.set_zero_linger();
+            (PortState::Open, "open")
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => (PortState::Closed, "closed"),
+        Ok(Err(_)) => (PortState::Filtered, "unreachable"),
+        Err(_) => (PortState::Filtered, "filtered (timeout)"),
+    };
+    ctx.log.write(device, addr, "tcp-connect", what);
+    state
+}
+
+/// Scans, identifies and checks one device. Returns its findings and whether anything
+/// answered on any of its addresses.
+async fn audit_device(ctx: &Ctx, t: &Target) -> (Vec<Finding>, bool) {
+    let id = t.device.id.as_str();
+    let mut findings = Vec::new();
+    let mut seen = false;
+    let mut attempts_left = ctx.attempts;
+    for &ip in &t.addrs {
+        let states: Vec<(u16, PortState)> = stream::iter(ctx.plan_ports.iter().copied())
+            .map(|port| async move { (port, connect_probe(ctx, id, SocketAddr::new(ip, port)).await) })
+            .buffer_unordered(ctx.per_device)
+            .collect()
+            .await;
+        let mut open: Vec<u16> =
+            states.iter().filter(|(_, s)| *s == PortState::Open).map(|(p, _)| *p).collect();
+        open.sort_unstable();
+        ctx.progress.open_ports.fetch_add(open.len() as u64, Ordering::Relaxed);
+        if !open.is_empty() {
+            seen = true;
+        }
+        if ctx.scan_only {
+            for port in open {
+                let svc = Service {
+                    kind: Kind::Unknown,
+                    tls: None,
+                    banner: String::new(),
+                    http: None,
+                    mqtt_anonymous: None,
+                };
+                findings.extend(port_findings(id, t, SocketAddr::new(ip, port), &svc, true));
+            }
+            continue;
+        }
+        let mut services: Vec<(SocketAddr, Service)> = stream::iter(open)
+            .map(|port| async move {
+                let addr = SocketAddr::new(ip, port);
+                let _permit = ctx.sockets.acquire().await;
+                ctx.rate.acquire().await;
+                let svc = ctx
+                    .prober
+                    .identify(addr, &mut |probe, result| ctx.log.write(id, addr, probe, result))
+                    .await;
+                let svc = svc.unwrap_or_else(|e| {
+                    ctx.log.write(id, addr, "identify", &format!("failed: {e}"));
+                    Service {
+                        kind: Kind::Unknown,
+                        tls: None,
+                        banner: String::new(),
+                        http: None,
+                        mqtt_anonymous: None,
+                    }
+                });
+                (addr, svc)
+            })
+            .buffer_unordered(ctx.per_device.min(16))
+            .collect()
+            .await;
+        services.sort_by_key(|(a, _)| a.port());
+        for (addr, svc) in services {
+            // A silent port that rustls could not talk to may still be TLS, of a version
+            // rustls refuses to speak: ask it in TLS 1.1.
+            let legacy_only = svc.kind == Kind::Unknown && svc.tls.is_none() && svc.banner.is_empty();
+            findings.extend(port_findings(id, t, addr, &svc, false));
+            if svc.tls.is_some() || legacy_only {
+                ctx.rate.acquire().await;
+                if let Some(v) = ctx.prober.legacy_tls(addr).await {
+                    ctx.log.write(id, addr, "tls-legacy-hello", wire::tls_version_name(v));
+                    findings.push(legacy_tls(id, addr, v));
+                } else {
+                    ctx.log.write(id, addr, "tls-legacy-hello", "refused");
+                }
+            }
+            if let Some(f) = try_credentials(ctx, id, addr, &svc, &mut attempts_left).await {
+                findings.push(f);
+            }
+        }
+    }
+    (findings, seen)
+}
+
+async fn try_credentials(
+    ctx: &Ctx,
+    id: &str,
+    addr: SocketAddr,
+    svc: &Service,
+    left: &mut u32,
+) -> Option<Finding> {
+    let applicable = match svc.kind {
+        Kind::Telnet => true,
+        Kind::Http => svc.http.as_ref().is_some_and(|h| h.status == 401 && h.basic_auth),
+        // 4: bad user name or password, 5: not authorised — the broker wants a login.
+        Kind::Mqtt => matches!(svc.mqtt_anonymous, Some(4 | 5)),
+        _ => false,
+    };
+    if !applicable || ctx.creds.is_empty() {
+        return None;
+    }
+    for (n, c) in ctx.creds.iter().enumerate() {
+        if *left == 0 {
+            ctx.log.write(id, addr, "login", "attempt budget exhausted");
+            return None;
+        }
+        *left -= 1;
+        ctx.rate.acquire().await;
+        ctx.progress.logins.fetch_add(1, Ordering::Relaxed);
+        let ok = ctx.prober.login(addr, svc, &c.user, &c.password).await;
+        let probe = format!("{}-login user={}", svc.name(), c.user);
+        match ok {
+            Ok(true) => {
+                ctx.log.write(id, addr, &probe, "accepted");
+                return Some(default_credential(id, addr, svc, &c.user, n + 1));
+            }
+            Ok(false) => ctx.log.write(id, addr, &probe, "refused"),
+            Err(e) => {
+                ctx.log.write(id, addr, &probe, &format!("error: {e}"));
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+const RISKY_PORTS: &[u16] =
+    &[23, 1023, 2323, 2332, 23231, 5555, 7547, 37215, 52869, 9527, 9530, 502, 20000, 5900];
+
+fn finding(
+    device: &str,
+    key: String,
+    check: &'static str,
+    severity: Severity,
+    title: String,
+    target: String,
+    evidence: String,
+    why: &'static str,
+    remediation: String,
+    baselines: &'static [&'static str],
+) -> Finding {
+    Finding {
+        device: device.to_owned(),
+        key,
+        check,
+        severity,
+        title,
+        target,
+        evidence,
+        why,
+        remediation,
+        baselines,
+    }
+}
+
+fn port_findings(id: &str, t: &Target, addr: SocketAddr, svc: &Service, scan_only: bool) -> Vec<Finding> {
+    let port = addr.port();
+    let mut out = Vec::new();
+    let name = if scan_only { "not identified: scan only".to_owned() } else { svc.name() };
+    let said = if svc.banner.is_empty() { String::new() } else { format!("; it said {:?}", svc.banner) };
+    let allowed = t.profile.as_ref().is_some_and(|p| p.allows_tcp(port));
+    if !allowed {
+        let why_not = match (&t.profile_name, &t.profile) {
+            (Some(n), Some(_)) => format!("profile {n} does not allow TCP {port}"),
+            (Some(n), None) => format!("profile {n} is missing or unreadable, so nothing is allowed"),
+            (None, _) => "the device has no profile, so nothing is allowed".to_owned(),
+        };
+        out.push(finding(
+            id,
+            format!("exposure/tcp/{port}"),
+            "exposure",
+            if RISKY_PORTS.contains(&port) || svc.kind == Kind::Telnet { Severity::High } else { Severity::Medium },
+            format!("TCP {port} ({name}) is open but not allowed"),
+            addr.to_string(),
+            format!("TCP connect to {addr} succeeded; service: {name}{said}; {why_not}"),
+            "Every listening service is a way in; ports the device's job does not need are attack surface that botnets scan the whole Internet for.",
+            format!("Disable the service on TCP {port} in the device's configuration or firmware; if the device needs it, add {port} to its profile."),
+            &[b::ETSI_5_6_1, b::OWASP_I2],
+        ));
+    }
+    if scan_only {
+        return out;
+    }
+    let plaintext = match (svc.kind, svc.tls.is_some()) {
+        (_, true) => None,
+        (Kind::Telnet, _) => Some((
+            Severity::High,
+            "Telnet sends logins and commands in clear text",
+            "Disable telnet; use SSH with keys for maintenance, or nothing.",
+        )),
+        (Kind::Ftp, _) => Some((
+            Severity::Medium,
+            "FTP sends logins and files in clear text",
+            "Disable FTP; deliver files over HTTPS or SFTP.",
+        )),
+        (Kind::Http, _) => Some((
+            Severity::Medium,
+            "HTTP without TLS exposes sessions and passwords on the path",
+            "Serve the interface over HTTPS only (and redirect or close port 80).",
+        )),
+        (Kind::Mqtt, _) => Some((
+            Severity::Medium,
+            "MQTT without TLS exposes credentials and telemetry on the path",
+            "Use MQTT over TLS (8883) with client certificates; close 1883.",
+        )),
+        _ => None,
+    };
+    if let Some((sev, title, fix)) = plaintext {
+        out.push(finding(
+            id,
+            format!("plaintext/{port}/{}", svc.kind.name()),
+            "plaintext",
+            sev,
+            format!("{title} (TCP {port})"),
+            addr.to_string(),
+            format!("{} spoken without TLS on {addr}", svc.kind.name()),
+            "Anyone on the network path can read and alter plaintext traffic: passwords, commands, firmware and data.",
+            fix.to_owned(),
+            &[b::ETSI_5_5_1, b::OWASP_I7],
+        ));
+    }
+    if svc.tls.is_none() && t.profile.as_ref().is_some_and(|p| p.requires_tls(port)) {
+        out.push(finding(
+            id,
+            format!("tls-required/{port}"),
+            "tls",
+            Severity::High,
+            format!("TCP {port} must speak TLS but does not"),
+            addr.to_string(),
+            format!("the profile requires TLS on {port}; a TLS handshake failed and the service answered as {name}"),
+            "The profile says this service carries traffic that must be encrypted and authenticated.",
+            format!("Enable TLS on port {port} (TLS 1.2 or later) with a certificate from the fleet CA."),
+            &[b::ETSI_5_5_1, b::OWASP_I7],
+        ));
+    }
+    if svc.kind == Kind::Mqtt && svc.mqtt_anonymous == Some(0) {
+        out.push(finding(
+            id,
+            format!("credentials/{port}/mqtt-anonymous"),
+            "credentials",
+            Severity::High,
+            format!("MQTT broker on TCP {port} accepts anonymous clients"),
+            addr.to_string(),
+            "CONNECT without user name or password was accepted (CONNACK 0)".to_owned(),
+            "Anyone who can reach the broker can read every topic and publish commands to the devices that listen to it.",
+            "Require authentication on the broker (allow_anonymous false), preferably client certificates over TLS.".to_owned(),
+            &[b::ETSI_5_6_2, b::OWASP_I9],
+        ));
+    }
+    if let Some(info) = &svc.tls {
+        let issues =
+            info.chain.first().map(|c| tlscheck::inspect(c, OffsetDateTime::now_utc())).unwrap_or_default();
+        for issue in issues {
+            let (sev, title, detail) = match &issue {
+                CertIssue::Expired(d) => (Severity::High, "certificate expired", d.clone()),
+                CertIssue::NotYetValid(d) => (Severity::Medium, "certificate not yet valid", d.clone()),
+                CertIssue::SelfSigned(d) => (Severity::Medium, "certificate is self-signed", d.clone()),
+                CertIssue::WeakKey(d) => (Severity::High, "certificate key is weak", d.clone()),
+                CertIssue::WeakSignature(d) => {
+                    (Severity::Medium, "certificate signed with a broken hash", d.clone())
+                }
+                CertIssue::Unparsable => (Severity::Medium, "certificate cannot be parsed", String::new()),
+            };
+            out.push(finding(
+                id,
+                format!("tls/{port}/{}", issue.key()),
+                "tls",
+                sev,
+                format!("TLS on TCP {port}: {title}"),
+                addr.to_string(),
+                format!("{} with {}; {detail}", info.version, info.suite),
+                "Clients that accept such certificates cannot tell the device from an impostor, and clients that do not will fail; either way the channel's security rests on nothing.",
+                "Issue the service a certificate from the fleet CA (or a public CA) with an RSA ≥ 2048 or EC P-256 key and SHA-256, and renew it before expiry.".to_owned(),
+                &[b::ETSI_5_5_1, b::OWASP_I7],
+            ));
+        }
+    }
+    out
+}
+
+fn legacy_tls(id: &str, addr: SocketAddr, v: u16) -> Finding {
+    finding(
+        id,
+        format!("tls/{}/legacy-version", addr.port()),
+        "tls",
+        Severity::Medium,
+        format!("TLS on TCP {} still accepts {}", addr.port(), wire::tls_version_name(v)),
+        addr.to_string(),
+        format!("a ClientHello offering at most TLS 1.1 got a ServerHello for {}", wire::tls_version_name(v)),
+        "TLS before 1.2 relies on broken constructions (CBC padding oracles, SHA-1/MD5 PRF) and lets an attacker downgrade clients.",
+        "Configure the service for TLS 1.2 and 1.3 only.".to_owned(),
+        &[b::ETSI_5_5_1, b::OWASP_I5],
+    )
+}
+
+fn default_credential(id: &str, addr: SocketAddr, svc: &Service, user: &str, nth: usize) -> Finding {
+    finding(
+        id,
+        format!("credentials/{}/{}", addr.port(), svc.name()),
+        "credentials",
+        Severity::Critical,
+        format!("default credential accepted by {} on TCP {}", svc.name(), addr.port()),
+        addr.to_string(),
+        format!(
+            "credential accepted for user {user} (pair {nth} of the default-credential list; password withheld)"
+        ),
+        "Default and Mirai-table passwords are the first thing every IoT botnet tries; a device that accepts one is taken over in minutes once reachable.",
+        format!(
+            "Set a unique password for {user} (or disable password login), and make the firmware refuse to run with its factory default."
+        ),
+        &[b::ETSI_5_1_1, b::OWASP_I1],
+    )
+}
+
+fn identity_checks(
+    t: &Target,
+    seen: bool,
+    certs: &[portcullis_store::CertificateRecord],
+    in_scope: &BTreeSet<&str>,
+    now: OffsetDateTime,
+    expiry_days: u32,
+) -> Vec<Finding> {
+    let id = t.device.id.as_str();
+    let mut out = Vec::new();
+    let target = id.to_owned();
+    if t.device.state == DeviceState::Revoked && seen {
+        out.push(finding(
+            id,
+            "identity/revoked-online".into(),
+            "identity",
+            Severity::Critical,
+            "revoked device still answers on the network".into(),
+            target.clone(),
+            format!("device state revoked; open ports found on {}", t.addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+            "A revoked device was taken out of the fleet for a reason (compromise, theft, decommissioning); if it still runs on the network it can still attack its neighbours.",
+            "Disconnect or wipe the device, or block its address at the network edge.".into(),
+            &[b::ETSI_5_5_8, b::OWASP_I8],
+        ));
+    }
+    if t.device.state == DeviceState::Active {
+        let newest = certs
+            .iter()
+            .filter(|c| c.device == t.device.id && c.state == CertState::Valid)
+            .max_by_key(|c| c.not_after);
+        if let Some(c) = newest {
+            let left = c.not_after - now;
+            if left < time::Duration::days(i64::from(expiry_days)) {
+                let expired = left.is_negative();
+                out.push(finding(
+                    id,
+                    "identity/cert-expiring".into(),
+                    "identity",
+                    if expired { Severity::High } else { Severity::Medium },
+                    if expired { "device certificate expired".into() } else { format!("device certificate expires within {expiry_days} days") },
+                    target.clone(),
+                    format!("certificate {} notAfter {}", c.serial, c.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()),
+                    "A device whose certificate lapses loses its identity: the gateway and DNS port stop serving it, and operators tend to fix that by weakening checks.",
+                    "Check the device agent's renewal (portcullis-agent renews at two thirds of the lifetime) or re-enroll the device.".into(),
+                    &[b::ETSI_5_5_8, b::OWASP_I8],
+                ));
+            }
+        }
+    }
+    // One key on two devices: a cloned or factory-baked key.
+    let mine: BTreeSet<&str> = certs
+        .iter()
+        .filter(|c| c.device == t.device.id && c.state == CertState::Valid)
+        .map(|c| c.spki_sha256.as_str())
+        .collect();
+    let mut others: BTreeSet<&str> = BTreeSet::new();
+    for c in certs {
+        if c.device != t.device.id && c.state == CertState::Valid && mine.contains(c.spki_sha256.as_str()) {
+            others.insert(c.device.as_str());
+        }
+    }
+    if !others.is_empty() {
+        let _ = in_scope;
+        out.push(finding(
+            id,
+            "identity/shared-key".into(),
+            "identity",
+            Severity::High,
+            "device shares its key pair with other devices".into(),
+            target,
+            format!("the public key of this device's certificate is also certified for {}", others.into_iter().collect::<Vec<_>>().join(", ")),
+            "Devices with the same private key are indistinguishable: compromising one impersonates all, and revoking one does not stop the others' key.",
+            "Generate a fresh key on each device (portcullis-agent does by default), re-enroll, and revoke the shared certificates.".into(),
+            &[b::ETSI_5_4_3, b::OWASP_I8],
+        ));
+    }
+    out
+}

@@ -1,0 +1,314 @@
+//! `portcullis profile …` and `portcullis audit …`: profiles in, findings out.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use portcullis_admin::AdminClient;
+use serde_json::{Value, json};
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn list(v: &Value) -> String {
+    let items: Vec<String> = v
+        .as_array()
+        .map(|a| a.iter().map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned)).collect())
+        .unwrap_or_default();
+    if items.is_empty() { "-".into() } else { items.join(",") }
+}
+
+/// Reads a profile document: TOML (`tcp = [443]`) or JSON.
+fn read_profile(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()));
+    }
+    let v: toml::Value = toml::from_str(&text).with_context(|| format!("{}: not TOML", path.display()))?;
+    Ok(serde_json::to_value(v)?)
+}
+
+pub struct ProfileFlags {
+    pub file: Option<std::path::PathBuf>,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+    pub domains: Vec<String>,
+    pub tls_required: Vec<u16>,
+    pub description: Option<String>,
+}
+
+pub async fn profile_set(c: &AdminClient, name: &str, f: ProfileFlags) -> anyhow::Result<()> {
+    let doc = match &f.file {
+        Some(p) => read_profile(p)?,
+        None => json!({
+            "description": f.description,
+            "tcp": f.tcp,
+            "udp": f.udp,
+            "domains": f.domains,
+            "tls_required": f.tls_required,
+        }),
+    };
+    let mut doc = doc;
+    if let Some(o) = doc.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    let r = c.post("/v1/profiles", &json!({ "name": name, "profile": doc })).await?;
+    let p = &r["profile"];
+    println!(
+        "profile {name} saved: tcp {} udp {} tls-required {} domains {}",
+        list(&p["tcp"]),
+        list(&p["udp"]),
+        list(&p["tls_required"]),
+        list(&p["domains"])
+    );
+    Ok(())
+}
+
+pub async fn profile_import_mud(
+    c: &AdminClient,
+    file: &Path,
+    name: Option<&str>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let mud: Value =
+        serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    let r = c.post("/v1/profiles/import-mud", &json!({ "name": name, "mud": mud })).await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    let p = &r["profile"];
+    println!(
+        "profile {} imported from {}: tcp {} udp {} domains {}",
+        r["name"].as_str().unwrap_or("-"),
+        p["source"].as_str().unwrap_or("-"),
+        list(&p["tcp"]),
+        list(&p["udp"]),
+        list(&p["domains"])
+    );
+    for w in r["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+pub async fn profile_list(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
+    let r = c.get("/v1/profiles").await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    println!("{:<20} {:<16} {:<10} {:<12} {:<30} DEVICES", "NAME", "TCP", "UDP", "TLS", "DOMAINS");
+    for p in r["profiles"].as_array().into_iter().flatten() {
+        let d = &p["profile"];
+        println!(
+            "{:<20} {:<16} {:<10} {:<12} {:<30} {}",
+            p["name"].as_str().unwrap_or("-"),
+            list(&d["tcp"]),
+            list(&d["udp"]),
+            list(&d["tls_required"]),
+            list(&d["domains"]),
+            list(&p["devices"])
+        );
+    }
+    Ok(())
+}
+
+pub async fn device_profile(c: &AdminClient, id: &str, profile: Option<&str>) -> anyhow::Result<()> {
+    let r = c.post(&format!("/v1/devices/{id}/profile"), &json!({ "profile": profile })).await?;
+    match r["device"]["profile"].as_str() {
+        Some(p) => println!("device {id} now has profile {p}"),
+        None => println!("device {id} has no profile (nothing is allowed to listen)"),
+    }
+    Ok(())
+}
+
+pub struct RunFlags {
+    pub device: Option<String>,
+    pub group: Option<String>,
+    pub addresses: Vec<String>,
+    pub ports: Option<String>,
+    pub rate: Option<u32>,
+    pub per_device: Option<usize>,
+    pub connect_timeout_ms: Option<u64>,
+    pub attempts: Option<u32>,
+    pub credentials: Option<std::path::PathBuf>,
+    pub no_credentials: bool,
+    pub scan_only: bool,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
+    let creds = match &f.credentials {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            portcullis_audit::creds::parse_list(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => Vec::new(),
+    };
+    let req = json!({
+        "device": f.device, "group": f.group, "addresses": f.addresses, "ports": f.ports,
+        "rate": f.rate, "per_device": f.per_device, "connect_timeout_ms": f.connect_timeout_ms,
+        "attempts": f.attempts, "credentials": creds, "no_credentials": f.no_credentials, "scan_only": f.scan_only, "dry_run": f.dry_run,
+    });
+    let r = c.post("/v1/audit/runs", &req).await?;
+    if f.dry_run {
+        if f.json {
+            print_json(&r["plan"]);
+        } else {
+            print_plan(&r["plan"]);
+        }
+        return Ok(());
+    }
+    let id = r["run"].as_i64().context("server did not return a run id")?;
+    let tty = std::io::stderr().is_terminal() && !f.json;
+    if !f.json {
+        eprintln!("audit run {id} started");
+    }
+    let mut last_line = String::new();
+    let mut last_print = std::time::Instant::now();
+    let done = loop {
+        let v = c.get(&format!("/v1/audit/runs/{id}")).await?;
+        let status = v["run"]["status"].as_str().unwrap_or("running").to_owned();
+        if status != "running" {
+            break v;
+        }
+        let p = &v["progress"];
+        if !p.is_null() && !f.json {
+            let planned = p["probes_planned"].as_u64().unwrap_or(0).max(1);
+            let done = p["probes_done"].as_u64().unwrap_or(0);
+            let line = format!(
+                "{} devices {}/{}, probes {done}/{planned}, open ports {}, logins {}",
+                p["phase"].as_str().unwrap_or(""),
+                p["devices_done"],
+                p["devices"],
+                p["open_ports"],
+                p["login_attempts"]
+            );
+            if tty {
+                let width = 30usize;
+                let filled = (done as usize * width / planned as usize).min(width);
+                eprint!(
+                    "\r[{}{}] {:>3}% {line}   ",
+                    "#".repeat(filled),
+                    ".".repeat(width - filled),
+                    done * 100 / planned
+                );
+                let _ = std::io::stderr().flush();
+            } else if line != last_line && last_print.elapsed() >= Duration::from_secs(2) {
+                eprintln!("progress: {line}");
+                last_line = line;
+                last_print = std::time::Instant::now();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if tty {
+        eprintln!();
+    }
+    if f.json {
+        print_json(&done);
+        return Ok(());
+    }
+    print_findings(&done);
+    if done["run"]["status"] != "finished" {
+        anyhow::bail!("audit run {id} {}: {}", done["run"]["status"], done["run"]["summary"]["error"]);
+    }
+    Ok(())
+}
+
+fn print_plan(p: &Value) {
+    println!(
+        "dry run: {} probes over ports {} ({} ports) at most {}/s, {} at a time per device; login attempts per device: {}",
+        p["scan_probes"],
+        p["ports"].as_str().unwrap_or("-"),
+        p["port_count"],
+        p["rate_per_second"],
+        p["per_device_concurrency"],
+        p["login_attempts_per_device"]
+    );
+    for d in p["devices"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<20} profile {:<14} addresses {:<24} probes {}",
+            d["device"].as_str().unwrap_or("-"),
+            d["profile"].as_str().unwrap_or("-"),
+            list(&d["addresses"]),
+            d["probes"]
+        );
+    }
+    println!("  then: {}", p["then"].as_str().unwrap_or_default());
+    for n in p["notes"].as_array().into_iter().flatten() {
+        println!("  note: {}", n.as_str().unwrap_or_default());
+    }
+}
+
+fn print_findings(v: &Value) {
+    let run = &v["run"];
+    let s = &run["summary"];
+    println!(
+        "audit run {} {}: {} devices, {} probes in {} s ({}/s), {} open ports; findings: {} new, {} still open, {} resolved",
+        run["id"],
+        run["status"].as_str().unwrap_or("-"),
+        s["devices"],
+        s["scan_probes"],
+        s["seconds"],
+        s["probes_per_second"],
+        s["open_ports"],
+        s["findings"]["new"],
+        s["findings"]["still_open"],
+        s["findings"]["resolved"]
+    );
+    println!("{:<9} {:<9} {:<16} {:<22} FINDING", "STATUS", "SEVERITY", "DEVICE", "TARGET");
+    for f in v["findings"].as_array().into_iter().flatten() {
+        println!(
+            "{:<9} {:<9} {:<16} {:<22} {}",
+            f["status"].as_str().unwrap_or("-"),
+            f["severity"].as_str().unwrap_or("-"),
+            f["device"].as_str().unwrap_or("-"),
+            f["target"].as_str().unwrap_or("-"),
+            f["title"].as_str().unwrap_or("-")
+        );
+    }
+    for n in s["notes"].as_array().into_iter().flatten() {
+        println!("note: {}", n.as_str().unwrap_or_default());
+    }
+    println!("details: portcullis audit report {} --format markdown|html|json", run["id"]);
+}
+
+pub async fn report(c: &AdminClient, run: Option<&str>, format: &str) -> anyhow::Result<()> {
+    let run = run.unwrap_or("latest");
+    let body = c.get_text(&format!("/v1/audit/runs/{run}/report?format={format}")).await?;
+    print!("{body}");
+    Ok(())
+}
+
+pub async fn runs(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
+    let r = c.get("/v1/audit/runs").await?;
+    if as_json {
+        print_json(&r);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<26} {:<12} {:<8} {:<6} {:<6} RESOLVED",
+        "RUN", "STARTED", "STATUS", "DEVICES", "NEW", "OPEN"
+    );
+    for x in r["runs"].as_array().into_iter().flatten() {
+        let s = &x["summary"];
+        let n = |v: &Value| v.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string());
+        println!(
+            "{:<5} {:<26} {:<12} {:<8} {:<6} {:<6} {}",
+            n(&x["id"]),
+            x["started_at"].as_str().unwrap_or("-"),
+            x["status"].as_str().unwrap_or("-"),
+            n(&s["devices"]),
+            n(&s["findings"]["new"]),
+            n(&s["findings"]["still_open"]),
+            n(&s["findings"]["resolved"])
+        );
+    }
+    Ok(())
+}
