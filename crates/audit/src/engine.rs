@@ -87,8 +87,9 @@ pub mod limits {
     pub const CONNECT_MS: u64 = 1500;
     /// Default login attempts per device.
     pub const ATTEMPTS: u32 = 150;
-    /// Default certificate-expiry horizon.
-    pub const EXPIRY_DAYS: u32 = 30;
+    /// Default certificate-expiry horizon: the agent renews with a third of the lifetime
+    /// left (10 days of the default 30), so a week left means renewal has failed.
+    pub const EXPIRY_DAYS: u32 = 7;
 }
 
 /// Why an audit cannot start.
@@ -674,7 +675,7 @@ async fn audit_device(ctx: &Ctx, t: &Target) -> (Vec<Finding>, bool) {
                     http: None,
                     mqtt_anonymous: None,
                 };
-                findings.extend(port_findings(id, t, SocketAddr::new(ip, port), &svc, true));
+                findings.extend(port_findings(id, t, SocketAddr::new(ip, port), &svc, true, false));
             }
             continue;
         }
@@ -707,15 +708,15 @@ async fn audit_device(ctx: &Ctx, t: &Target) -> (Vec<Finding>, bool) {
             // A silent port that rustls could not talk to may still be TLS, of a version
             // rustls refuses to speak: ask it in TLS 1.1.
             let legacy_only = svc.kind == Kind::Unknown && svc.tls.is_none() && svc.banner.is_empty();
-            findings.extend(port_findings(id, t, addr, &svc, false));
+            let mut legacy = None;
             if svc.tls.is_some() || legacy_only {
                 ctx.rate.acquire().await;
-                if let Some(v) = ctx.prober.legacy_tls(addr).await {
-                    ctx.log.write(id, addr, "tls-legacy-hello", wire::tls_version_name(v));
-                    findings.push(legacy_tls(id, addr, v));
-                } else {
-                    ctx.log.write(id, addr, "tls-legacy-hello", "refused");
-                }
+                legacy = ctx.prober.legacy_tls(addr).await;
+                ctx.log.write(id, addr, "tls-legacy-hello", legacy.map_or("refused", wire::tls_version_name));
+            }
+            findings.extend(port_findings(id, t, addr, &svc, false, legacy.is_some()));
+            if let Some(v) = legacy {
+                findings.push(legacy_tls(id, addr, v));
             }
             if let Some(f) = try_credentials(ctx, id, addr, &svc, &mut attempts_left).await {
                 findings.push(f);
@@ -772,6 +773,8 @@ async fn try_credentials(
 const RISKY_PORTS: &[u16] =
     &[23, 1023, 2323, 2332, 23231, 5555, 7547, 37215, 52869, 9527, 9530, 502, 20000, 5900];
 
+// Positional on purpose: every call site reads as the finding's fields in order.
+#[allow(clippy::too_many_arguments)]
 fn finding(
     device: &str,
     key: String,
@@ -798,10 +801,21 @@ fn finding(
     }
 }
 
-fn port_findings(id: &str, t: &Target, addr: SocketAddr, svc: &Service, scan_only: bool) -> Vec<Finding> {
+fn port_findings(
+    id: &str,
+    t: &Target,
+    addr: SocketAddr,
+    svc: &Service,
+    scan_only: bool,
+    legacy_tls: bool,
+) -> Vec<Finding> {
     let port = addr.port();
     let mut out = Vec::new();
-    let name = if scan_only { "not identified: scan only".to_owned() } else { svc.name() };
+    let name = match (scan_only, legacy_tls) {
+        (true, _) => "not identified: scan only".to_owned(),
+        (false, true) => "tls (legacy versions only)".to_owned(),
+        (false, false) => svc.name(),
+    };
     let said = if svc.banner.is_empty() { String::new() } else { format!("; it said {:?}", svc.banner) };
     let allowed = t.profile.as_ref().is_some_and(|p| p.allows_tcp(port));
     if !allowed {
@@ -864,7 +878,7 @@ fn port_findings(id: &str, t: &Target, addr: SocketAddr, svc: &Service, scan_onl
             &[b::ETSI_5_5_1, b::OWASP_I7],
         ));
     }
-    if svc.tls.is_none() && t.profile.as_ref().is_some_and(|p| p.requires_tls(port)) {
+    if svc.tls.is_none() && !legacy_tls && t.profile.as_ref().is_some_and(|p| p.requires_tls(port)) {
         out.push(finding(
             id,
             format!("tls-required/{port}"),

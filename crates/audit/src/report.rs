@@ -192,7 +192,7 @@ mod tests {
             baselines: vec![],
             status: "new".into(),
         };
-        let h = render(&run, &[f.clone()], Format::Html);
+        let h = render(&run, std::slice::from_ref(&f), Format::Html);
         assert!(!h.contains("<script>") && h.contains("&lt;script&gt;"));
         let m = render(&run, &[f], Format::Markdown);
         assert!(m.contains("| new | high | cam |"));

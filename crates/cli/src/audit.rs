@@ -138,6 +138,7 @@ pub struct RunFlags {
     pub credentials: Option<std::path::PathBuf>,
     pub no_credentials: bool,
     pub scan_only: bool,
+    pub cert_expiry_days: Option<u32>,
     pub dry_run: bool,
     pub json: bool,
 }
@@ -153,7 +154,7 @@ pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
     let req = json!({
         "device": f.device, "group": f.group, "addresses": f.addresses, "ports": f.ports,
         "rate": f.rate, "per_device": f.per_device, "connect_timeout_ms": f.connect_timeout_ms,
-        "attempts": f.attempts, "credentials": creds, "no_credentials": f.no_credentials, "scan_only": f.scan_only, "dry_run": f.dry_run,
+        "attempts": f.attempts, "credentials": creds, "no_credentials": f.no_credentials, "scan_only": f.scan_only, "cert_expiry_days": f.cert_expiry_days, "dry_run": f.dry_run,
     });
     let r = c.post("/v1/audit/runs", &req).await?;
     if f.dry_run {

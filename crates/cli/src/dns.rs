@@ -378,6 +378,64 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
     anyhow::bail!("no port free for DNS on both UDP and TCP at {addr}")
 }
 
+/// Per device id, the allowlist policy derived from its profile's domains.
+#[derive(Clone, Default)]
+pub struct ProfilePolicies(Arc<std::sync::RwLock<Arc<HashMap<String, Arc<Policy>>>>>);
+
+impl ProfilePolicies {
+    fn get(&self, device: &str) -> Option<Arc<Policy>> {
+        self.0.read().ok().and_then(|m| m.get(device).cloned())
+    }
+
+    fn set(&self, map: HashMap<String, Arc<Policy>>) {
+        if let Ok(mut m) = self.0.write() {
+            *m = Arc::new(map);
+        }
+    }
+}
+
+/// The allowlist a profile implies: its domains (and their subdomains) and nothing else.
+fn profile_policies(
+    devices: &[portcullis_store::Device],
+    profiles: &[portcullis_store::ProfileRecord],
+) -> HashMap<String, Arc<Policy>> {
+    let mut by_profile: HashMap<&str, Arc<Policy>> = HashMap::new();
+    for p in profiles {
+        let domains: Vec<&str> = p.document["domains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+            .collect();
+        if domains.is_empty() {
+            // A profile that names no domains says nothing about DNS: the group's policy applies.
+            continue;
+        }
+        let mut allow = DomainSet::new();
+        for d in domains {
+            allow.add_rule(&format!("||{d}^"));
+        }
+        by_profile.insert(
+            &p.name,
+            Arc::new(Policy {
+                name: format!("profile:{}", p.name),
+                mode: portcullis_dns::Mode::Allowlist,
+                lists: Vec::new(),
+                allow,
+                deny: DomainSet::new(),
+                block: portcullis_dns::BlockResponse::default(),
+            }),
+        );
+    }
+    devices
+        .iter()
+        .filter_map(|d| {
+            let p = by_profile.get(d.profile.as_deref()?)?;
+            Some((d.id.to_string(), p.clone()))
+        })
+        .collect()
+}
+
 /// The registry's view for attribution: device addresses, rebuilt when the registry
 /// generation moves (every address or state change bumps it).
 #[derive(Default)]
@@ -388,13 +446,14 @@ struct AddressTable {
 }
 
 impl AddressTable {
-    fn build(devices: &[portcullis_store::Device]) -> Self {
+    fn build(devices: &[portcullis_store::Device], profiles: &HashMap<String, Arc<Policy>>) -> Self {
         let mut t = Self::default();
         for d in devices {
             let client = portcullis_dns::Client {
                 device: d.id.to_string(),
                 group: d.group.to_string(),
                 active: d.state == portcullis_core::DeviceState::Active,
+                profile: profiles.get(d.id.as_str()).cloned(),
             };
             for a in &d.addresses {
                 let Ok(cidr) = a.parse::<portcullis_core::Cidr>() else { continue };
@@ -425,14 +484,18 @@ impl AddressTable {
 /// Attribution by registered address, kept within a quarter second of the registry.
 pub async fn attribution(
     authority: Arc<portcullis_pki::Authority>,
+    profiles: ProfilePolicies,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(portcullis_dns::Identify, tokio::task::JoinHandle<()>)> {
-    let load = |a: Arc<portcullis_pki::Authority>| async move {
+    let load = |a: Arc<portcullis_pki::Authority>, out: ProfilePolicies| async move {
         let g = a.generation();
         let devices = a.store().devices().await?;
-        anyhow::Ok((g, AddressTable::build(&devices)))
+        let policies = profile_policies(&devices, &a.store().profiles().await?);
+        let table = AddressTable::build(&devices, &policies);
+        out.set(policies);
+        anyhow::Ok((g, table))
     };
-    let (mut seen, first) = load(authority.clone()).await?;
+    let (mut seen, first) = load(authority.clone(), profiles.clone()).await?;
     let table = Arc::new(std::sync::RwLock::new(Arc::new(first)));
     let identify: portcullis_dns::Identify = {
         let table = table.clone();
@@ -447,7 +510,7 @@ pub async fn attribution(
             if authority.generation() == seen {
                 continue;
             }
-            match load(authority.clone()).await {
+            match load(authority.clone(), profiles.clone()).await {
                 Ok((g, fresh)) => {
                     seen = g;
                     if let Ok(mut t) = table.write() {
@@ -553,6 +616,7 @@ pub fn query_log(
 /// What a verified (or refused) client certificate says about a DNS client.
 async fn attribute_peer(
     authority: &portcullis_pki::Authority,
+    profiles: &ProfilePolicies,
     peer: Option<&portcullis_pki::PeerCertificate>,
 ) -> portcullis_dns::Attribution {
     use portcullis_pki::AuthError;
@@ -562,6 +626,7 @@ async fn attribute_peer(
             device: d.id.to_string(),
             group: d.group.to_string(),
             active: true,
+            profile: profiles.get(d.id.as_str()),
         }),
         // A certificate that does not authenticate is refused, never treated as no
         // certificate (which may fall back to a more permissive policy).
@@ -574,6 +639,7 @@ async fn attribute_peer(
                 device,
                 group: String::new(),
                 active: false,
+                profile: None,
             })
         }
     }
@@ -583,16 +649,17 @@ async fn attribute_peer(
 pub fn tls_attribution(
     authority: Arc<portcullis_pki::Authority>,
     verifier: portcullis_pki::ClientCertVerifier,
+    profiles: ProfilePolicies,
 ) -> portcullis_dns::TlsAttribution {
     Arc::new(move |chain| {
         let peer = chain.map(|c| {
             let verified = verifier.verify(&c);
             portcullis_pki::PeerCertificate::new(c, verified)
         });
-        let authority = authority.clone();
+        let (authority, profiles) = (authority.clone(), profiles.clone());
         Arc::new(move || {
-            let (authority, peer) = (authority.clone(), peer.clone());
-            Box::pin(async move { attribute_peer(&authority, peer.as_ref()).await })
+            let (authority, profiles, peer) = (authority.clone(), profiles.clone(), peer.clone());
+            Box::pin(async move { attribute_peer(&authority, &profiles, peer.as_ref()).await })
         })
     })
 }
@@ -611,6 +678,7 @@ pub const DOH_PATH: &str = "/dns-query";
 struct Doh {
     resolver: Arc<portcullis_dns::Resolver>,
     authority: Arc<portcullis_pki::Authority>,
+    profiles: ProfilePolicies,
 }
 
 /// DNS-over-HTTPS (RFC 8484): `GET /dns-query?dns=<base64url>` and `POST /dns-query` with
@@ -618,10 +686,13 @@ struct Doh {
 pub fn doh_router(
     resolver: Arc<portcullis_dns::Resolver>,
     authority: Arc<portcullis_pki::Authority>,
+    profiles: ProfilePolicies,
 ) -> axum::Router {
-    axum::Router::new()
-        .route(DOH_PATH, axum::routing::get(doh_get).post(doh_post))
-        .with_state(Doh { resolver, authority })
+    axum::Router::new().route(DOH_PATH, axum::routing::get(doh_get).post(doh_post)).with_state(Doh {
+        resolver,
+        authority,
+        profiles,
+    })
 }
 
 const DNS_MESSAGE: &str = "application/dns-message";
@@ -683,7 +754,7 @@ async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum
     let src = ext
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-    let who = attribute_peer(&d.authority, peer).await;
+    let who = attribute_peer(&d.authority, &d.profiles, peer).await;
     match d.resolver.answer_for(bytes, src, false, who).await {
         Some(out) => ([(axum::http::header::CONTENT_TYPE, DNS_MESSAGE)], out).into_response(),
         None => doh_problem(axum::http::StatusCode::BAD_REQUEST, "not a DNS query"),

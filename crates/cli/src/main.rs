@@ -236,6 +236,9 @@ enum AuditCmd {
         /// Exposure check alone: connect scan, no identification, TLS checks or logins.
         #[arg(long)]
         scan_only: bool,
+        /// Device certificates expiring within this many days are findings [default: 7].
+        #[arg(long)]
+        cert_expiry_days: Option<u32>,
         /// Print the planned probes and stop.
         #[arg(long)]
         dry_run: bool,
@@ -425,6 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     credentials,
                     no_credentials,
                     scan_only,
+                    cert_expiry_days,
                     dry_run,
                     json,
                 } => {
@@ -440,6 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         credentials,
                         no_credentials,
                         scan_only,
+                        cert_expiry_days,
                         dry_run,
                         json,
                     };

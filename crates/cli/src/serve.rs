@@ -76,12 +76,13 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         },
         None => None,
     };
+    let profiles = crate::dns::ProfilePolicies::default();
     let dns = match dns_cfg {
         Some((d, (udp, tcp))) => {
             let (lists, table) = crate::dns::DnsLists::new(d, cfg.data_dir.join("dns-lists"))?;
             let lists = Arc::new(lists);
             let (identify, attribution) =
-                crate::dns::attribution(authority.clone(), dns_stop_rx.clone()).await?;
+                crate::dns::attribution(authority.clone(), profiles.clone(), dns_stop_rx.clone()).await?;
             let (on_query, log_writer) = crate::dns::query_log(authority.clone(), d, dns_stop_rx.clone());
             dns_tasks.push(attribution);
             dns_tasks.push(log_writer);
@@ -146,7 +147,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let mut built_in = est::router(authority.clone());
     let mut built_in_paths = est::PATHS.to_vec();
     if let Some(r) = &resolver {
-        built_in = built_in.merge(crate::dns::doh_router(r.clone(), authority.clone()));
+        built_in = built_in.merge(crate::dns::doh_router(r.clone(), authority.clone(), profiles.clone()));
         built_in_paths.push(crate::dns::DOH_PATH);
     }
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
@@ -181,7 +182,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     };
 
     let dot_config = crate::dns::dot_tls(&tls_config);
-    let dot_attribution = crate::dns::tls_attribution(authority.clone(), verifier.clone());
+    let dot_attribution = crate::dns::tls_attribution(authority.clone(), verifier.clone(), profiles.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let device = tokio::spawn(portcullis_gateway::serve(
         device_listener,

@@ -20,7 +20,7 @@ use crate::policy::{BlockResponse, Policy, Verdict};
 use crate::upstream::Upstreams;
 
 /// Who asked: the device a query is attributed to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Client {
     /// Its device id.
     pub device: String,
@@ -28,6 +28,10 @@ pub struct Client {
     pub group: String,
     /// False for a suspended or revoked device: its queries are refused.
     pub active: bool,
+    /// The allowlist derived from the device's profile (its allowed domains), if it has
+    /// one: it beats the group's policy; a policy naming the device in the
+    /// configuration beats it.
+    pub profile: Option<Arc<Policy>>,
 }
 
 /// Attributes a source address to a device (from the registry).
@@ -283,6 +287,7 @@ impl Resolver {
             Some(c) => table
                 .by_device
                 .get(&c.device)
+                .or(c.profile.as_ref())
                 .or_else(|| table.by_group.get(&c.group))
                 .or(table.default.as_ref()),
             None => table.unknown.as_ref(),
