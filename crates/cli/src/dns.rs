@@ -380,7 +380,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
 
 /// Per device id, the allowlist policy derived from its profile's domains.
 #[derive(Clone, Default)]
-pub struct ProfilePolicies(Arc<std::sync::RwLock<Arc<HashMap<String, Arc<Policy>>>>>);
+pub struct ProfilePolicies(Arc<std::sync::RwLock<Arc<ByDevice>>>);
+
+type ByDevice = HashMap<String, Arc<Policy>>;
 
 impl ProfilePolicies {
     fn get(&self, device: &str) -> Option<Arc<Policy>> {
