@@ -16,7 +16,6 @@ use portcullis_store::{Actor, Device, FindingRecord, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -24,6 +23,7 @@ use crate::creds::{self, Credential};
 use crate::finding::{Finding, Severity, baseline as b};
 use crate::probe::{Kind, Prober, Service, Timeouts};
 use crate::profile::Profile;
+use crate::scan::{self, PortState};
 use crate::tlscheck::{self, CertIssue};
 use crate::{ports, wire};
 
@@ -400,7 +400,7 @@ impl Auditor {
         progress.phase("scanning");
         let log = ProbeLog::open(self.log_dir.as_ref(), run);
         let ctx = Arc::new(Ctx {
-            rate: Rate::new(plan.rate),
+            pace: scan::Pace::new(plan.rate),
             sockets: Semaphore::new(limits::SOCKETS),
             prober: Prober {
                 t: Timeouts {
@@ -412,25 +412,28 @@ impl Auditor {
             },
             log,
             progress: progress.clone(),
-            plan_ports: plan.ports.clone(),
             per_device: plan.per_device,
             creds: plan.creds.clone(),
             attempts: plan.attempts,
             scan_only: plan.scan_only,
         });
+        let open = scan_phase(&ctx, &plan).await;
+        progress.phase("checking open ports");
         let parallel_devices = (limits::SOCKETS / plan.per_device).max(1);
-        let results: Vec<(Target, Vec<Finding>, bool)> = stream::iter(plan.targets.clone())
-            .map(|t| {
-                let ctx = ctx.clone();
-                async move {
-                    let (findings, seen) = audit_device(&ctx, &t).await;
-                    ctx.progress.devices_done.fetch_add(1, Ordering::Relaxed);
-                    (t, findings, seen)
-                }
-            })
-            .buffer_unordered(parallel_devices)
-            .collect()
-            .await;
+        let results: Vec<(Target, Vec<Finding>, bool)> =
+            stream::iter(plan.targets.clone().into_iter().enumerate())
+                .map(|(i, t)| {
+                    let ctx = ctx.clone();
+                    let open: Vec<(IpAddr, Vec<u16>)> = open.get(&i).cloned().unwrap_or_default();
+                    async move {
+                        let (findings, seen) = audit_device(&ctx, &t, open).await;
+                        ctx.progress.devices_done.fetch_add(1, Ordering::Relaxed);
+                        (t, findings, seen)
+                    }
+                })
+                .buffer_unordered(parallel_devices)
+                .collect()
+                .await;
         progress.phase("registry checks");
         let mut findings: Vec<Finding> = Vec::new();
         let certs = self.store.certificates(None).await?;
@@ -538,39 +541,23 @@ fn diff(
 }
 
 struct Ctx {
-    rate: Rate,
+    pace: scan::Pace,
     sockets: Semaphore,
     prober: Prober,
     log: ProbeLog,
     progress: Arc<Progress>,
-    plan_ports: Vec<u16>,
     per_device: usize,
     creds: Vec<Credential>,
     attempts: u32,
     scan_only: bool,
 }
 
-/// A global pace: at most `rate` probes per second, no bursts beyond one tick.
-struct Rate {
-    interval: Duration,
-    next: Mutex<Instant>,
-}
-
-impl Rate {
-    fn new(per_second: u32) -> Self {
-        Self { interval: Duration::from_secs(1) / per_second.max(1), next: Mutex::new(Instant::now()) }
-    }
-
-    async fn acquire(&self) {
-        let at = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let at = (*next).max(now);
-            *next = at + self.interval;
-            at
-        };
-        if at > Instant::now() + Duration::from_millis(1) {
-            tokio::time::sleep_until(at).await;
+impl Ctx {
+    /// Waits for the global pace (probes other than the connect scan's).
+    async fn paced(&self) {
+        let at = self.pace.slot();
+        if at > std::time::Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(at.into()).await;
         }
     }
 }
@@ -607,9 +594,15 @@ impl ProbeLog {
         tracing::trace!(device, %addr, probe, result, "audit probe");
         if let Some(out) = &self.out {
             let t = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-            let line = json!({ "t_ms": t as i64, "device": device, "addr": addr.to_string(), "probe": probe, "result": result });
+            let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+            let line = format!(
+                "{{\"t_ms\":{t},\"device\":{},\"addr\":\"{addr}\",\"probe\":{},\"result\":{}}}\n",
+                q(device),
+                q(probe),
+                q(result)
+            );
             let mut w = out.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = writeln!(w, "{line}");
+            let _ = w.write_all(line.as_bytes());
         }
     }
 
@@ -620,48 +613,58 @@ impl ProbeLog {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PortState {
-    Open,
-    Closed,
-    Filtered,
-}
-
-async fn connect_probe(ctx: &Ctx, device: &str, addr: SocketAddr) -> PortState {
-    ctx.rate.acquire().await;
-    let _permit = ctx.sockets.acquire().await;
-    let r = tokio::time::timeout(ctx.prober.t.connect, TcpStream::connect(addr)).await;
-    ctx.progress.done.fetch_add(1, Ordering::Relaxed);
-    let (state, what) = match r {
-        Ok(Ok(s)) => {
-            // Close with a reset: no TIME_WAIT left behind on either side.
-            let _ = s.set_zero_linger();
-            (PortState::Open, "open")
+/// The connect scan of every target address, on one thread per core (see [`scan`]).
+/// Returns, per target index, the open ports of each of its addresses.
+async fn scan_phase(ctx: &Arc<Ctx>, plan: &Plan) -> HashMap<usize, Vec<(IpAddr, Vec<u16>)>> {
+    let addrs: Vec<(usize, IpAddr)> =
+        plan.targets.iter().enumerate().flat_map(|(i, t)| t.addrs.iter().map(move |a| (i, *a))).collect();
+    let ids: Arc<Vec<String>> = Arc::new(plan.targets.iter().map(|t| t.device.id.to_string()).collect());
+    let threads =
+        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(addrs.len().max(1));
+    let mut handles = Vec::new();
+    for n in 0..threads {
+        // Global index of each address, so results map back.
+        let mine: Vec<(usize, IpAddr)> =
+            addrs.iter().enumerate().filter(|(k, _)| k % threads == n).map(|(k, (_, ip))| (k, *ip)).collect();
+        let (ctx, ids, ports) = (ctx.clone(), ids.clone(), plan.ports.clone());
+        let owner: Vec<(usize, IpAddr)> = addrs.clone();
+        let (per_target, timeout) = (ctx.per_device, ctx.prober.t.connect);
+        handles.push(tokio::task::spawn_blocking(move || {
+            let mut open: Vec<(usize, u16)> = Vec::new();
+            scan::scan(&mine, &ports, per_target, limits::SOCKETS / threads, timeout, &ctx.pace, |o| {
+                ctx.progress.done.fetch_add(1, Ordering::Relaxed);
+                let (device, ip) = owner[o.target];
+                ctx.log.write(&ids[device], SocketAddr::new(ip, o.port), "tcp-connect", o.detail);
+                if o.state == PortState::Open {
+                    open.push((o.target, o.port));
+                }
+            });
+            open
+        }));
+    }
+    let mut by_addr: BTreeMap<usize, Vec<u16>> = BTreeMap::new();
+    for h in handles {
+        for (k, port) in h.await.unwrap_or_default() {
+            by_addr.entry(k).or_default().push(port);
         }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => (PortState::Closed, "closed"),
-        Ok(Err(_)) => (PortState::Filtered, "unreachable"),
-        Err(_) => (PortState::Filtered, "filtered (timeout)"),
-    };
-    ctx.log.write(device, addr, "tcp-connect", what);
-    state
+    }
+    let mut out: HashMap<usize, Vec<(IpAddr, Vec<u16>)>> = HashMap::new();
+    for (k, (target, ip)) in addrs.iter().enumerate() {
+        let mut ports = by_addr.remove(&k).unwrap_or_default();
+        ports.sort_unstable();
+        out.entry(*target).or_default().push((*ip, ports));
+    }
+    out
 }
 
-/// Scans, identifies and checks one device. Returns its findings and whether anything
-/// answered on any of its addresses.
-async fn audit_device(ctx: &Ctx, t: &Target) -> (Vec<Finding>, bool) {
+/// Identifies and checks one device's open ports. Returns its findings and whether
+/// anything answered on any of its addresses.
+async fn audit_device(ctx: &Ctx, t: &Target, scanned: Vec<(IpAddr, Vec<u16>)>) -> (Vec<Finding>, bool) {
     let id = t.device.id.as_str();
     let mut findings = Vec::new();
     let mut seen = false;
     let mut attempts_left = ctx.attempts;
-    for &ip in &t.addrs {
-        let states: Vec<(u16, PortState)> = stream::iter(ctx.plan_ports.iter().copied())
-            .map(|port| async move { (port, connect_probe(ctx, id, SocketAddr::new(ip, port)).await) })
-            .buffer_unordered(ctx.per_device)
-            .collect()
-            .await;
-        let mut open: Vec<u16> =
-            states.iter().filter(|(_, s)| *s == PortState::Open).map(|(p, _)| *p).collect();
-        open.sort_unstable();
+    for (ip, open) in scanned {
         ctx.progress.open_ports.fetch_add(open.len() as u64, Ordering::Relaxed);
         if !open.is_empty() {
             seen = true;
@@ -683,7 +686,7 @@ async fn audit_device(ctx: &Ctx, t: &Target) -> (Vec<Finding>, bool) {
             .map(|port| async move {
                 let addr = SocketAddr::new(ip, port);
                 let _permit = ctx.sockets.acquire().await;
-                ctx.rate.acquire().await;
+                ctx.paced().await;
                 let svc = ctx
                     .prober
                     .identify(addr, &mut |probe, result| ctx.log.write(id, addr, probe, result))
@@ -710,7 +713,7 @@ async fn audit_device(ctx: &Ctx, t: &Target) -> (Vec<Finding>, bool) {
             let legacy_only = svc.kind == Kind::Unknown && svc.tls.is_none() && svc.banner.is_empty();
             let mut legacy = None;
             if svc.tls.is_some() || legacy_only {
-                ctx.rate.acquire().await;
+                ctx.paced().await;
                 legacy = ctx.prober.legacy_tls(addr).await;
                 ctx.log.write(id, addr, "tls-legacy-hello", legacy.map_or("refused", wire::tls_version_name));
             }
@@ -749,7 +752,7 @@ async fn try_credentials(
             return None;
         }
         *left -= 1;
-        ctx.rate.acquire().await;
+        ctx.paced().await;
         ctx.progress.logins.fetch_add(1, Ordering::Relaxed);
         let ok = ctx.prober.login(addr, svc, &c.user, &c.password).await;
         let probe = format!("{}-login user={}", svc.name(), c.user);

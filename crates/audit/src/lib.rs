@@ -15,6 +15,7 @@ pub mod ports;
 mod probe;
 pub mod profile;
 pub mod report;
+mod scan;
 pub mod tlscheck;
 pub mod wire;
 
