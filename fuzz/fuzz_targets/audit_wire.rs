@@ -1,5 +1,5 @@
 //! What a probed device sends back (banners, telnet option soup, MQTT CONNACKs, TLS
-//! ServerHellos, HTTP/RTSP heads), and MUD files: untrusted bytes, never a panic.
+//! ServerHellos, HTTP/RTSP heads, SSH KEXINITs), and MUD files: untrusted bytes, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = wire::telnet_outcome(&text);
     let _ = wire::mqtt_connack(data);
     let _ = wire::parse_server_hello(data);
+    let _ = portcullis_audit::ssh::check_kexinit(data);
     if let Some(head) = wire::parse_http_head(data) {
         assert!(head.realm.as_ref().is_none_or(|r| r.len() <= 80));
     }

@@ -737,7 +737,7 @@ async fn try_credentials(
     left: &mut u32,
 ) -> Option<Finding> {
     let applicable = match svc.kind {
-        Kind::Telnet => true,
+        Kind::Telnet | Kind::Ssh => true,
         Kind::Http => svc.http.as_ref().is_some_and(|h| h.status == 401 && h.basic_auth),
         // 4: bad user name or password, 5: not authorised — the broker wants a login.
         Kind::Mqtt => matches!(svc.mqtt_anonymous, Some(4 | 5)),
@@ -764,7 +764,14 @@ async fn try_credentials(
             Ok(false) => ctx.log.write(id, addr, &probe, "refused"),
             Err(e) => {
                 ctx.log.write(id, addr, &probe, &format!("error: {e}"));
-                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                // Nothing more to learn here: the service went away, does not take
+                // passwords, or cannot be talked to (no common SSH algorithms).
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::Unsupported
+                        | std::io::ErrorKind::InvalidData
+                ) {
                     return None;
                 }
             }

@@ -16,6 +16,7 @@ mod probe;
 pub mod profile;
 pub mod report;
 mod scan;
+pub mod ssh;
 pub mod tlscheck;
 pub mod wire;
 

@@ -440,6 +440,14 @@ impl Prober {
                 .await
                 .is_some_and(|h| h.status < 400)),
             Kind::Mqtt => Ok(self.mqtt(stream().await?, Some((user, pass))).await == Some(0)),
+            Kind::Ssh => match crate::ssh::try_password(stream().await?, user, pass, self.t.io * 2).await? {
+                crate::ssh::PasswordAnswer::Accepted => Ok(true),
+                crate::ssh::PasswordAnswer::Refused { password_offered: true } => Ok(false),
+                crate::ssh::PasswordAnswer::Refused { password_offered: false } => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the server does not offer password authentication",
+                )),
+            },
             _ => Ok(false),
         }
     }

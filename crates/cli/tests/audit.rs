@@ -93,7 +93,7 @@ fn simulated_fleet_gets_exactly_the_expected_findings_and_the_next_run_diffs() {
         &["23=telnet:root:xc3511", "80=http-basic:admin:admin", "554=rtsp", "443=tls-expired"],
     );
     let _broker = sim(&rt, "127.0.10.11", &["1883=mqtt-anon", "8883=tls-legacy"]);
-    let _sensor = sim(&rt, "127.0.10.12", &["21=ftp", "22=ssh", "1884=mqtt-auth:mqtt:mqtt"]);
+    let _sensor = sim(&rt, "127.0.10.12", &["21=ftp", "22=ssh:root:root", "1884=mqtt-auth:mqtt:mqtt"]);
     let _old = sim(&rt, "127.0.10.14", &["9000=open"]);
 
     // Guard rails: an address outside the inventory is refused, whatever the flags.
@@ -143,6 +143,7 @@ fn simulated_fleet_gets_exactly_the_expected_findings_and_the_next_run_diffs() {
                 "plaintext/21/ftp",
                 "plaintext/1884/mqtt",
                 "credentials/1884/mqtt",
+                "credentials/22/ssh",
                 "identity/cert-expiring",
                 "identity/shared-key",
             ],
@@ -154,9 +155,11 @@ fn simulated_fleet_gets_exactly_the_expected_findings_and_the_next_run_diffs() {
     assert_eq!(
         got_keys,
         want,
-        "missing: {:?}\nextra: {:?}",
-        want.difference(&got_keys),
-        got_keys.difference(&want)
+        "missing: {:?}\nextra: {:?}\nprobe log: {}",
+        want.difference(&got_keys).collect::<Vec<_>>(),
+        got_keys.difference(&want).collect::<Vec<_>>(),
+        std::fs::read_to_string(v["run"]["summary"]["probe_log"].as_str().unwrap_or_default())
+            .unwrap_or_default()
     );
     assert!(got.values().all(|s| s == "new"));
     // Evidence names the user, never the password.
@@ -329,4 +332,48 @@ fn a_profile_from_a_mud_file_drives_the_audit_and_the_dns_allowlist() {
     s.cli_ok(&["device", "profile", "cam-9", "--clear"]);
     std::thread::sleep(std::time::Duration::from_millis(600));
     assert_ne!(dig("botnet-c2.example"), "NXDOMAIN");
+}
+
+/// The SSH login probe against OpenSSH's sshd (Debian openssh-server), on its own loopback
+/// address with a throwaway host key: key exchange, encryption and userauth interoperate,
+/// and a refused password is an answer, not an error.
+#[test]
+fn the_ssh_login_probe_speaks_to_openssh() {
+    let sshd = std::path::Path::new("/usr/sbin/sshd");
+    assert!(sshd.exists(), "/usr/sbin/sshd missing: .ci/run installs openssh-server");
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("host_ed25519");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
+    let cfg = dir.path().join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ListenAddress 127.0.13.10\nPort 22\nHostKey {}\nPidFile {}/sshd.pid\nPasswordAuthentication yes\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin yes\nUsePAM no\nStrictModes no\nMaxStartups 100\n",
+            key.display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let mut child = Command::new(sshd).args(["-D", "-e", "-f"]).arg(&cfg).spawn().unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect("127.0.13.10:22").is_ok()
+    });
+    assert!(up, "sshd did not start");
+    s.add_device("real-ssh", &[]);
+    s.cli_ok(&["device", "addresses", "real-ssh", "127.0.13.10"]);
+    s.cli_ok(&["profile", "set", "ssh-only", "--tcp", "22"]);
+    s.cli_ok(&["device", "profile", "real-ssh", "ssh-only"]);
+    let out = s.cli_ok(&["audit", "run", "--ports", "22", "--attempts", "3", "--json"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(findings(&v).len(), 0, "{out}");
+    let log = std::fs::read_to_string(v["run"]["summary"]["probe_log"].as_str().unwrap()).unwrap();
+    let logins: Vec<&str> = log.lines().filter(|l| l.contains("ssh-login user=")).collect();
+    assert_eq!(logins.len(), 3, "{log}");
+    assert!(logins.iter().all(|l| l.contains("\"result\":\"refused\"")), "{log}");
 }

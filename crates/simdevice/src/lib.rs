@@ -14,7 +14,8 @@
 //! | `mqtt-auth:U:P` | MQTT broker accepting only U/P (CONNACK 5 otherwise) |
 //! | `tls-expired` / `tls-self-signed` | HTTPS with such a certificate |
 //! | `tls-legacy` | answers any ClientHello with a TLS 1.1 ServerHello |
-//! | `ftp`, `ssh`, `rtsp` | a greeting or an RTSP reply |
+//! | `ssh` / `ssh:U:P` | an SSH server (curve25519, chacha20-poly1305, Ed25519) refusing every password / accepting U/P |
+//! | `ftp`, `rtsp` | a greeting or an RTSP reply |
 //! | `open` | accepts and closes |
 
 use std::net::{IpAddr, SocketAddr};
@@ -47,8 +48,8 @@ pub enum Kind {
     TlsLegacy,
     /// FTP greeting.
     Ftp,
-    /// SSH greeting.
-    Ssh,
+    /// SSH server, accepting this pair if any.
+    Ssh(Option<(String, String)>),
     /// RTSP.
     Rtsp,
     /// Accept and close.
@@ -88,7 +89,10 @@ impl std::str::FromStr for Service {
             "tls-self-signed" => Kind::TlsSelfSigned,
             "tls-legacy" => Kind::TlsLegacy,
             "ftp" => Kind::Ftp,
-            "ssh" => Kind::Ssh,
+            "ssh" => Kind::Ssh(match (parts.next(), parts.next()) {
+                (Some(u), Some(p)) => Some((u.to_owned(), p.to_owned())),
+                _ => None,
+            }),
             "rtsp" => Kind::Rtsp,
             "open" => Kind::Open,
             other => bail!("service {s}: unknown kind {other:?}"),
@@ -190,7 +194,11 @@ async fn serve(mut s: TcpStream, kind: Kind, tls: Option<tokio_rustls::TlsAccept
             Ok(())
         }
         Kind::Ftp => greet(&mut s, b"220 (vsFTPd 3.0.3)\r\n").await,
-        Kind::Ssh => greet(&mut s, b"SSH-2.0-dropbear_2019.78\r\n").await,
+        Kind::Ssh(pair) => {
+            let key = portcullis_audit::ssh::host_key();
+            let (u, p) = pair.unwrap_or_else(|| ("\u{0}".into(), "\u{0}refuse-all".into()));
+            portcullis_audit::ssh::serve_password(s, &key, &u, &p).await
+        }
         Kind::Rtsp => {
             let head = read_head(&mut s).await?;
             let cseq = head.lines().find_map(|l| l.strip_prefix("CSeq:")).unwrap_or(" 1").trim().to_owned();
