@@ -173,7 +173,9 @@ struct Param {
 
 #[derive(Debug)]
 enum Media {
-    Json(Validator, Secrets),
+    /// The schema's validator, its secret properties, and its fast accept path when the
+    /// schema is simple enough to have one.
+    Json(Validator, Secrets, Option<crate::fastbody::FastSchema>),
     Form {
         validator: Validator,
         fields: HashMap<String, Shape>,
@@ -283,7 +285,7 @@ enum Plan<'s> {
     /// Nothing to read: no body, or a declared type that is not validated (streams).
     Forward,
     /// Buffer (within the route's limit) and validate as JSON.
-    Json(&'s Validator, &'s Secrets),
+    Json(&'s Validator, &'s Secrets, Option<&'s crate::fastbody::FastSchema>),
     /// Buffer and validate as `application/x-www-form-urlencoded`.
     Form(&'s Validator, &'s HashMap<String, Shape>, &'s Secrets),
 }
@@ -553,6 +555,18 @@ impl<'d> Compiler<'d> {
         err(format!("{ptr}: $ref chain longer than {MAX_REF_HOPS} (a cycle?)"))
     }
 
+    /// The fast accept path of the schema at `ptr`, if it has one.
+    fn fast(&self, ptr: &str) -> Option<crate::fastbody::FastSchema> {
+        let schema = self.doc.pointer(ptr)?;
+        match crate::fastbody::compile(self.doc, schema, self.draft == Draft::Draft4) {
+            Ok(f) => Some(f),
+            Err(why) => {
+                tracing::debug!(schema = %ptr, %why, "no fast path for this schema; the general validator checks it");
+                None
+            }
+        }
+    }
+
     fn validator(&self, ptr: &str) -> Result<Validator, SpecError> {
         let wrapper = json!({"$ref": format!("{SPEC_URI}#{}", fragment(ptr))});
         jsonschema::options()
@@ -815,7 +829,7 @@ impl<'d> Compiler<'d> {
             let sptr = format!("{ptr}/content/{}/schema", escape_pointer(&range));
             let has_schema = m.get("schema").is_some();
             let compiled = if is_json(&range) && has_schema {
-                Media::Json(self.validator(&sptr)?, self.secrets.clone())
+                Media::Json(self.validator(&sptr)?, self.secrets.clone(), self.fast(&sptr))
             } else if range == "application/x-www-form-urlencoded" && has_schema {
                 let mut fields = HashMap::new();
                 let (props_ptr, schema) = self.deref(sptr.clone(), &m["schema"])?;
@@ -1227,7 +1241,9 @@ impl Spec {
                 ))
             }
             // A wildcard range with a JSON schema validates JSON content only.
-            Some((_, Media::Json(v, secrets))) if is_json(&mt) => Ok(BodyPlan(Plan::Json(v, secrets))),
+            Some((_, Media::Json(v, secrets, fast))) if is_json(&mt) => {
+                Ok(BodyPlan(Plan::Json(v, secrets, fast.as_ref())))
+            }
             Some((_, Media::Json(..))) => Ok(BodyPlan(Plan::Forward)),
             Some((_, Media::Form { validator, fields, secrets })) => {
                 Ok(BodyPlan(Plan::Form(validator, fields, secrets)))
@@ -1243,12 +1259,23 @@ impl BodyPlan<'_> {
         !matches!(self.0, Plan::Forward)
     }
 
+    /// For JSON bodies with a fast path: `(fast path accepts, general validator accepts)`.
+    /// The first must imply the second; the fuzz target `openapi_request` asserts it.
+    #[doc(hidden)]
+    pub fn fast_path_verdicts(&self, bytes: &[u8]) -> Option<(bool, bool)> {
+        let Plan::Json(v, _, Some(fast)) = &self.0 else { return None };
+        let full = serde_json::from_slice::<Value>(bytes).is_ok_and(|value| v.is_valid(&value));
+        Some((fast.accepts(bytes), full))
+    }
+
     /// Validates a buffered body.
     pub fn check(&self, bytes: &[u8]) -> Result<(), Violation> {
         let mut report = Report { found: Vec::new(), total: 0 };
         match &self.0 {
             Plan::Forward => return Ok(()),
-            Plan::Json(v, secrets) => match serde_json::from_slice::<Value>(bytes) {
+            // Certainly valid: no tree, no walk.
+            Plan::Json(_, _, Some(fast)) if fast.accepts(bytes) => return Ok(()),
+            Plan::Json(v, secrets, _) => match serde_json::from_slice::<Value>(bytes) {
                 Ok(value) => report.validate_masking("body", v, &value, false, Some(secrets)),
                 Err(e) => report.push("body".into(), format!("not valid JSON: {e}")),
             },
@@ -1325,6 +1352,63 @@ mod tests {
         let op = s.check(&m, path, None, &HeaderMap::new(), ME).map_err(|(_, v)| v)?;
         let plan = s.body_plan(op, Some(ct), !b.is_empty())?;
         plan.check(b.as_bytes())
+    }
+
+    /// The fast accept path never accepts what the general validator rejects: thousands
+    /// of bodies mixing good and bad values for every property of the telemetry schema.
+    #[test]
+    fn fast_path_accepts_only_what_the_validator_accepts() {
+        let s = spec();
+        let op = s.check(&Method::POST, "/api/devices/cam-01/telemetry", None, &HeaderMap::new(), ME).unwrap();
+        let plan = s.body_plan(op, Some("application/json"), true).unwrap();
+        let Plan::Json(validator, _, Some(fast)) = plan.0 else { panic!("the telemetry schema has a fast path") };
+        let pool: Vec<(&str, Vec<&str>)> = vec![
+            ("temperature", vec!["21.5", "-50", "150", "150.0001", "-50.5", "1e2", "\"20\"", "null", "true", "0"]),
+            ("humidity", vec!["40.25", "null", "100", "101", "-0.0", "\"x\"", "[]", "0"]),
+            ("taken_at", vec![
+                "\"2026-11-25T10:00:00Z\"", "\"2026-11-25T10:00:00.5+01:00\"", "\"2026-11-25t10:00:00z\"",
+                "\"2026-02-29T10:00:00Z\"", "\"2024-02-29T23:59:60Z\"", "\"2026-11-25T24:00:00Z\"", "\"2026-11-25\"", "5",
+            ]),
+            ("sequence", vec!["0", "184467", "-1", "1.0", "9223372036854775807", "9223372036854775808", "9007199254740993", "\"1\""]),
+            ("battery", vec!["0", "100", "101", "\"external\"", "\"internal\"", "50.5", "null", "-1"]),
+            ("tags", vec![
+                "[]", "[\"a\"]", "[\"lobby\", \"north\", \"floor-2\", \"door-east\", \"ceiling\"]",
+                "[1]", "[\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]", "[\"é\\u00e9\"]", "[\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\",\"h\",\"i\"]", "{}",
+            ]),
+            ("source", vec!["\"10.20.30.40\"", "\"010.2.3.4\"", "\"256.1.1.1\"", "\"1.2.3\"", "\"::1\"", "null"]),
+            ("extra", vec!["1"]),
+        ];
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let (mut accepted, mut valid) = (0, 0);
+        for _ in 0..20_000 {
+            let mut fields = Vec::new();
+            for (name, values) in &pool {
+                // Each property present two times in three (the extra one rarely).
+                let present = if *name == "extra" { next(20) == 0 } else { next(3) != 0 };
+                if present {
+                    fields.push(format!("\"{name}\": {}", values[next(values.len())]));
+                }
+            }
+            let body = format!("{{{}}}", fields.join(", "));
+            let full = serde_json::from_slice::<Value>(body.as_bytes()).is_ok_and(|v| validator.is_valid(&v));
+            valid += usize::from(full);
+            if fast.accepts(body.as_bytes()) {
+                accepted += 1;
+                assert!(full, "fast path accepted what the validator rejects: {body}");
+            }
+        }
+        // The pool is mostly edge cases the fast path leaves to the validator on purpose
+        // (lower-case `t`/`z`, leap seconds, integers beyond 2^53, exponents); the plain
+        // valid bodies take it.
+        assert!(valid > 100 && accepted * 3 >= valid, "fast path accepted {accepted} of {valid} valid bodies");
+        let reading = br#"{"temperature": 21.5, "humidity": 40.25, "taken_at": "2026-11-25T10:00:00Z", "sequence": 184467, "battery": 87, "tags": ["lobby", "north", "floor-2", "door-east", "ceiling"], "source": "10.20.30.40"}"#;
+        assert!(fast.accepts(reading), "the benchmark's reading takes the fast path");
     }
 
     #[test]

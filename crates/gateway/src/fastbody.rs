@@ -1,0 +1,655 @@
+//! A fast accept path for JSON request bodies.
+//!
+//! Most requests are valid, and validating one the general way means parsing the body
+//! into a `serde_json::Value` tree and walking it with the compiled JSON Schema. For
+//! schemas built only from the common keywords (types, bounds, lengths, enums of strings,
+//! required, `additionalProperties`, `items`, `oneOf`/`anyOf` over distinct types, a few
+//! formats) this module checks the body straight off the parser's tokens: no tree, no
+//! allocation for keys.
+//!
+//! It only ever *accepts*. Anything it does not understand when compiling means no fast
+//! path for that schema; anything it doubts at request time (a violation, a float where
+//! an integer is wanted, a huge integer) sends the body to the general validator, which
+//! decides and writes the error. So the fast path's rules must be no more lenient than
+//! JSON Schema's: `accepts(b)` implies the general validator accepts `b` (tested
+//! differentially, and asserted by the `openapi_request` fuzz target).
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+/// JSON types as a bit set. `INTEGER` values are also numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Types(u8);
+
+impl Types {
+    const NULL: u8 = 1;
+    const BOOL: u8 = 2;
+    const INTEGER: u8 = 4;
+    const NUMBER: u8 = 8;
+    const STRING: u8 = 16;
+    const ARRAY: u8 = 32;
+    const OBJECT: u8 = 64;
+    const ALL: u8 = 127;
+
+    fn from_name(n: &str) -> Option<u8> {
+        Some(match n {
+            "null" => Self::NULL,
+            "boolean" => Self::BOOL,
+            "integer" => Self::INTEGER,
+            "number" => Self::NUMBER | Self::INTEGER,
+            "string" => Self::STRING,
+            "array" => Self::ARRAY,
+            "object" => Self::OBJECT,
+            _ => return None,
+        })
+    }
+
+    fn has(self, t: u8) -> bool {
+        self.0 & t != 0
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    DateTime,
+    Date,
+    Ipv4,
+    Uuid,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    at: f64,
+    exclusive: bool,
+}
+
+/// One compiled schema.
+#[derive(Debug, Clone, Default)]
+struct Node {
+    types: Types,
+    min: Vec<Bound>,
+    max: Vec<Bound>,
+    min_len: Option<usize>,
+    max_len: Option<usize>,
+    format: Option<Format>,
+    /// Allowed values when the schema has an `enum` (strings, booleans, null only).
+    enum_: Option<Vec<Value>>,
+    props: Vec<(String, Node)>,
+    required: Vec<String>,
+    additional: bool,
+    items: Option<Box<Node>>,
+    min_items: Option<usize>,
+    max_items: Option<usize>,
+    /// `oneOf`/`anyOf` branches with pairwise disjoint types; the value's type picks one.
+    branches: Vec<Node>,
+}
+
+/// A schema the fast path can check, compiled once per document load.
+#[derive(Debug, Clone)]
+pub struct FastSchema(Node);
+
+/// Why a schema has no fast path.
+#[derive(Debug)]
+pub struct Unsupported(pub String);
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type R<T> = Result<T, Unsupported>;
+
+fn no<T>(why: impl Into<String>) -> R<T> {
+    Err(Unsupported(why.into()))
+}
+
+/// Annotation keywords that never affect validity.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "example",
+    "examples",
+    "default",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "$comment",
+    "externalDocs",
+    "xml",
+    "discriminator",
+];
+
+/// Compiles the schema `v` (its `$ref`s resolved against `doc`); `draft4` selects the
+/// boolean form of `exclusiveMinimum`/`exclusiveMaximum` (OpenAPI 3.0).
+pub fn compile(doc: &Value, v: &Value, draft4: bool) -> R<FastSchema> {
+    compile_node(doc, v, draft4, 0).map(FastSchema)
+}
+
+fn resolve<'a>(doc: &'a Value, mut v: &'a Value) -> R<&'a Value> {
+    for _ in 0..32 {
+        let Some(obj) = v.as_object() else { return Ok(v) };
+        let Some(r) = obj.get("$ref") else { return Ok(v) };
+        if obj.len() > 1 {
+            return no("$ref with sibling keywords");
+        }
+        let Some(ptr) = r.as_str().and_then(|r| r.strip_prefix('#')) else { return no("non-local $ref") };
+        if ptr.contains('%') || ptr.contains('~') {
+            return no("escaped $ref");
+        }
+        v = doc.pointer(ptr).ok_or_else(|| Unsupported(format!("$ref {ptr} points nowhere")))?;
+    }
+    no("$ref chain too long")
+}
+
+/// Adds a bound. Values the fast path accepts are within ±2^53 (see [`EXACT`]), so a
+/// bound beyond that range is either always met (dropped) or never met (kept: every
+/// value fails it and goes to the general validator).
+fn bound(list: &mut Vec<Bound>, v: &Value, exclusive: bool, is_min: bool) -> R<()> {
+    let f = v.as_f64().ok_or_else(|| Unsupported("bound is not a number".into()))?;
+    if !f.is_finite() {
+        return no("bound is not finite");
+    }
+    let limit = EXACT as f64;
+    if f.abs() > limit {
+        let always_met = if is_min { f < 0.0 } else { f > 0.0 };
+        if !always_met {
+            list.push(Bound { at: if is_min { f64::INFINITY } else { f64::NEG_INFINITY }, exclusive: true });
+        }
+        return Ok(());
+    }
+    list.push(Bound { at: f, exclusive });
+    Ok(())
+}
+
+fn count(v: &Value) -> R<usize> {
+    v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| Unsupported("count is not a count".into()))
+}
+
+fn compile_node(doc: &Value, v: &Value, draft4: bool, depth: usize) -> R<Node> {
+    if depth > 32 {
+        return no("schema nested too deep");
+    }
+    let v = resolve(doc, v)?;
+    let obj: &Map<String, Value> = match v {
+        Value::Bool(true) => return Ok(Node { types: Types(Types::ALL), additional: true, ..Node::default() }),
+        Value::Object(o) => o,
+        _ => return no("schema is not an object"),
+    };
+    let mut n = Node { types: Types(Types::ALL), additional: true, ..Node::default() };
+    let mut excl_min_flag = false;
+    let mut excl_max_flag = false;
+    for (k, val) in obj {
+        match k.as_str() {
+            "type" => {
+                n.types = Types(match val {
+                    Value::String(t) => Types::from_name(t).ok_or_else(|| Unsupported(format!("type {t}")))?,
+                    Value::Array(ts) => {
+                        let mut bits = 0;
+                        for t in ts {
+                            bits |= t.as_str().and_then(Types::from_name).ok_or_else(|| Unsupported("type list".into()))?;
+                        }
+                        bits
+                    }
+                    _ => return no("type"),
+                });
+            }
+            "minimum" => bound(&mut n.min, val, false, true)?,
+            "maximum" => bound(&mut n.max, val, false, false)?,
+            "exclusiveMinimum" => match val {
+                Value::Bool(b) if draft4 => excl_min_flag = *b,
+                Value::Number(_) if !draft4 => bound(&mut n.min, val, true, true)?,
+                _ => return no("exclusiveMinimum form"),
+            },
+            "exclusiveMaximum" => match val {
+                Value::Bool(b) if draft4 => excl_max_flag = *b,
+                Value::Number(_) if !draft4 => bound(&mut n.max, val, true, false)?,
+                _ => return no("exclusiveMaximum form"),
+            },
+            "minLength" => n.min_len = Some(count(val)?),
+            "maxLength" => n.max_len = Some(count(val)?),
+            "minItems" => n.min_items = Some(count(val)?),
+            "maxItems" => n.max_items = Some(count(val)?),
+            "format" => {
+                n.format = match val.as_str() {
+                    Some("date-time") => Some(Format::DateTime),
+                    Some("date") => Some(Format::Date),
+                    Some("ipv4") => Some(Format::Ipv4),
+                    Some("uuid") => Some(Format::Uuid),
+                    // Formats check strings only; on a schema that admits no strings
+                    // (int32/int64 on integers: their bounds are rewritten in) they are inert.
+                    Some(_) => None,
+                    None => return no("format"),
+                };
+            }
+            "enum" => {
+                let vals = val.as_array().ok_or_else(|| Unsupported("enum".into()))?;
+                if vals.iter().any(|e| e.is_number() || e.is_array() || e.is_object()) {
+                    return no("enum with numbers or structures");
+                }
+                n.enum_ = Some(vals.clone());
+            }
+            "properties" => {
+                let props = val.as_object().ok_or_else(|| Unsupported("properties".into()))?;
+                for (name, s) in props {
+                    n.props.push((name.clone(), compile_node(doc, s, draft4, depth + 1)?));
+                }
+            }
+            "required" => {
+                let req = val.as_array().ok_or_else(|| Unsupported("required".into()))?;
+                for r in req {
+                    n.required.push(r.as_str().ok_or_else(|| Unsupported("required".into()))?.to_owned());
+                }
+            }
+            "additionalProperties" => match val {
+                Value::Bool(b) => n.additional = *b,
+                _ => return no("additionalProperties with a schema"),
+            },
+            "items" => match val {
+                Value::Object(_) | Value::Bool(true) => {
+                    n.items = Some(Box::new(compile_node(doc, val, draft4, depth + 1)?));
+                }
+                _ => return no("items form"),
+            },
+            "oneOf" | "anyOf" => {
+                if !n.branches.is_empty() {
+                    return no("both oneOf and anyOf");
+                }
+                let list = val.as_array().ok_or_else(|| Unsupported(k.clone()))?;
+                let mut seen = 0u8;
+                for b in list {
+                    let node = compile_node(doc, b, draft4, depth + 1)?;
+                    if node.types.0 & seen != 0 || node.types.0 == Types::ALL || !node.branches.is_empty() {
+                        return no(format!("{k} branches whose types overlap"));
+                    }
+                    seen |= node.types.0;
+                    n.branches.push(node);
+                }
+            }
+            "allOf" => {
+                // Only bounds (what the int32/int64 rewrite adds) merge into this node.
+                for b in val.as_array().ok_or_else(|| Unsupported("allOf".into()))? {
+                    let b = b.as_object().ok_or_else(|| Unsupported("allOf branch".into()))?;
+                    for (bk, bv) in b {
+                        match bk.as_str() {
+                            "minimum" => bound(&mut n.min, bv, false, true)?,
+                            "maximum" => bound(&mut n.max, bv, false, false)?,
+                            _ => return no("allOf beyond bounds"),
+                        }
+                    }
+                }
+            }
+            k if ANNOTATIONS.contains(&k) || k.starts_with("x-") => {}
+            other => return no(format!("keyword {other}")),
+        }
+    }
+    // Draft 4: the flags make `minimum`/`maximum` exclusive. Making every bound of the
+    // node exclusive is stricter still (never more lenient), so it is safe.
+    if excl_min_flag {
+        n.min.iter_mut().for_each(|b| b.exclusive = true);
+    }
+    if excl_max_flag {
+        n.max.iter_mut().for_each(|b| b.exclusive = true);
+    }
+    if let Some(f) = obj.get("format").and_then(Value::as_str)
+        && n.format.is_none()
+        && n.types.has(Types::STRING)
+    {
+        return no(format!("format {f} on strings"));
+    }
+    if !n.branches.is_empty() {
+        // The branches decide the type; the node's own keywords must not add rules.
+        let own = n.min.len() + n.max.len() + n.props.len() + n.required.len();
+        if own > 0 || n.items.is_some() || n.enum_.is_some() || n.format.is_some() || !n.additional {
+            return no("oneOf/anyOf beside other keywords");
+        }
+        let union = n.branches.iter().fold(0u8, |a, b| a | b.types.0);
+        n.types = Types(n.types.0 & union);
+    }
+    Ok(n)
+}
+
+impl FastSchema {
+    /// True if `body` is JSON that certainly satisfies the schema. False means "ask the
+    /// general validator", not "invalid".
+    pub fn accepts(&self, body: &[u8]) -> bool {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        Check(&self.0).deserialize(&mut de).is_ok() && de.end().is_ok()
+    }
+}
+
+fn doubt<T, E: de::Error>() -> Result<T, E> {
+    Err(E::custom("doubt"))
+}
+
+/// The node that applies to a value of JSON type `t`.
+fn pick(n: &Node, t: u8) -> Option<&Node> {
+    if !n.types.has(t) {
+        return None;
+    }
+    if n.branches.is_empty() {
+        return Some(n);
+    }
+    n.branches.iter().find(|b| b.types.has(t))
+}
+
+fn in_bounds(n: &Node, x: f64) -> bool {
+    n.min.iter().all(|b| if b.exclusive { x > b.at } else { x >= b.at })
+        && n.max.iter().all(|b| if b.exclusive { x < b.at } else { x <= b.at })
+}
+
+fn date_ok(b: &[u8]) -> bool {
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let d = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |a, c| c.is_ascii_digit().then(|| a * 10 + u32::from(c - b'0')))
+    };
+    let (Some(y), Some(m), Some(day)) = (d(0..4), d(5..7), d(8..10)) else { return false };
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&day)
+}
+
+/// RFC 3339 `date-time`, the strict common form: upper-case `T` and `Z`, seconds 00-59.
+fn date_time_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() < 20 || !date_ok(&b[..10]) || b[10] != b'T' {
+        return false;
+    }
+    let two = |i: usize| -> Option<u32> {
+        let (x, y) = (*b.get(i)?, *b.get(i + 1)?);
+        (x.is_ascii_digit() && y.is_ascii_digit()).then(|| u32::from(x - b'0') * 10 + u32::from(y - b'0'))
+    };
+    let ok_time = matches!((two(11), two(14), two(17)), (Some(h), Some(m), Some(sec)) if h < 24 && m < 60 && sec < 60);
+    if !ok_time || b[13] != b':' || b[16] != b':' {
+        return false;
+    }
+    let mut i = 19;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    match b.get(i) {
+        Some(b'Z') => i + 1 == b.len(),
+        Some(b'+' | b'-') => {
+            i + 6 == b.len()
+                && b[i + 3] == b':'
+                && matches!((two(i + 1), two(i + 4)), (Some(h), Some(m)) if h < 24 && m < 60)
+        }
+        _ => false,
+    }
+}
+
+fn ipv4_ok(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 4
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 3
+                && p.bytes().all(|c| c.is_ascii_digit())
+                && (p.len() == 1 || !p.starts_with('0'))
+                && p.parse::<u16>().is_ok_and(|v| v <= 255)
+        })
+}
+
+fn uuid_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+fn string_ok(n: &Node, s: &str) -> bool {
+    if n.min_len.is_some() || n.max_len.is_some() {
+        let len = s.chars().count();
+        if n.min_len.is_some_and(|m| len < m) || n.max_len.is_some_and(|m| len > m) {
+            return false;
+        }
+    }
+    if let Some(e) = &n.enum_
+        && !e.iter().any(|v| v.as_str() == Some(s))
+    {
+        return false;
+    }
+    match n.format {
+        None => true,
+        Some(Format::DateTime) => date_time_ok(s),
+        Some(Format::Date) => date_ok(s.as_bytes()),
+        Some(Format::Ipv4) => ipv4_ok(s),
+        Some(Format::Uuid) => uuid_ok(s),
+    }
+}
+
+fn scalar_enum_ok(n: &Node, v: &Value) -> bool {
+    n.enum_.as_ref().is_none_or(|e| e.contains(v))
+}
+
+struct Check<'a>(&'a Node);
+
+impl<'de> DeserializeSeed<'de> for Check<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Integers beyond this are compared as floats by JSON Schema implementations; leave them
+/// to the general validator.
+const EXACT: u64 = 1 << 53;
+
+impl<'de> Visitor<'de> for Check<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        match pick(self.0, Types::NULL) {
+            Some(n) if scalar_enum_ok(n, &Value::Null) => Ok(()),
+            _ => doubt(),
+        }
+    }
+
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<(), E> {
+        match pick(self.0, Types::BOOL) {
+            Some(n) if scalar_enum_ok(n, &Value::Bool(b)) => Ok(()),
+            _ => doubt(),
+        }
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        match pick(self.0, Types::INTEGER) {
+            Some(n) if v <= EXACT && n.enum_.is_none() && in_bounds(n, v as f64) => Ok(()),
+            _ => doubt(),
+        }
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        match pick(self.0, Types::INTEGER) {
+            Some(n) if v.unsigned_abs() <= EXACT && n.enum_.is_none() && in_bounds(n, v as f64) => Ok(()),
+            _ => doubt(),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        // A float literal satisfies `number`; whether `1.0` is an `integer` differs between
+        // drafts, so only number-typed schemas take floats here.
+        let n = if self.0.branches.is_empty() {
+            Some(self.0).filter(|n| n.types.0 & Types::NUMBER != 0)
+        } else {
+            self.0.branches.iter().find(|b| b.types.0 & Types::NUMBER != 0)
+        };
+        match n {
+            Some(n) if v.is_finite() && v.abs() <= EXACT as f64 && n.enum_.is_none() && in_bounds(n, v) => Ok(()),
+            _ => doubt(),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+        match pick(self.0, Types::STRING) {
+            Some(n) if string_ok(n, s) => Ok(()),
+            _ => doubt(),
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some(n) = pick(self.0, Types::ARRAY) else { return doubt() };
+        if n.enum_.is_some() {
+            return doubt();
+        }
+        let mut len = 0usize;
+        loop {
+            let more = match &n.items {
+                Some(item) => seq.next_element_seed(Check(item))?.is_some(),
+                None => seq.next_element::<IgnoredAny>()?.is_some(),
+            };
+            if !more {
+                break;
+            }
+            len += 1;
+        }
+        if n.min_items.is_some_and(|m| len < m) || n.max_items.is_some_and(|m| len > m) {
+            return doubt();
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some(n) = pick(self.0, Types::OBJECT) else { return doubt() };
+        if n.enum_.is_some() {
+            return doubt();
+        }
+        let mut seen = vec![false; n.required.len()];
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let k = key.as_str();
+            if let Some(i) = n.required.iter().position(|r| r == k) {
+                seen[i] = true;
+            }
+            match n.props.iter().find(|(name, _)| name == k) {
+                Some((_, schema)) => map.next_value_seed(Check(schema))?,
+                None if n.additional => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                None => return doubt(),
+            }
+        }
+        if seen.iter().all(|s| *s) { Ok(()) } else { doubt() }
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Borrowed(s) => s,
+            Self::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key::Borrowed(s))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key::Owned(s.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accepts_only_what_is_certainly_valid() {
+        let doc = json!({});
+        let schema = json!({
+            "type": "object", "additionalProperties": false, "required": ["t", "at"],
+            "properties": {
+                "t": {"type": "number", "minimum": -50, "maximum": 150},
+                "h": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+                "at": {"type": "string", "format": "date-time"},
+                "seq": {"type": "integer", "minimum": 0, "allOf": [{"minimum": -9.0e15, "maximum": 9.0e15}]},
+                "b": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 100}, {"type": "string", "enum": ["external"]}]},
+                "tags": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 3}},
+                "ip": {"type": "string", "format": "ipv4"}
+            }
+        });
+        let f = compile(&doc, &schema, true).unwrap();
+        for ok in [
+            r#"{"t": 21.5, "at": "2026-11-25T10:00:00Z"}"#,
+            r#"{"t": 0, "at": "2026-11-25T10:00:00.123+01:00", "h": null, "seq": 5, "b": "external", "tags": ["a", "bcd"], "ip": "10.0.0.1"}"#,
+            r#"{"t": 150, "at": "2024-02-29T23:59:59Z", "b": 100}"#,
+        ] {
+            assert!(f.accepts(ok.as_bytes()), "{ok}");
+        }
+        for doubtful in [
+            r#"{"t": 151, "at": "2026-11-25T10:00:00Z"}"#,
+            r#"{"t": 1}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "extra": 1}"#,
+            r#"{"t": 1, "at": "2026-11-25 10:00:00Z"}"#,
+            r#"{"t": 1, "at": "2023-02-29T10:00:00Z"}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "seq": 1.0}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "b": "internal"}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "tags": ["a", "b", "c"]}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "tags": ["abcd"]}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "ip": "010.0.0.1"}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z", "seq": 18446744073709551615}"#,
+            r#"{"t": 1, "at": "2026-11-25T10:00:00Z"} trailing"#,
+            r#"[1]"#,
+            r#"{"t": 1, "at": "#,
+        ] {
+            assert!(!f.accepts(doubtful.as_bytes()), "{doubtful}");
+        }
+    }
+
+    #[test]
+    fn unknown_keywords_mean_no_fast_path() {
+        let doc = json!({});
+        for s in [
+            json!({"type": "string", "pattern": "^a"}),
+            json!({"type": "string", "format": "email"}),
+            json!({"oneOf": [{"type": "number"}, {"type": "integer"}]}),
+            json!({"type": "object", "additionalProperties": {"type": "string"}}),
+            json!({"enum": [1, 2]}),
+            json!({"not": {}}),
+        ] {
+            assert!(compile(&doc, &s, false).is_err(), "{s}");
+        }
+    }
+}
