@@ -4,7 +4,7 @@
 # (Debian `valgrind`). Unlike requests/s on a shared machine, an instruction count barely
 # moves between runs, so it is the number to watch while optimising the hot path; kernel
 # time (the other ~45% of server CPU, about equal for both) is not in it.
-#   bench/gateway-instructions.sh [REQUESTS]
+#   [KEEP=DIR] bench/gateway-instructions.sh [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -52,6 +52,8 @@ measure() {
   local f total
   f=$(ls -t "$work"/"$4".out.* | head -1)
   total=$(awk '/^(summary|totals):/ {print $2; exit}' "$f")
+  # KEEP=DIR keeps the profiles for callgrind_annotate.
+  if [ -n "${KEEP:-}" ]; then cp "$f" "$KEEP/$4.callgrind"; fi
   printf '%-44s %8d instructions/request (user space)\n' "$1" $((total / N))
 }
 echo "== $N keep-alive POSTs, concurrency 8, one worker each"

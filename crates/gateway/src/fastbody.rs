@@ -16,7 +16,6 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// JSON types as a bit set. `INTEGER` values are also numbers.
@@ -174,7 +173,9 @@ fn compile_node(doc: &Value, v: &Value, draft4: bool, depth: usize) -> R<Node> {
     }
     let v = resolve(doc, v)?;
     let obj: &Map<String, Value> = match v {
-        Value::Bool(true) => return Ok(Node { types: Types(Types::ALL), additional: true, ..Node::default() }),
+        Value::Bool(true) => {
+            return Ok(Node { types: Types(Types::ALL), additional: true, ..Node::default() });
+        }
         Value::Object(o) => o,
         _ => return no("schema is not an object"),
     };
@@ -185,11 +186,16 @@ fn compile_node(doc: &Value, v: &Value, draft4: bool, depth: usize) -> R<Node> {
         match k.as_str() {
             "type" => {
                 n.types = Types(match val {
-                    Value::String(t) => Types::from_name(t).ok_or_else(|| Unsupported(format!("type {t}")))?,
+                    Value::String(t) => {
+                        Types::from_name(t).ok_or_else(|| Unsupported(format!("type {t}")))?
+                    }
                     Value::Array(ts) => {
                         let mut bits = 0;
                         for t in ts {
-                            bits |= t.as_str().and_then(Types::from_name).ok_or_else(|| Unsupported("type list".into()))?;
+                            bits |= t
+                                .as_str()
+                                .and_then(Types::from_name)
+                                .ok_or_else(|| Unsupported("type list".into()))?;
                         }
                         bits
                     }
@@ -315,14 +321,271 @@ impl FastSchema {
     /// True if `body` is JSON that certainly satisfies the schema. False means "ask the
     /// general validator", not "invalid".
     pub fn accepts(&self, body: &[u8]) -> bool {
-        let mut de = serde_json::Deserializer::from_slice(body);
-        Check(&self.0).deserialize(&mut de).is_ok() && de.end().is_ok()
+        // Strings are compared as raw slices below, so the whole body must be UTF-8 (as
+        // JSON requires) first.
+        let Ok(text) = std::str::from_utf8(body) else { return false };
+        let mut p = Scan { b: body, s: text, i: 0 };
+        p.ws();
+        p.value(&self.0, 0).is_some() && {
+            p.ws();
+            p.i == body.len()
+        }
     }
 }
 
-fn doubt<T, E: de::Error>() -> Result<T, E> {
-    Err(E::custom("doubt"))
+/// Integers beyond this are compared as floats by JSON Schema implementations; leave them
+/// to the general validator.
+const EXACT: u64 = 1 << 53;
+
+/// Powers of ten a double holds exactly (Clinger's fast path).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
+    1e19, 1e20, 1e21, 1e22,
+];
+
+/// A strict RFC 8259 scanner that checks values against a [`Node`] as it goes. Every
+/// `None` is a doubt: the general validator takes over. It declines escapes in strings,
+/// numbers with more than 15 significant digits or a decimal exponent beyond ±22 (so
+/// its one rounding equals any correct parser's), `-0`, and nesting beyond 64.
+struct Scan<'a> {
+    b: &'a [u8],
+    /// The same bytes, known to be UTF-8.
+    s: &'a str,
+    i: usize,
 }
+
+impl<'a> Scan<'a> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.b.get(self.i) == Some(&c)).then(|| self.i += 1)
+    }
+
+    fn lit(&mut self, word: &[u8]) -> Option<()> {
+        self.b[self.i..].starts_with(word).then(|| self.i += word.len())
+    }
+
+    fn value(&mut self, n: &Node, depth: usize) -> Option<()> {
+        if depth > 64 {
+            return None;
+        }
+        match *self.b.get(self.i)? {
+            b'{' => self.object(pick(n, Types::OBJECT)?, depth),
+            b'[' => self.array(pick(n, Types::ARRAY)?, depth),
+            b'"' => {
+                let s = self.string()?;
+                string_ok(pick(n, Types::STRING)?, s).then_some(())
+            }
+            b't' => {
+                self.lit(b"true")?;
+                scalar_enum_ok(pick(n, Types::BOOL)?, &Value::Bool(true)).then_some(())
+            }
+            b'f' => {
+                self.lit(b"false")?;
+                scalar_enum_ok(pick(n, Types::BOOL)?, &Value::Bool(false)).then_some(())
+            }
+            b'n' => {
+                self.lit(b"null")?;
+                scalar_enum_ok(pick(n, Types::NULL)?, &Value::Null).then_some(())
+            }
+            b'-' | b'0'..=b'9' => self.number(n),
+            _ => None,
+        }
+    }
+
+    /// A string without escapes or control characters; its contents.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let len = self.b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        self.i = start + len;
+        if self.b[self.i] != b'"' {
+            return None;
+        }
+        // Both ends are ASCII quotes, so the slice falls on character boundaries.
+        let s = self.s.get(start..self.i)?;
+        self.i += 1;
+        Some(s)
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    fn number(&mut self, n: &Node) -> Option<()> {
+        let start = self.i;
+        let negative = self.eat(b'-').is_some();
+        let int_start = self.i;
+        let int_len = self.digits();
+        if int_len == 0 || (int_len > 1 && self.b[int_start] == b'0') {
+            return None;
+        }
+        let (mut frac_start, mut frac_len) = (self.i, 0);
+        let mut float = false;
+        if self.eat(b'.').is_some() {
+            float = true;
+            frac_start = self.i;
+            frac_len = self.digits();
+            if frac_len == 0 {
+                return None;
+            }
+        }
+        let mut exp: i32 = 0;
+        if let Some(b'e' | b'E') = self.b.get(self.i) {
+            float = true;
+            self.i += 1;
+            let neg_exp = match self.b.get(self.i) {
+                Some(b'-') => {
+                    self.i += 1;
+                    true
+                }
+                Some(b'+') => {
+                    self.i += 1;
+                    false
+                }
+                _ => false,
+            };
+            let e_start = self.i;
+            let e_len = self.digits();
+            if e_len == 0 || e_len > 3 {
+                return None;
+            }
+            let e: i32 = std::str::from_utf8(&self.b[e_start..self.i]).ok()?.parse().ok()?;
+            exp = if neg_exp { -e } else { e };
+        }
+        // The decimal significand: integer digits then fraction digits, leading zeros
+        // dropped; at most 15 significant digits.
+        let mut m: u64 = 0;
+        let mut sig = 0;
+        for &c in
+            self.b[int_start..int_start + int_len].iter().chain(&self.b[frac_start..frac_start + frac_len])
+        {
+            if m == 0 && c == b'0' {
+                continue;
+            }
+            sig += 1;
+            if sig > 15 {
+                return None;
+            }
+            m = m * 10 + u64::from(c - b'0');
+        }
+        let _ = start;
+        if !float {
+            // An integer literal: what serde_json reads as u64/i64.
+            if negative && m == 0 {
+                return None;
+            }
+            let node = pick(n, Types::INTEGER)?;
+            let x = m as f64;
+            let x = if negative { -x } else { x };
+            return (m <= EXACT && node.enum_.is_none() && in_bounds(node, x)).then_some(());
+        }
+        let e10 = exp - frac_len as i32;
+        if !(-22..=22).contains(&e10) {
+            return None;
+        }
+        let mut x = m as f64;
+        x = if e10 >= 0 { x * POW10[e10 as usize] } else { x / POW10[(-e10) as usize] };
+        if negative {
+            x = -x;
+        }
+        // A float literal satisfies `number`; whether `1.0` is an `integer` differs between
+        // drafts, so only number-typed schemas take floats here.
+        let node = if n.branches.is_empty() {
+            Some(n).filter(|n| n.types.0 & Types::NUMBER != 0)
+        } else {
+            n.branches.iter().find(|b| b.types.0 & Types::NUMBER != 0)
+        }?;
+        (x.is_finite() && x.abs() <= EXACT as f64 && node.enum_.is_none() && in_bounds(node, x)).then_some(())
+    }
+
+    fn array(&mut self, n: &Node, depth: usize) -> Option<()> {
+        if n.enum_.is_some() {
+            return None;
+        }
+        self.eat(b'[')?;
+        self.ws();
+        let mut len = 0usize;
+        if self.eat(b']').is_none() {
+            loop {
+                match &n.items {
+                    Some(item) => self.value(item, depth + 1)?,
+                    None => self.value(&ANY, depth + 1)?,
+                }
+                len += 1;
+                self.ws();
+                if self.eat(b',').is_some() {
+                    self.ws();
+                    continue;
+                }
+                self.eat(b']')?;
+                break;
+            }
+        }
+        (n.min_items.is_none_or(|m| len >= m) && n.max_items.is_none_or(|m| len <= m)).then_some(())
+    }
+
+    fn object(&mut self, n: &Node, depth: usize) -> Option<()> {
+        if n.enum_.is_some() || n.required.len() > 64 {
+            return None;
+        }
+        self.eat(b'{')?;
+        self.ws();
+        let mut seen = 0u64;
+        if self.eat(b'}').is_none() {
+            loop {
+                let key = self.string()?;
+                self.ws();
+                self.eat(b':')?;
+                self.ws();
+                if let Some(i) = n.required.iter().position(|r| r == key) {
+                    seen |= 1 << i;
+                }
+                match n.props.iter().find(|(name, _)| name == key) {
+                    Some((_, schema)) => self.value(schema, depth + 1)?,
+                    None if n.additional => self.value(&ANY, depth + 1)?,
+                    None => return None,
+                }
+                self.ws();
+                if self.eat(b',').is_some() {
+                    self.ws();
+                    continue;
+                }
+                self.eat(b'}')?;
+                break;
+            }
+        }
+        let all = if n.required.len() == 64 { u64::MAX } else { (1u64 << n.required.len()) - 1 };
+        (seen == all).then_some(())
+    }
+}
+
+/// The schema that accepts anything (what an unconstrained value is checked against, so
+/// its JSON is still scanned strictly).
+static ANY: Node = Node {
+    types: Types(Types::ALL),
+    min: Vec::new(),
+    max: Vec::new(),
+    min_len: None,
+    max_len: None,
+    format: None,
+    enum_: None,
+    props: Vec::new(),
+    required: Vec::new(),
+    additional: true,
+    items: None,
+    min_items: None,
+    max_items: None,
+    branches: Vec::new(),
+};
 
 /// The node that applies to a value of JSON type `t`.
 fn pick(n: &Node, t: u8) -> Option<&Node> {
@@ -369,7 +632,8 @@ fn date_time_ok(s: &str) -> bool {
         let (x, y) = (*b.get(i)?, *b.get(i + 1)?);
         (x.is_ascii_digit() && y.is_ascii_digit()).then(|| u32::from(x - b'0') * 10 + u32::from(y - b'0'))
     };
-    let ok_time = matches!((two(11), two(14), two(17)), (Some(h), Some(m), Some(sec)) if h < 24 && m < 60 && sec < 60);
+    let ok_time =
+        matches!((two(11), two(14), two(17)), (Some(h), Some(m), Some(sec)) if h < 24 && m < 60 && sec < 60);
     if !ok_time || b[13] != b':' || b[16] != b':' {
         return false;
     }
@@ -396,15 +660,19 @@ fn date_time_ok(s: &str) -> bool {
 }
 
 fn ipv4_ok(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() == 4
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.len() <= 3
-                && p.bytes().all(|c| c.is_ascii_digit())
-                && (p.len() == 1 || !p.starts_with('0'))
-                && p.parse::<u16>().is_ok_and(|v| v <= 255)
-        })
+    let mut parts = 0;
+    for p in s.split('.') {
+        parts += 1;
+        let ok = !p.is_empty()
+            && p.len() <= 3
+            && p.bytes().all(|c| c.is_ascii_digit())
+            && (p.len() == 1 || !p.starts_with('0'))
+            && p.parse::<u16>().is_ok_and(|v| v <= 255);
+        if !ok || parts > 4 {
+            return false;
+        }
+    }
+    parts == 4
 }
 
 fn uuid_ok(s: &str) -> bool {
@@ -417,7 +685,9 @@ fn uuid_ok(s: &str) -> bool {
 }
 
 fn string_ok(n: &Node, s: &str) -> bool {
-    if n.min_len.is_some() || n.max_len.is_some() {
+    // A string of at most `max` bytes has at most `max` characters: count only when needed.
+    let bytes_fit = n.max_len.is_none_or(|m| s.len() <= m) && n.min_len.is_none_or(|m| m == 0);
+    if !bytes_fit {
         let len = s.chars().count();
         if n.min_len.is_some_and(|m| len < m) || n.max_len.is_some_and(|m| len > m) {
             return false;
@@ -439,155 +709,6 @@ fn string_ok(n: &Node, s: &str) -> bool {
 
 fn scalar_enum_ok(n: &Node, v: &Value) -> bool {
     n.enum_.as_ref().is_none_or(|e| e.contains(v))
-}
-
-struct Check<'a>(&'a Node);
-
-impl<'de> DeserializeSeed<'de> for Check<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-/// Integers beyond this are compared as floats by JSON Schema implementations; leave them
-/// to the general validator.
-const EXACT: u64 = 1 << 53;
-
-impl<'de> Visitor<'de> for Check<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        match pick(self.0, Types::NULL) {
-            Some(n) if scalar_enum_ok(n, &Value::Null) => Ok(()),
-            _ => doubt(),
-        }
-    }
-
-    fn visit_bool<E: de::Error>(self, b: bool) -> Result<(), E> {
-        match pick(self.0, Types::BOOL) {
-            Some(n) if scalar_enum_ok(n, &Value::Bool(b)) => Ok(()),
-            _ => doubt(),
-        }
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        match pick(self.0, Types::INTEGER) {
-            Some(n) if v <= EXACT && n.enum_.is_none() && in_bounds(n, v as f64) => Ok(()),
-            _ => doubt(),
-        }
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        match pick(self.0, Types::INTEGER) {
-            Some(n) if v.unsigned_abs() <= EXACT && n.enum_.is_none() && in_bounds(n, v as f64) => Ok(()),
-            _ => doubt(),
-        }
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        // A float literal satisfies `number`; whether `1.0` is an `integer` differs between
-        // drafts, so only number-typed schemas take floats here.
-        let n = if self.0.branches.is_empty() {
-            Some(self.0).filter(|n| n.types.0 & Types::NUMBER != 0)
-        } else {
-            self.0.branches.iter().find(|b| b.types.0 & Types::NUMBER != 0)
-        };
-        match n {
-            Some(n) if v.is_finite() && v.abs() <= EXACT as f64 && n.enum_.is_none() && in_bounds(n, v) => Ok(()),
-            _ => doubt(),
-        }
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
-        match pick(self.0, Types::STRING) {
-            Some(n) if string_ok(n, s) => Ok(()),
-            _ => doubt(),
-        }
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let Some(n) = pick(self.0, Types::ARRAY) else { return doubt() };
-        if n.enum_.is_some() {
-            return doubt();
-        }
-        let mut len = 0usize;
-        loop {
-            let more = match &n.items {
-                Some(item) => seq.next_element_seed(Check(item))?.is_some(),
-                None => seq.next_element::<IgnoredAny>()?.is_some(),
-            };
-            if !more {
-                break;
-            }
-            len += 1;
-        }
-        if n.min_items.is_some_and(|m| len < m) || n.max_items.is_some_and(|m| len > m) {
-            return doubt();
-        }
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Some(n) = pick(self.0, Types::OBJECT) else { return doubt() };
-        if n.enum_.is_some() {
-            return doubt();
-        }
-        let mut seen = vec![false; n.required.len()];
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            let k = key.as_str();
-            if let Some(i) = n.required.iter().position(|r| r == k) {
-                seen[i] = true;
-            }
-            match n.props.iter().find(|(name, _)| name == k) {
-                Some((_, schema)) => map.next_value_seed(Check(schema))?,
-                None if n.additional => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-                None => return doubt(),
-            }
-        }
-        if seen.iter().all(|s| *s) { Ok(()) } else { doubt() }
-    }
-}
-
-/// An object key, borrowed from the body when it has no escapes.
-enum Key<'de> {
-    Borrowed(&'de str),
-    Owned(String),
-}
-
-impl Key<'_> {
-    fn as_str(&self) -> &str {
-        match self {
-            Self::Borrowed(s) => s,
-            Self::Owned(s) => s,
-        }
-    }
-}
-
-impl<'de> de::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key::Borrowed(s))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
-                Ok(Key::Owned(s.to_owned()))
-            }
-        }
-        d.deserialize_str(V)
-    }
 }
 
 #[cfg(test)]

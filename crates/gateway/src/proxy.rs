@@ -529,17 +529,6 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 fn owned_by_gateway(name: &str) -> bool {
     name.starts_with("x-portcullis-")
         || name.starts_with("x-forwarded-")
@@ -547,28 +536,60 @@ fn owned_by_gateway(name: &str) -> bool {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1: the fixed list and every header the
-/// Connection header names) and, when `owned`, every header the gateway owns. One pass
-/// over the names; the common request has nothing to remove and allocates nothing.
+/// Connection header names) and, when `owned`, every header the gateway owns. Runs twice
+/// per proxied request (request and response): one pass over the names with string
+/// compares, removals by `HeaderName` (no re-parsing), no allocation for up to eight.
 fn strip(headers: &mut HeaderMap, owned: bool) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            HOP_BY_HOP.contains(&n) || named.iter().any(|c| c == n) || (owned && owned_by_gateway(n))
-        })
-        .cloned()
-        .collect();
-    for n in doomed {
-        headers.remove(n);
+    let mut doomed: [Option<HeaderName>; 8] = Default::default();
+    let mut more: Vec<HeaderName> = Vec::new();
+    {
+        // The tokens of Connection, read once.
+        let mut tokens: [&str; 8] = [""; 8];
+        let mut count = 0;
+        let mut spilled: Vec<&str> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            for t in v.to_str().unwrap_or_default().split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if count < tokens.len() {
+                    tokens[count] = t;
+                    count += 1;
+                } else {
+                    spilled.push(t);
+                }
+            }
+        }
+        let mut n = 0;
+        for key in headers.keys() {
+            let k = key.as_str();
+            let hop = is_hop_by_hop(k)
+                || (owned && owned_by_gateway(k))
+                || tokens[..count].iter().chain(&spilled).any(|t| t.eq_ignore_ascii_case(k));
+            if hop {
+                if n < doomed.len() {
+                    doomed[n] = Some(key.clone());
+                    n += 1;
+                } else {
+                    more.push(key.clone());
+                }
+            }
+        }
     }
+    for name in doomed.iter().flatten().chain(&more) {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 impl Gateway {
