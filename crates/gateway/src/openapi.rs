@@ -159,6 +159,9 @@ enum Bind {
 
 #[derive(Debug)]
 struct Param {
+    /// Unique among all parameters ever compiled in this process (the key of the
+    /// valid-value memo; never reused, so a reload cannot inherit another's entries).
+    id: u64,
     loc: Loc,
     name: String,
     /// `query/limit`, for messages.
@@ -796,7 +799,9 @@ impl<'d> Compiler<'d> {
         };
         let label = format!("{}/{}", loc.as_str(), name);
         let name = if loc == Loc::Header { name.to_ascii_lowercase() } else { name.to_owned() };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Some(Param {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             loc,
             name,
             label,
@@ -973,16 +978,17 @@ impl Report {
                     return self.push(p.label.clone(), format!("given {} times; expected once", raw.len()));
                 }
                 let Some(s) = raw.first() else { return };
-                if prim == Prim::Any {
-                    let as_string = Value::String((*s).to_owned());
-                    if p.validator.is_valid(&as_string)
-                        || alternatives(s).iter().any(|a| p.validator.is_valid(a))
-                    {
-                        return;
-                    }
-                    return self.validate(&p.label, &p.validator, &as_string, p.secret);
+                // A device sends the same few values again and again (its own id in a
+                // bound path parameter, above all): remember the ones that passed.
+                if memo::known_valid(p.id, s) {
+                    return;
                 }
-                coerce(prim, s)
+                let before = self.total;
+                self.check_scalar(p, prim, s);
+                if self.total == before {
+                    memo::remember(p.id, s);
+                }
+                return;
             }
             Shape::Array { item, explode, delim } => {
                 let parts: Vec<&str> = if explode && p.loc == Loc::Query {
@@ -1006,6 +1012,53 @@ impl Report {
             }
         };
         self.validate(&p.label, &p.validator, &value, p.secret);
+    }
+
+    fn check_scalar(&mut self, p: &Param, prim: Prim, s: &str) {
+        if prim == Prim::Any {
+            let as_string = Value::String(s.to_owned());
+            if p.validator.is_valid(&as_string) || alternatives(s).iter().any(|a| p.validator.is_valid(a)) {
+                return;
+            }
+            return self.validate(&p.label, &p.validator, &as_string, p.secret);
+        }
+        self.validate(&p.label, &p.validator, &coerce(prim, s), p.secret);
+    }
+}
+
+/// Per worker thread: scalar parameter values that passed their parameter's validation,
+/// by parameter id. Validation is a pure function of (parameter, value), so a remembered
+/// value needs no second look. Bounded: short values only, and cleared when full.
+mod memo {
+    use std::cell::RefCell;
+    use std::collections::{HashMap, HashSet};
+
+    const MAX_VALUE: usize = 128;
+    const MAX_ENTRIES: usize = 4096;
+
+    thread_local! {
+        static VALID: RefCell<(usize, HashMap<u64, HashSet<Box<str>>>)> = RefCell::new((0, HashMap::new()));
+    }
+
+    pub(super) fn known_valid(param: u64, value: &str) -> bool {
+        value.len() <= MAX_VALUE
+            && VALID.with(|v| v.borrow().1.get(&param).is_some_and(|set| set.contains(value)))
+    }
+
+    pub(super) fn remember(param: u64, value: &str) {
+        if value.len() > MAX_VALUE {
+            return;
+        }
+        VALID.with(|v| {
+            let mut v = v.borrow_mut();
+            if v.0 >= MAX_ENTRIES {
+                v.1.clear();
+                v.0 = 0;
+            }
+            if v.1.entry(param).or_default().insert(value.into()) {
+                v.0 += 1;
+            }
+        });
     }
 }
 
@@ -1451,6 +1504,22 @@ mod tests {
         );
         let reading = br#"{"temperature": 21.5, "humidity": 40.25, "taken_at": "2026-11-25T10:00:00Z", "sequence": 184467, "battery": 87, "tags": ["lobby", "north", "floor-2", "door-east", "ceiling"], "source": "10.20.30.40"}"#;
         assert!(fast.accepts(reading), "the benchmark's reading takes the fast path");
+    }
+
+    #[test]
+    fn remembered_parameter_values_are_only_the_valid_ones() {
+        let s = spec();
+        for _ in 0..3 {
+            assert!(check(&s, Method::GET, "/api/devices/cam-01/telemetry", Some("limit=5"), &[]).is_ok());
+            let v =
+                check(&s, Method::GET, "/api/devices/cam-01/telemetry", Some("limit=500"), &[]).unwrap_err();
+            assert_eq!(v.status, StatusCode::BAD_REQUEST);
+        }
+        // A reloaded document's parameters start with nothing remembered.
+        let again = spec();
+        let v =
+            check(&again, Method::GET, "/api/devices/cam-01/telemetry", Some("limit=0"), &[]).unwrap_err();
+        assert_eq!(v.status, StatusCode::BAD_REQUEST);
     }
 
     #[test]
