@@ -1036,8 +1036,11 @@ mod memo {
     const MAX_VALUE: usize = 128;
     const MAX_ENTRIES: usize = 4096;
 
+    /// How many values are held, and the values by parameter id.
+    type Memo = (usize, HashMap<u64, HashSet<Box<str>>>);
+
     thread_local! {
-        static VALID: RefCell<(usize, HashMap<u64, HashSet<Box<str>>>)> = RefCell::new((0, HashMap::new()));
+        static VALID: RefCell<Memo> = RefCell::new((0, HashMap::new()));
     }
 
     pub(super) fn known_valid(param: u64, value: &str) -> bool {
