@@ -675,15 +675,6 @@ fn ipv4_ok(s: &str) -> bool {
     parts == 4
 }
 
-fn uuid_ok(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
 fn string_ok(n: &Node, s: &str) -> bool {
     // A string of at most `max` bytes has at most `max` characters: count only when needed.
     let bytes_fit = n.max_len.is_none_or(|m| s.len() <= m) && n.min_len.is_none_or(|m| m == 0);
@@ -701,9 +692,10 @@ fn string_ok(n: &Node, s: &str) -> bool {
     match n.format {
         None => true,
         Some(Format::DateTime) => date_time_ok(s),
-        Some(Format::Date) => date_ok(s.as_bytes()),
+        // The very functions the general validator registers for these formats.
+        Some(Format::Date) => crate::openapi::date_format(s),
         Some(Format::Ipv4) => ipv4_ok(s),
-        Some(Format::Uuid) => uuid_ok(s),
+        Some(Format::Uuid) => crate::openapi::uuid_format(s),
     }
 }
 

@@ -483,7 +483,7 @@ fn int_format_bounds(obj: &mut Map<String, Value>) {
     }
 }
 
-fn uuid_format(s: &str) -> bool {
+pub(crate) fn uuid_format(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| match i {
@@ -492,7 +492,7 @@ fn uuid_format(s: &str) -> bool {
         })
 }
 
-fn date_format(s: &str) -> bool {
+pub(crate) fn date_format(s: &str) -> bool {
     let b = s.as_bytes();
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
         return false;
