@@ -438,10 +438,9 @@ impl Auditor {
         let mut findings: Vec<Finding> = Vec::new();
         let certs = self.store.certificates(None).await?;
         let now = OffsetDateTime::now_utc();
-        let in_scope: BTreeSet<&str> = results.iter().map(|(t, _, _)| t.device.id.as_str()).collect();
         for (t, device_findings, seen) in &results {
             findings.extend(device_findings.iter().cloned());
-            findings.extend(identity_checks(t, *seen, &certs, &in_scope, now, plan.expiry_days));
+            findings.extend(identity_checks(t, *seen, &certs, now, plan.expiry_days));
         }
         progress.phase("saving");
         let scanned_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
@@ -985,7 +984,6 @@ fn identity_checks(
     t: &Target,
     seen: bool,
     certs: &[portcullis_store::CertificateRecord],
-    in_scope: &BTreeSet<&str>,
     now: OffsetDateTime,
     expiry_days: u32,
 ) -> Vec<Finding> {
@@ -1043,7 +1041,6 @@ fn identity_checks(
         }
     }
     if !others.is_empty() {
-        let _ = in_scope;
         out.push(finding(
             id,
             "identity/shared-key".into(),
