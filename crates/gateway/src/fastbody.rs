@@ -603,29 +603,10 @@ fn in_bounds(n: &Node, x: f64) -> bool {
         && n.max.iter().all(|b| if b.exclusive { x < b.at } else { x <= b.at })
 }
 
-fn date_ok(b: &[u8]) -> bool {
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return false;
-    }
-    let d = |r: std::ops::Range<usize>| -> Option<u32> {
-        b[r].iter().try_fold(0u32, |a, c| c.is_ascii_digit().then(|| a * 10 + u32::from(c - b'0')))
-    };
-    let (Some(y), Some(m), Some(day)) = (d(0..4), d(5..7), d(8..10)) else { return false };
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days = match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return false,
-    };
-    (1..=days).contains(&day)
-}
-
 /// RFC 3339 `date-time`, the strict common form: upper-case `T` and `Z`, seconds 00-59.
 fn date_time_ok(s: &str) -> bool {
     let b = s.as_bytes();
-    if b.len() < 20 || !date_ok(&b[..10]) || b[10] != b'T' {
+    if b.len() < 20 || !s.get(..10).is_some_and(crate::openapi::date_format) || b[10] != b'T' {
         return false;
     }
     let two = |i: usize| -> Option<u32> {
