@@ -74,9 +74,16 @@ fn answer(q: &Message) -> Message {
 
 impl DnsUpstream {
     pub fn start() -> Self {
-        let std_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = std_udp.local_addr().unwrap();
-        let std_tcp = std::net::TcpListener::bind(addr).unwrap();
+        // A free UDP port is not always free for TCP (other tests run beside this one):
+        // try again with another.
+        let (std_udp, addr, std_tcp) = (0..50)
+            .find_map(|_| {
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+                let addr = udp.local_addr().ok()?;
+                let tcp = std::net::TcpListener::bind(addr).ok()?;
+                Some((udp, addr, tcp))
+            })
+            .expect("a loopback port free for both UDP and TCP");
         std_udp.set_nonblocking(true).unwrap();
         std_tcp.set_nonblocking(true).unwrap();
         let asked: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
