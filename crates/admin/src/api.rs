@@ -67,8 +67,11 @@ pub fn router(
     operator: &str,
     gateway: Option<GatewayHooks>,
     audit: Arc<Auditor>,
+    firmware: Arc<portcullis_firmware::service::Firmware>,
 ) -> Router {
-    let state = AppState { authority, audit, actor: Actor::Operator(operator.to_owned()), gateway };
+    let actor = Actor::Operator(operator.to_owned());
+    let fw = crate::firmware::routes(crate::firmware::FwState { firmware, actor: actor.clone() });
+    let state = AppState { authority, audit, actor, gateway };
     let big = || axum::extract::DefaultBodyLimit::max(1 << 20);
     Router::new()
         .route("/healthz", get(healthz))
@@ -98,9 +101,10 @@ pub fn router(
         .route("/v1/ca/crl", get(ca_crl))
         .route("/v1/gateway/routes", get(gateway_routes))
         .route("/v1/gateway/reload", post(gateway_reload))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .fallback(not_found)
         .with_state(state)
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .merge(fw)
         .layer(middleware::from_fn_with_state(Arc::new(token), require_token))
 }
 

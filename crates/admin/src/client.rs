@@ -93,11 +93,23 @@ impl AdminClient {
 
     /// POST `body` as JSON to `path`.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        let body = self.call(Method::POST, path, Some(body.to_string())).await?;
+        let body =
+            self.call(Method::POST, path, Some((Bytes::from(body.to_string()), "application/json"))).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<Bytes, ClientError> {
+    /// POST raw bytes (an upload) to `path`; the JSON answer.
+    pub async fn post_bytes(&self, path: &str, body: Bytes) -> Result<Value, ClientError> {
+        let body = self.call(Method::POST, path, Some((body, "application/octet-stream"))).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &str)>,
+    ) -> Result<Bytes, ClientError> {
         let host = match &self.target {
             Target::Remote(a) => a.to_string(),
             Target::Local { .. } => "localhost".to_owned(),
@@ -107,10 +119,13 @@ impl AdminClient {
             .uri(path)
             .header(header::HOST, host)
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token.expose()));
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        let payload = Bytes::from(body.unwrap_or_default());
+        let payload = match body {
+            Some((bytes, content_type)) => {
+                req = req.header(header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Bytes::new(),
+        };
         let (status, bytes) = match &self.target {
             Target::Remote(addr) => {
                 let req = req.body(Full::new(payload)).map_err(|e| ClientError::Http(e.to_string()))?;

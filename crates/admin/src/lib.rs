@@ -8,6 +8,7 @@
 
 mod api;
 mod client;
+mod firmware;
 
 pub use api::{AdminToken, GatewayHooks, router};
 pub use client::{AdminClient, ClientError};

@@ -120,7 +120,9 @@ impl EstClient {
         self
     }
 
-    async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, EstError> {
+    pub(crate) async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, EstError> {
         let addr = format!("{}:{}", self.host, self.port);
         let err = |reason: String| EstError::Connect { addr: addr.clone(), reason };
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
@@ -154,7 +156,7 @@ impl EstClient {
         Ok(body)
     }
 
-    fn request(&self, method: Method, path: &str) -> http::request::Builder {
+    pub(crate) fn request(&self, method: Method, path: &str) -> http::request::Builder {
         let host = if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {

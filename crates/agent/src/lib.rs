@@ -11,9 +11,11 @@
 
 mod dir;
 mod est;
+pub mod firmware;
 
 pub use dir::{AgentDir, Status};
 pub use est::{Connection, EstClient, EstError};
+pub use portcullis_firmware::updater::{Outcome, UpdateError, UpdateOptions, UpdaterDir};
 
 use std::path::Path;
 

@@ -12,7 +12,7 @@ use portcullis_core::{DeviceId, Token};
 #[command(
     name = "portcullis-agent",
     version,
-    about = "Device agent: enroll, renew and inspect this device's identity"
+    about = "Device agent: enroll, renew and inspect this device's identity; verified firmware updates"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -56,6 +56,48 @@ enum Cmd {
         /// Check at least this often, e.g. 30m, 1h.
         #[arg(long, default_value = "1h")]
         check_every: String,
+    },
+    /// Check for, download, verify and install the firmware the server directs (TUF).
+    Update {
+        /// The agent's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Hardware model (stored on first use; later runs must match).
+        #[arg(long)]
+        hardware: Option<String>,
+        /// The factory firmware version in slot A (first use only).
+        #[arg(long, default_value = "0.0.0")]
+        installed_version: String,
+        /// The repository's root.json, the trust anchor (first use; `portcullis firmware root`).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Only say what would be installed.
+        #[arg(long)]
+        check: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The pending image started well: make its slot active and raise the anti-rollback floor.
+    Confirm {
+        /// The agent's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// The pending image failed its health check: stay on the running slot, report why.
+    Rollback {
+        /// The agent's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Why (reported to the server).
+        #[arg(long, default_value = "health check failed")]
+        reason: String,
+    },
+    /// Show the firmware slots and anti-rollback floor.
+    FirmwareStatus {
+        /// The agent's directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Show the stored identity.
     Status {
@@ -109,6 +151,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Status { dir, json } => print_status(&portcullis_agent::status(&dir)?, json),
+        Cmd::Update { dir, hardware, installed_version, root, check, json } => {
+            let up = portcullis_agent::UpdaterDir::new(&dir);
+            let root = match &root {
+                Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
+                None => None,
+            };
+            match hardware {
+                Some(hw) => {
+                    up.init(&hw, &installed_version, root.as_deref())?;
+                }
+                None => {
+                    up.load().context("first update: pass --hardware (and --root, --installed-version)")?;
+                }
+            }
+            let transport = portcullis_agent::firmware::MtlsTransport::open(&dir)?;
+            let outcome = up
+                .update(&transport, portcullis_agent::UpdateOptions { check, ..Default::default() })
+                .await
+                .context("update failed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+            } else {
+                match outcome {
+                    portcullis_agent::Outcome::UpToDate { installed } => {
+                        println!("up to date: running {installed}")
+                    }
+                    portcullis_agent::Outcome::Available { target, version, length } => {
+                        println!(
+                            "available: {version} ({target}, {length} bytes); run without --check to install"
+                        )
+                    }
+                    portcullis_agent::Outcome::Installed { target, version, slot, fetched } => println!(
+                        "installed {version} ({target}) into slot {slot} after verifying it ({fetched} bytes fetched); \
+                         pending: confirm after a good start (`portcullis-agent confirm`)"
+                    ),
+                }
+            }
+        }
+        Cmd::Confirm { dir } => {
+            let transport = portcullis_agent::firmware::MtlsTransport::open(&dir)?;
+            let s = portcullis_agent::UpdaterDir::new(&dir).confirm(&transport).await?;
+            println!("confirmed: running {} from slot {}", s.installed(), s.active);
+        }
+        Cmd::Rollback { dir, reason } => {
+            let transport = portcullis_agent::firmware::MtlsTransport::open(&dir)?;
+            let s = portcullis_agent::UpdaterDir::new(&dir).rollback(&transport, &reason).await?;
+            println!("rolled back: running {} from slot {}", s.installed(), s.active);
+        }
+        Cmd::FirmwareStatus { dir } => {
+            let s = portcullis_agent::UpdaterDir::new(&dir).load()?;
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        }
         Cmd::Run { dir, check_every } => {
             let every = portcullis_core::parse_duration(&check_every)
                 .map_err(anyhow::Error::msg)

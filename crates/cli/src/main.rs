@@ -3,6 +3,7 @@
 mod audit;
 mod config;
 mod dns;
+mod firmware;
 mod instance;
 mod manage;
 mod serve;
@@ -86,6 +87,9 @@ enum Cmd {
     /// Audit your own devices: exposed ports, default credentials, plaintext, TLS and identity hygiene.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Signed firmware updates (TUF): publish, roll out in stages, watch the fleet.
+    #[command(subcommand)]
+    Firmware(firmware::FirmwareCmd),
     /// The append-only event log.
     Events {
         /// Only this device's events.
@@ -411,6 +415,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     audit::profile_import_mud(&c, &file, name.as_deref(), json).await
                 }
                 ProfileCmd::List { json } => audit::profile_list(&c, json).await,
+            }
+        }
+        Cmd::Firmware(cmd) => {
+            use firmware::FirmwareCmd as F;
+            if matches!(cmd, F::Keys(_) | F::Publish { keys: Some(_), .. }) {
+                let inst = instance::Instance::new(&cfg.data_dir);
+                let _lock = anyhow::Context::context(
+                    inst.lock(),
+                    "the server is running: stop it for key operations (they write the repository directly)",
+                )?;
+                firmware::local(&cfg.data_dir, cmd)
+            } else {
+                let c = manage::client(&cfg).await?;
+                firmware::run(&c, cmd).await
             }
         }
         Cmd::Audit(cmd) => {

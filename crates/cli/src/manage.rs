@@ -25,8 +25,15 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     let lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
     let audit = portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit")));
-    let router =
-        portcullis_admin::router(authority, portcullis_admin::AdminToken::new(&token), "cli", None, audit);
+    let firmware = portcullis_firmware::service::Firmware::open(&cfg.data_dir, authority.store().clone())?;
+    let router = portcullis_admin::router(
+        authority,
+        portcullis_admin::AdminToken::new(&token),
+        "cli",
+        None,
+        audit,
+        firmware,
+    );
     Ok(AdminClient::local(router, token, lock))
 }
 

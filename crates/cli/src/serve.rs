@@ -144,7 +144,10 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     tracing::info!(routes = table.len(), "gateway routes loaded");
     let gateway = Arc::new(Gateway::new(authority.clone(), table, cfg.unauthenticated_per_ip));
     let resolver = dns.as_ref().map(|(r, ..)| r.clone());
-    let mut built_in = est::router(authority.clone());
+    let firmware = portcullis_firmware::service::Firmware::open(&cfg.data_dir, authority.store().clone())
+        .context("firmware repository")?;
+    let mut built_in = est::router(authority.clone())
+        .merge(portcullis_firmware::http::router(authority.clone(), firmware.clone()));
     let mut built_in_paths = est::PATHS.to_vec();
     if let Some(r) = &resolver {
         built_in = built_in.merge(crate::dns::doh_router(r.clone(), authority.clone(), profiles.clone()));
@@ -188,15 +191,24 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         device_listener,
         tls_config,
         verifier,
-        portcullis_gateway::DeviceApp { built_in, built_in_paths, gateway },
+        portcullis_gateway::DeviceApp {
+            built_in,
+            built_in_paths,
+            built_in_prefixes: vec![portcullis_firmware::http::PREFIX],
+            gateway,
+        },
         cfg.listener.clone(),
         stop_rx.clone(),
     ));
     let hup = spawn_reload_on_sighup(hup, reload, stop_rx.clone());
-    let admin_app =
-        portcullis_admin::router(authority.clone(), AdminToken::new(&token), "admin-api", Some(hooks), {
-            portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit")))
-        });
+    let admin_app = portcullis_admin::router(
+        authority.clone(),
+        AdminToken::new(&token),
+        "admin-api",
+        Some(hooks),
+        { portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit"))) },
+        firmware.clone(),
+    );
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(async move {
         let r = axum::serve(admin_listener, admin_app)
@@ -209,6 +221,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         }
     });
     let crl_task = spawn_crl_refresh(authority.clone(), cfg.policy.crl_validity, stop_rx.clone());
+    let firmware_task = spawn_firmware_refresh(firmware, stop_rx.clone());
     let dns_task = tokio::spawn({
         let stop = stop_rx.clone();
         async move {
@@ -234,7 +247,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     wait_for_signal(term, int).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(device, admin, crl_task, hup, dns_task);
+    let _ = tokio::join!(device, admin, crl_task, firmware_task, hup, dns_task);
     let _ = dns_stop_tx.send(true);
     for t in dns_tasks {
         let _ = t.await;
@@ -279,6 +292,28 @@ fn spawn_crl_refresh(
                         tracing::error!(error = %e, "cannot re-sign the CRL");
                     }
                 }
+                _ = stop.changed() => return,
+            }
+        }
+    })
+}
+
+/// Re-signs the firmware timestamp and snapshot before they expire (checked at start and
+/// every 10 minutes; each is re-signed once less than half its lifetime is left).
+fn spawn_firmware_refresh(
+    firmware: Arc<portcullis_firmware::service::Firmware>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let fw = firmware.clone();
+            match tokio::task::spawn_blocking(move || fw.repo().refresh(chrono::Utc::now())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot re-sign firmware metadata"),
+                Err(e) => tracing::error!(error = %e, "firmware refresh task failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(600)) => {}
                 _ = stop.changed() => return,
             }
         }

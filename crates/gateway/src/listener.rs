@@ -74,6 +74,8 @@ pub struct DeviceApp {
     pub built_in: Router,
     /// The exact paths `built_in` serves; every other path goes to the gateway.
     pub built_in_paths: Vec<&'static str>,
+    /// Path prefixes (ending in `/`) `built_in` serves whole, e.g. `/firmware/`.
+    pub built_in_prefixes: Vec<&'static str>,
     /// The gateway, called directly (no router in between) on the hot path.
     pub gateway: Arc<crate::Gateway>,
 }
@@ -107,6 +109,7 @@ pub async fn serve(
             .built_in
             .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, cfg.request_timeout)),
         built_in_paths: app.built_in_paths,
+        built_in_prefixes: app.built_in_prefixes,
         gateway: app.gateway,
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         per_ip: cfg.handshakes_per_ip.map(|r| Limiter::<IpAddr>::new(r, 100_000)),
@@ -157,6 +160,7 @@ struct Shared {
     verifier: ClientCertVerifier,
     built_in: Router,
     built_in_paths: Vec<&'static str>,
+    built_in_prefixes: Vec<&'static str>,
     gateway: Arc<crate::Gateway>,
     permits: Arc<Semaphore>,
     per_ip: Option<Limiter<IpAddr>>,
@@ -167,7 +171,8 @@ impl Shared {
     /// One request: a built-in endpoint through its router, anything else straight to
     /// the gateway, both under the whole-request deadline (408).
     async fn respond(&self, req: http::Request<Body>) -> Response {
-        if self.built_in_paths.contains(&req.uri().path()) {
+        let path = req.uri().path();
+        if self.built_in_paths.contains(&path) || self.built_in_prefixes.iter().any(|p| path.starts_with(p)) {
             return match self.built_in.clone().oneshot(req).await {
                 Ok(resp) => resp,
                 Err(never) => match never {},

@@ -186,4 +186,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// For each device, the findings (not resolved) of the newest finished run before
     /// `before_run` that covered it.
     async fn previous_findings(&self, devices: Vec<String>, before_run: i64) -> Result<Vec<FindingRecord>>;
+
+    /// Creates (`id` = `None`) or replaces a firmware rollout document; returns its id.
+    async fn save_rollout(&self, id: Option<i64>, document: serde_json::Value, actor: Actor) -> Result<i64>;
+
+    /// Every rollout, oldest first.
+    async fn rollouts(&self) -> Result<Vec<(i64, serde_json::Value)>>;
+
+    /// Appends a device's firmware report (unless `report` is null: a check-in) and
+    /// replaces its firmware status.
+    async fn record_firmware_report(
+        &self,
+        device: &DeviceId,
+        report: serde_json::Value,
+        status: serde_json::Value,
+    ) -> Result<()>;
+
+    /// Each device's firmware status (installed version, last report), by device id.
+    async fn firmware_devices(&self) -> Result<Vec<(String, serde_json::Value)>>;
 }

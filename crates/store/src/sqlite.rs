@@ -143,6 +143,27 @@ CREATE TABLE audit_findings (
     PRIMARY KEY (run_id, device_id, key)
 ) STRICT;
 "#,
+    r#"
+CREATE TABLE firmware_rollouts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    document    TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE firmware_devices (
+    device_id   TEXT PRIMARY KEY,
+    document    TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE firmware_reports (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id   TEXT NOT NULL,
+    at          INTEGER NOT NULL,
+    document    TEXT NOT NULL
+) STRICT;
+CREATE INDEX firmware_reports_device ON firmware_reports(device_id, id);
+"#,
 ];
 
 /// The schema version this build writes.
@@ -1064,6 +1085,84 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(&format!("{FINDING_SELECT} WHERE run_id = ?1 ORDER BY device_id, key"))?;
             let rows = stmt.query_map([id], finding_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some((run, rows)))
+        })
+        .await
+    }
+
+    async fn save_rollout(&self, id: Option<i64>, document: serde_json::Value, actor: Actor) -> Result<i64> {
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            let id = match id {
+                Some(id) => {
+                    let n = c
+                        .prepare_cached(
+                            "UPDATE firmware_rollouts SET document = ?2, updated_at = ?3 WHERE id = ?1",
+                        )?
+                        .execute(params![id, document.to_string(), ts(now)])?;
+                    if n == 0 {
+                        return Err(Error::NotFound { what: "rollout", id: id.to_string() });
+                    }
+                    id
+                }
+                None => {
+                    c.prepare_cached("INSERT INTO firmware_rollouts (document, updated_at) VALUES (?1, ?2)")?
+                        .execute(params![document.to_string(), ts(now)])?;
+                    c.last_insert_rowid()
+                }
+            };
+            let state = document.get("state").cloned().unwrap_or_default();
+            event(
+                c,
+                now,
+                &actor,
+                "firmware.rollout",
+                None,
+                None,
+                serde_json::json!({ "rollout": id, "state": state }),
+            )?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn rollouts(&self) -> Result<Vec<(i64, serde_json::Value)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, document FROM firmware_rollouts ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, json_col(r, 1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn record_firmware_report(
+        &self,
+        device: &DeviceId,
+        report: serde_json::Value,
+        status: serde_json::Value,
+    ) -> Result<()> {
+        let device = device.to_string();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            if !report.is_null() {
+                c.prepare_cached("INSERT INTO firmware_reports (device_id, at, document) VALUES (?1, ?2, ?3)")?
+                    .execute(params![device, ts(now), report.to_string()])?;
+            }
+            c.prepare_cached(
+                "INSERT INTO firmware_devices (device_id, document, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device_id) DO UPDATE SET document = excluded.document, updated_at = excluded.updated_at",
+            )?
+            .execute(params![device, status.to_string(), ts(now)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn firmware_devices(&self) -> Result<Vec<(String, serde_json::Value)>> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT device_id, document FROM firmware_devices ORDER BY device_id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, json_col(r, 1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }

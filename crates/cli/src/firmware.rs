@@ -1,0 +1,334 @@
+//! `portcullis firmware …`: publish signed images, print the trust anchor, watch the
+//! fleet, stage rollouts, keep keys offline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use portcullis_admin::AdminClient;
+use portcullis_firmware::repo::{Expiry, FirmwareRepo, KeyDir};
+use serde_json::{Value, json};
+
+#[derive(Subcommand)]
+pub enum FirmwareCmd {
+    /// Publish an image as a signed TUF target `HW/VERSION/NAME`.
+    Publish {
+        /// The image file.
+        file: PathBuf,
+        /// Hardware model it is built for.
+        #[arg(long)]
+        hardware: String,
+        /// Its semantic version, e.g. 1.4.2.
+        #[arg(long)]
+        version: String,
+        /// Release notes, kept in the target's signed metadata.
+        #[arg(long)]
+        notes: Option<String>,
+        /// Allow a version lower than the newest published for this hardware.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Sign targets with the offline key in DIR (the server must be stopped: this
+        /// writes the data dir directly).
+        #[arg(long, value_name = "DIR")]
+        keys: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the current trusted root.json: the trust anchor devices are provisioned with.
+    Root,
+    /// Published images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Devices per version, who is behind, failures, rollouts.
+    Status {
+        #[arg(long)]
+        hardware: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-sign snapshot and timestamp now if less than half their lifetime is left.
+    Refresh,
+    /// Staged rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Key custody.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Offer a published version in stages.
+    Create {
+        #[arg(long)]
+        hardware: String,
+        #[arg(long)]
+        version: String,
+        /// Only devices of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Stage percentages.
+        #[arg(long, default_value = "5,25,100")]
+        stages: String,
+        /// Pause automatically above this failure rate of reporting devices.
+        #[arg(long, default_value = "5%")]
+        max_failure_rate: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Widen to the next stage.
+    Advance { id: i64 },
+    /// Stop admitting devices.
+    Pause { id: i64 },
+    /// Admit devices again.
+    Resume { id: i64 },
+    /// Stop for good.
+    Abort { id: i64 },
+    /// Progress of one rollout.
+    Status {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every rollout.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Create the repository with its root and targets keys in DIR (removable media),
+    /// not in the data dir; the server keeps only the snapshot and timestamp keys.
+    Init {
+        /// Where the root and targets keys go (mode 0600).
+        #[arg(long, value_name = "DIR")]
+        offline: PathBuf,
+    },
+    /// Rotate the root key: root N+1 signed by the old and the new key.
+    RotateRoot {
+        /// Directory holding the current root key (`root.pk8`).
+        #[arg(long, value_name = "DIR")]
+        old: PathBuf,
+        /// Directory for the new root key (created if it holds none).
+        #[arg(long, value_name = "DIR")]
+        new: PathBuf,
+    },
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn print_target(t: &Value) {
+    println!(
+        "published {} ({} bytes, sha256 {})",
+        t["path"].as_str().unwrap_or("-"),
+        t["length"],
+        t["sha256"].as_str().unwrap_or("-")
+    );
+}
+
+/// Runs the subcommands that go through the admin API.
+pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
+    match cmd {
+        FirmwareCmd::Publish { file, hardware, version, notes, allow_downgrade, keys: None, json } => {
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("{}: not a file name", file.display()))?
+                .to_owned();
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let mut path = format!(
+                "/v1/firmware/targets?hardware={}&version={}&name={}",
+                enc(&hardware),
+                enc(&version),
+                enc(&name)
+            );
+            if let Some(n) = notes {
+                path.push_str(&format!("&notes={}", enc(&n)));
+            }
+            if allow_downgrade {
+                path.push_str("&allow_downgrade=true");
+            }
+            let r = c.post_bytes(&path, bytes.into()).await?;
+            if json { print_json(&r) } else { print_target(&r["target"]) }
+        }
+        FirmwareCmd::Publish { keys: Some(_), .. } | FirmwareCmd::Keys(_) => {
+            unreachable!("handled without the admin API")
+        }
+        FirmwareCmd::Root => {
+            let root = c.get_text("/v1/firmware/root").await?;
+            println!("{root}");
+        }
+        FirmwareCmd::List { json } => {
+            let r = c.get("/v1/firmware/targets").await?;
+            if json {
+                print_json(&r);
+                return Ok(());
+            }
+            println!("{:<16} {:<12} {:>12}  {:<64}  PATH", "HARDWARE", "VERSION", "BYTES", "SHA256");
+            for t in r["targets"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<12} {:>12}  {:<64}  {}",
+                    t["hardware"].as_str().unwrap_or("-"),
+                    t["version"].as_str().unwrap_or("-"),
+                    t["length"],
+                    t["sha256"].as_str().unwrap_or("-"),
+                    t["path"].as_str().unwrap_or("-")
+                );
+            }
+        }
+        FirmwareCmd::Status { hardware, json } => {
+            let path = match &hardware {
+                Some(h) => format!("/v1/firmware/status?hardware={}", enc(h)),
+                None => "/v1/firmware/status".to_owned(),
+            };
+            let r = c.get(&path).await?;
+            if json {
+                print_json(&r);
+                return Ok(());
+            }
+            for hw in r["hardware"].as_array().into_iter().flatten() {
+                println!(
+                    "hardware {} (newest published: {})",
+                    hw["hardware"].as_str().unwrap_or("-"),
+                    hw["newest"]
+                );
+                for (v, n) in hw["versions"].as_object().into_iter().flatten() {
+                    println!("  {v:<12} {n} device(s)");
+                }
+                let count = |k: &str| hw[k].as_array().map_or(0, Vec::len);
+                println!("  behind: {}   last report failed: {}", count("behind"), count("failed"));
+                for r in hw["rollouts"].as_array().into_iter().flatten() {
+                    print_rollout(r);
+                }
+            }
+        }
+        FirmwareCmd::Refresh => {
+            let r = c.post("/v1/firmware/refresh", &json!({})).await?;
+            println!("re-signed: snapshot {}, timestamp {}", r["snapshot"], r["timestamp"]);
+        }
+        FirmwareCmd::Rollout(cmd) => rollout(c, cmd).await?,
+    }
+    Ok(())
+}
+
+fn print_rollout(r: &Value) {
+    println!(
+        "  rollout {} {} {} -> {}: {} at stage {} ({}%): {} of {} admitted, {} confirmed, {} failed{}",
+        r["id"],
+        r["hardware"].as_str().unwrap_or("-"),
+        r["group"].as_str().unwrap_or("(all groups)"),
+        r["version"].as_str().unwrap_or("-"),
+        r["state"].as_str().unwrap_or("-"),
+        r["stage"],
+        r["percent"],
+        r["admitted"],
+        r["population"],
+        r["confirmed"],
+        r["failed"],
+        r["reason"].as_str().map(|s| format!(" — {s}")).unwrap_or_default()
+    );
+}
+
+async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
+    let (r, json) = match cmd {
+        RolloutCmd::Create { hardware, version, group, stages, max_failure_rate, json } => {
+            let body = json!({
+                "hardware": hardware, "version": version, "group": group,
+                "stages": stages, "max_failure_rate": max_failure_rate,
+            });
+            (c.post("/v1/firmware/rollouts", &body).await?, json)
+        }
+        RolloutCmd::Advance { id } => {
+            (c.post(&format!("/v1/firmware/rollouts/{id}/advance"), &json!({})).await?, false)
+        }
+        RolloutCmd::Pause { id } => {
+            (c.post(&format!("/v1/firmware/rollouts/{id}/pause"), &json!({})).await?, false)
+        }
+        RolloutCmd::Resume { id } => {
+            (c.post(&format!("/v1/firmware/rollouts/{id}/resume"), &json!({})).await?, false)
+        }
+        RolloutCmd::Abort { id } => {
+            (c.post(&format!("/v1/firmware/rollouts/{id}/abort"), &json!({})).await?, false)
+        }
+        RolloutCmd::Status { id, json } => (c.get(&format!("/v1/firmware/rollouts/{id}")).await?, json),
+        RolloutCmd::List { json } => {
+            let r = c.get("/v1/firmware/rollouts").await?;
+            if json {
+                print_json(&r);
+            } else {
+                r["rollouts"].as_array().into_iter().flatten().for_each(print_rollout);
+            }
+            return Ok(());
+        }
+    };
+    if json {
+        print_json(&r)
+    } else {
+        print_rollout(&r)
+    }
+    Ok(())
+}
+
+/// `firmware keys …` and `publish --keys`: they work on the data dir itself.
+pub fn local(data_dir: &Path, cmd: FirmwareCmd) -> anyhow::Result<()> {
+    let dir = data_dir.join("firmware");
+    match cmd {
+        FirmwareCmd::Keys(KeysCmd::Init { offline }) => {
+            if dir.join("repo/metadata/1.root.json").exists() {
+                bail!(
+                    "{} already holds a firmware repository; its keys cannot be moved offline after the fact",
+                    dir.display()
+                );
+            }
+            let keys = KeyDir::new(&offline);
+            keys.generate(&["root", "targets"])?;
+            let repo = FirmwareRepo::open(&dir, Expiry::default(), Some(&keys))?;
+            println!(
+                "firmware repository created in {}\nroot and targets keys: {} (mode 0600) — store them offline; \
+                 the server keeps only the snapshot and timestamp keys in {}",
+                dir.display(),
+                offline.display(),
+                repo.keys().path("snapshot").parent().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+        FirmwareCmd::Keys(KeysCmd::RotateRoot { old, new }) => {
+            let repo = FirmwareRepo::open(&dir, Expiry::default(), None)?;
+            let new_keys = KeyDir::new(&new);
+            if !new_keys.has("root") {
+                new_keys.generate(&["root"])?;
+            }
+            let v = repo.rotate_root(&KeyDir::new(&old), &new_keys)?;
+            println!(
+                "root rotated: version {v} lists the key in {}; devices follow the chain on their next update",
+                new.display()
+            );
+        }
+        FirmwareCmd::Publish { file, hardware, version, notes, allow_downgrade, keys: Some(keys), json } => {
+            let repo = FirmwareRepo::open(&dir, Expiry::default(), None)?;
+            let v: semver::Version =
+                version.parse().with_context(|| format!("invalid version {version:?}"))?;
+            let t = repo.publish(
+                &file,
+                &hardware,
+                &v,
+                notes.as_deref(),
+                allow_downgrade,
+                Some(&KeyDir::new(keys)),
+            )?;
+            let t = serde_json::to_value(&t)?;
+            if json { print_json(&json!({ "target": t })) } else { print_target(&t) }
+        }
+        _ => unreachable!("only key custody runs locally"),
+    }
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! The server's TUF repository: keys, metadata, targets.
+//!
+//! Layout under the repository directory (`DATA/firmware` by default):
+//!
+//! | path | what |
+//! |---|---|
+//! | `keys/{root,targets,snapshot,timestamp}.pk8` | Ed25519 keys (PKCS#8, mode 0600); root and targets may live elsewhere (`keys init --offline`) |
+//! | `repo/metadata/N.root.json`, `root.json` | every root version (clients walk the chain) and the newest |
+//! | `repo/metadata/timestamp.json`, `N.snapshot.json`, `N.targets.json` | consistent snapshots: snapshot and targets by version |
+//! | `repo/targets/HW/VERSION/SHA256.NAME` | the images, stored under their hash (TUF 5.5.2) |
+//!
+//! Metadata is built and signed by rust-tuf's [`RepoBuilder`], which also checks, before it
+//! writes anything, that a client holding the current metadata can update to the new one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Duration, Utc};
+use tuf::crypto::{Ed25519PrivateKey, HashAlgorithm, PrivateKey};
+use tuf::database::Database;
+use tuf::metadata::{
+    Metadata, MetadataPath, RawSignedMetadata, RawSignedMetadataSetBuilder, RootMetadata, SnapshotMetadata,
+    TargetPath, TargetsMetadata, TimestampMetadata,
+};
+use tuf::pouf::Pouf1;
+use tuf::repo_builder::RepoBuilder;
+use tuf::repository::FileSystemRepository;
+
+use crate::{Error, TargetInfo};
+
+/// Lifetimes of the four roles' metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    /// Root: changes only with a key rotation.
+    pub root: Duration,
+    /// Targets: re-signed on every publish.
+    pub targets: Duration,
+    /// Snapshot: re-signed by the server before it expires.
+    pub snapshot: Duration,
+    /// Timestamp: short, so a frozen mirror is noticed quickly; re-signed by the server.
+    pub timestamp: Duration,
+}
+
+impl Default for Expiry {
+    fn default() -> Self {
+        Self {
+            root: Duration::days(365),
+            targets: Duration::days(90),
+            snapshot: Duration::days(7),
+            timestamp: Duration::days(1),
+        }
+    }
+}
+
+/// The four top-level roles.
+pub const ROLES: [&str; 4] = ["root", "targets", "snapshot", "timestamp"];
+
+/// A directory of role keys (`ROLE.pk8`).
+#[derive(Debug, Clone)]
+pub struct KeyDir(PathBuf);
+
+impl KeyDir {
+    /// The keys in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self(dir.into())
+    }
+
+    /// Where the key of `role` lives.
+    pub fn path(&self, role: &str) -> PathBuf {
+        self.0.join(format!("{role}.pk8"))
+    }
+
+    /// Whether `role`'s key is here.
+    pub fn has(&self, role: &str) -> bool {
+        self.path(role).is_file()
+    }
+
+    /// Generates a fresh key for each of `roles` (mode 0600); refuses to overwrite one.
+    pub fn generate(&self, roles: &[&str]) -> Result<(), Error> {
+        std::fs::create_dir_all(&self.0).map_err(|e| Error::io("create", &self.0, e))?;
+        for role in roles {
+            let path = self.path(role);
+            if path.exists() {
+                return Err(Error::Refused(format!(
+                    "{} already exists; refusing to replace a key",
+                    path.display()
+                )));
+            }
+            let der = Ed25519PrivateKey::pkcs8().map_err(Error::tuf)?;
+            portcullis_pki::write_private(&path, &der).map_err(|e| Error::io("write", &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Loads `role`'s key.
+    pub fn load(&self, role: &str) -> Result<Ed25519PrivateKey, Error> {
+        let path = self.path(role);
+        let der = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        Ed25519PrivateKey::from_pkcs8(&der)
+            .map_err(|_| Error::Refused(format!("{} is not an Ed25519 PKCS#8 key", path.display())))
+    }
+
+    /// Loads `role`'s key if it is here.
+    pub fn load_if_present(&self, role: &str) -> Result<Option<Ed25519PrivateKey>, Error> {
+        if self.has(role) { self.load(role).map(Some) } else { Ok(None) }
+    }
+}
+
+/// The repository the server signs and serves.
+#[derive(Debug)]
+pub struct FirmwareRepo {
+    dir: PathBuf,
+    expiry: Expiry,
+    /// One writer at a time: metadata versions must not race.
+    write: Mutex<()>,
+}
+
+/// What [`FirmwareRepo::refresh`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refreshed {
+    /// A new snapshot was signed.
+    pub snapshot: bool,
+    /// A new timestamp was signed.
+    pub timestamp: bool,
+}
+
+type Fs = FileSystemRepository<Pouf1>;
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    // Every repository future is file I/O that completes without a reactor.
+    futures_util::FutureExt::now_or_never(f).unwrap_or_else(|| unreachable!("rust-tuf file I/O never pends"))
+}
+
+impl FirmwareRepo {
+    /// Opens (or, on first use, creates) the repository in `dir`. A new repository gets
+    /// its keys in `dir/keys` unless `offline` names a directory holding the root and
+    /// targets keys (from `keys init --offline`); then only snapshot and timestamp keys
+    /// are kept by the server.
+    pub fn open(dir: &Path, expiry: Expiry, offline: Option<&KeyDir>) -> Result<Self, Error> {
+        let repo = Self { dir: dir.to_path_buf(), expiry, write: Mutex::new(()) };
+        if !repo.metadata_dir().join("1.root.json").is_file() {
+            repo.create(offline)?;
+        }
+        Ok(repo)
+    }
+
+    /// The online key directory.
+    pub fn keys(&self) -> KeyDir {
+        KeyDir::new(self.dir.join("keys"))
+    }
+
+    /// `repo/metadata`.
+    pub fn metadata_dir(&self) -> PathBuf {
+        self.dir.join("repo").join("metadata")
+    }
+
+    /// `repo/targets`.
+    pub fn targets_dir(&self) -> PathBuf {
+        self.dir.join("repo").join("targets")
+    }
+
+    /// Where uploads are staged before they are published (same file system as the
+    /// repository, so publishing moves no bytes twice across devices).
+    pub fn upload_dir(&self) -> Result<PathBuf, Error> {
+        let d = self.dir.join("uploads");
+        std::fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
+        Ok(d)
+    }
+
+    /// Whether the server holds the targets key (can publish by itself).
+    pub fn holds_targets_key(&self) -> bool {
+        self.keys().has("targets")
+    }
+
+    fn fs(&self) -> Fs {
+        FileSystemRepository::new(self.dir.join("repo"))
+    }
+
+    fn create(&self, offline: Option<&KeyDir>) -> Result<(), Error> {
+        let online = self.keys();
+        let (root_keys, targets_keys) = match offline {
+            Some(off) => (off.clone(), off.clone()),
+            None => {
+                online.generate(&["root", "targets"])?;
+                (online.clone(), online.clone())
+            }
+        };
+        online.generate(&["snapshot", "timestamp"])?;
+        let root = root_keys.load("root")?;
+        let targets = targets_keys.load("targets")?;
+        let snapshot = online.load("snapshot")?;
+        let timestamp = online.load("timestamp")?;
+        let mut fs = self.fs();
+        block_on(
+            RepoBuilder::create(&mut fs)
+                .root_expiration_duration(self.expiry.root)
+                .targets_expiration_duration(self.expiry.targets)
+                .snapshot_expiration_duration(self.expiry.snapshot)
+                .timestamp_expiration_duration(self.expiry.timestamp)
+                .trusted_root_keys(&[&root])
+                .trusted_targets_keys(&[&targets])
+                .trusted_snapshot_keys(&[&snapshot])
+                .trusted_timestamp_keys(&[&timestamp])
+                .commit(),
+        )
+        .map_err(Error::tuf)?;
+        tracing::info!(dir = %self.dir.display(), offline = offline.is_some(), "firmware repository created");
+        Ok(())
+    }
+
+    fn read_raw<M: Metadata>(&self, file: &str) -> Result<RawSignedMetadata<Pouf1, M>, Error> {
+        let path = self.metadata_dir().join(file);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        Ok(RawSignedMetadata::new(bytes))
+    }
+
+    /// The current metadata, verified against its own root (expiry not checked: the
+    /// server loads what it must re-sign).
+    pub fn database(&self) -> Result<Database<Pouf1>, Error> {
+        let root: RawSignedMetadata<Pouf1, RootMetadata> = self.read_raw("root.json")?;
+        let timestamp: RawSignedMetadata<Pouf1, TimestampMetadata> = self.read_raw("timestamp.json")?;
+        let ts = timestamp.parse_untrusted().map_err(Error::tuf)?.assume_valid().map_err(Error::tuf)?;
+        let sv = ts.snapshot().version();
+        let snapshot: RawSignedMetadata<Pouf1, SnapshotMetadata> =
+            self.read_raw(&format!("{sv}.snapshot.json"))?;
+        let sn = snapshot.parse_untrusted().map_err(Error::tuf)?.assume_valid().map_err(Error::tuf)?;
+        let tv = sn
+            .meta()
+            .get(&MetadataPath::targets())
+            .map(|m| m.version())
+            .ok_or_else(|| Error::Refused("snapshot does not list targets".into()))?;
+        let targets: RawSignedMetadata<Pouf1, TargetsMetadata> =
+            self.read_raw(&format!("{tv}.targets.json"))?;
+        let set = RawSignedMetadataSetBuilder::new()
+            .root(root)
+            .timestamp(timestamp)
+            .snapshot(snapshot)
+            .targets(targets)
+            .build();
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        Database::from_trusted_metadata_with_start_time(&set, &epoch).map_err(Error::tuf)
+    }
+
+    /// The newest `root.json`: the trust anchor devices are provisioned with.
+    pub fn root_json(&self) -> Result<Vec<u8>, Error> {
+        let path = self.metadata_dir().join("root.json");
+        std::fs::read(&path).map_err(|e| Error::io("read", &path, e))
+    }
+
+    /// Every published target.
+    pub fn targets(&self) -> Result<Vec<TargetInfo>, Error> {
+        let db = self.database()?;
+        let mut out: Vec<TargetInfo> = db
+            .trusted_targets()
+            .map(|t| {
+                t.targets()
+                    .iter()
+                    .filter_map(|(path, desc)| TargetInfo::from_description(path.as_str(), desc))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.hardware.cmp(&b.hardware).then(a.version.cmp(&b.version)));
+        Ok(out)
+    }
+
+    /// Metadata versions and expiry of each role, for status output.
+    pub fn describe(&self) -> Result<serde_json::Value, Error> {
+        let db = self.database()?;
+        let role = |v: u32, e: &DateTime<Utc>| serde_json::json!({"version": v, "expires": e.to_rfc3339()});
+        let root = db.trusted_root();
+        Ok(serde_json::json!({
+            "root": role(root.version(), root.expires()),
+            "targets": db.trusted_targets().map(|t| role(t.version(), t.expires())),
+            "snapshot": db.trusted_snapshot().map(|t| role(t.version(), t.expires())),
+            "timestamp": db.trusted_timestamp().map(|t| role(t.version(), t.expires())),
+            "consistent_snapshot": root.consistent_snapshot(),
+            "targets_key_online": self.holds_targets_key(),
+            "root_key_online": self.keys().has("root"),
+        }))
+    }
+
+    /// Adds `image` as target `HW/VERSION/NAME` (version and hardware in its custom
+    /// metadata) and signs new targets, snapshot and timestamp. `offline` supplies the
+    /// targets key when the server does not hold it.
+    pub fn publish(
+        &self,
+        image: &Path,
+        hardware: &str,
+        version: &semver::Version,
+        notes: Option<&str>,
+        allow_downgrade: bool,
+        offline: Option<&KeyDir>,
+    ) -> Result<TargetInfo, Error> {
+        crate::check_hardware(hardware)?;
+        let name = image
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| crate::safe_component(n))
+            .ok_or_else(|| {
+                Error::Refused(format!("{}: the file name must be a plain name", image.display()))
+            })?
+            .to_owned();
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let existing = self.targets()?;
+        let same_hw: Vec<&TargetInfo> = existing.iter().filter(|t| t.hardware == hardware).collect();
+        if same_hw.iter().any(|t| &t.version == version) {
+            return Err(Error::Refused(format!(
+                "version {version} is already published for hardware {hardware}"
+            )));
+        }
+        if let Some(newest) = same_hw.iter().map(|t| &t.version).max()
+            && version < newest
+            && !allow_downgrade
+        {
+            return Err(Error::Refused(format!(
+                "version {version} is lower than the newest published for {hardware} ({newest}); \
+                 pass --allow-downgrade to publish it anyway"
+            )));
+        }
+        let targets_key = self.role_key("targets", offline)?;
+        let snapshot = self.keys().load("snapshot")?;
+        let timestamp = self.keys().load("timestamp")?;
+        let path = format!("{hardware}/{version}/{name}");
+        let target_path = TargetPath::new(path.clone()).map_err(Error::tuf)?;
+        let mut custom = HashMap::new();
+        custom.insert("hardware".to_owned(), serde_json::Value::from(hardware));
+        custom.insert("version".to_owned(), serde_json::Value::from(version.to_string()));
+        if let Some(n) = notes {
+            custom.insert("notes".to_owned(), serde_json::Value::from(n));
+        }
+        let file = std::fs::File::open(image).map_err(|e| Error::io("open", image, e))?;
+        let reader = futures_util::io::AllowStdIo::new(std::io::BufReader::new(file));
+        let db = self.database()?;
+        let mut fs = self.fs();
+        block_on(async {
+            RepoBuilder::from_database(&mut fs, &db)
+                .targets_expiration_duration(self.expiry.targets)
+                .snapshot_expiration_duration(self.expiry.snapshot)
+                .timestamp_expiration_duration(self.expiry.timestamp)
+                .signing_targets_keys(&[&targets_key])
+                .signing_snapshot_keys(&[&snapshot])
+                .signing_timestamp_keys(&[&timestamp])
+                .skip_root()
+                .target_hash_algorithms(&[HashAlgorithm::Sha256])
+                .add_target_with_custom(target_path, reader, custom)
+                .await?
+                .stage_targets()?
+                .stage_snapshot()?
+                .stage_timestamp()?
+                .commit()
+                .await
+        })
+        .map_err(Error::tuf)?;
+        self.targets()?
+            .into_iter()
+            .find(|t| t.path == path)
+            .ok_or_else(|| Error::Refused(format!("{path} missing after publish")))
+    }
+
+    fn role_key(&self, role: &str, offline: Option<&KeyDir>) -> Result<Ed25519PrivateKey, Error> {
+        if let Some(k) = self.keys().load_if_present(role)? {
+            return Ok(k);
+        }
+        match offline {
+            Some(dir) => dir.load(role),
+            None => Err(Error::KeyOffline(role.to_owned())),
+        }
+    }
+
+    /// Re-signs snapshot and timestamp when less than `margin` of their lifetime is left
+    /// (or they expired): what keeps devices updating while nobody publishes.
+    pub fn refresh(&self, now: DateTime<Utc>) -> Result<Refreshed, Error> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.database()?;
+        let due = |expires: Option<&DateTime<Utc>>, lifetime: Duration| match expires {
+            Some(e) => *e - now < lifetime / 2,
+            None => true,
+        };
+        let snapshot_due = due(db.trusted_snapshot().map(|s| s.expires()), self.expiry.snapshot);
+        let timestamp_due =
+            snapshot_due || due(db.trusted_timestamp().map(|s| s.expires()), self.expiry.timestamp);
+        if !timestamp_due {
+            return Ok(Refreshed { snapshot: false, timestamp: false });
+        }
+        let snapshot = self.keys().load("snapshot")?;
+        let timestamp = self.keys().load("timestamp")?;
+        let mut fs = self.fs();
+        block_on(async {
+            let b = RepoBuilder::from_database(&mut fs, &db)
+                .current_time(now)
+                .snapshot_expiration_duration(self.expiry.snapshot)
+                .timestamp_expiration_duration(self.expiry.timestamp)
+                .signing_snapshot_keys(&[&snapshot])
+                .signing_timestamp_keys(&[&timestamp])
+                .skip_root()
+                .skip_targets();
+            let b = if snapshot_due { b.stage_snapshot()? } else { b.skip_snapshot() };
+            b.stage_timestamp()?.commit().await
+        })
+        .map_err(Error::tuf)?;
+        tracing::info!(snapshot = snapshot_due, "firmware metadata re-signed before expiry");
+        Ok(Refreshed { snapshot: snapshot_due, timestamp: true })
+    }
+
+    /// Rotates the root key: root N+1 lists `new_root` and is signed by both the old
+    /// and the new key, so clients holding root N accept it (TUF 5.3). Returns the new
+    /// root version.
+    pub fn rotate_root(&self, old_root: &KeyDir, new_root: &KeyDir) -> Result<u32, Error> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let old = old_root.load("root")?;
+        let new = new_root.load("root")?;
+        let db = self.database()?;
+        let root = db.trusted_root();
+        let pubkeys = |ids: &std::collections::HashSet<tuf::crypto::KeyId>| -> Vec<tuf::crypto::PublicKey> {
+            ids.iter().filter_map(|id| root.keys().get(id).cloned()).collect()
+        };
+        let targets = pubkeys(root.targets().key_ids());
+        let snapshot = pubkeys(root.snapshot().key_ids());
+        let timestamp = pubkeys(root.timestamp().key_ids());
+        let mut fs = self.fs();
+        let expires = Utc::now() + self.expiry.root;
+        let version = db.trusted_root().version() + 1;
+        block_on(async {
+            RepoBuilder::from_database(&mut fs, &db)
+                .signing_root_keys(&[&old as &dyn PrivateKey, &new])
+                .stage_root_with_builder(|b| {
+                    let b = b.version(version).expires(expires).root_key(new.public().clone());
+                    let b = targets.iter().fold(b, |b, k| b.targets_key(k.clone()));
+                    let b = snapshot.iter().fold(b, |b, k| b.snapshot_key(k.clone()));
+                    timestamp.iter().fold(b, |b, k| b.timestamp_key(k.clone()))
+                })?
+                .skip_targets()
+                .skip_snapshot()
+                .skip_timestamp()
+                .commit()
+                .await
+        })
+        .map_err(Error::tuf)?;
+        Ok(version)
+    }
+
+    /// Resolves a request path under `/firmware/` to a file of the repository, refusing
+    /// anything that is not a plain relative path inside it.
+    pub fn resolve(&self, rel: &str) -> Option<PathBuf> {
+        let (base, rest) = if let Some(r) = rel.strip_prefix("metadata/") {
+            (self.metadata_dir(), r)
+        } else if let Some(r) = rel.strip_prefix("targets/") {
+            (self.targets_dir(), r)
+        } else {
+            return None;
+        };
+        let mut path = base;
+        for part in rest.split('/') {
+            if !crate::safe_component(part) {
+                return None;
+            }
+            path.push(part);
+        }
+        path.is_file().then_some(path)
+    }
+}

@@ -1,0 +1,437 @@
+//! The server side beyond the repository: rollouts, per-device directives, reports and
+//! the fleet view. State lives in the registry (`firmware_rollouts`, `firmware_devices`,
+//! `firmware_reports`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use portcullis_core::{DeviceId, DeviceState};
+use portcullis_store::{Actor, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::repo::FirmwareRepo;
+use crate::rollout::{self, Rollout, State};
+use crate::{Error, TargetInfo};
+
+/// The states a device reports.
+pub const REPORT_STATES: [&str; 5] = ["downloading", "verified", "installed", "confirmed", "failed"];
+
+/// What a device says about itself when it asks for a directive.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CheckIn {
+    /// Its hardware model.
+    pub hardware: String,
+    /// The version it runs.
+    pub installed: String,
+}
+
+/// A device's status report.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Report {
+    /// One of [`REPORT_STATES`].
+    pub state: String,
+    /// Its hardware model.
+    pub hardware: String,
+    /// The version it runs.
+    pub installed: String,
+    /// The version the report is about.
+    pub version: String,
+    /// Why (free text, capped).
+    #[serde(default)]
+    pub reason: String,
+    /// The rollout that directed the update.
+    #[serde(default)]
+    pub rollout: Option<i64>,
+    /// The device the report claims to be from; must be the certificate's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// What the server knows of one device's firmware.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DeviceFirmware {
+    /// Hardware model.
+    pub hardware: String,
+    /// Running version.
+    pub installed: String,
+    /// Last report: state, version, reason, rollout, at.
+    #[serde(default)]
+    pub last: Option<Value>,
+    /// Rollout of the last report.
+    #[serde(default)]
+    pub rollout: Option<i64>,
+}
+
+/// Firmware on the server: repository plus fleet state.
+#[derive(Debug)]
+pub struct Firmware {
+    repo: FirmwareRepo,
+    store: Arc<dyn Store>,
+    /// Serialises rollout read-modify-write.
+    rollouts: tokio::sync::Mutex<()>,
+}
+
+fn store_err(e: portcullis_store::Error) -> Error {
+    Error::Refused(format!("registry: {e}"))
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Options of `rollout create`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NewRollout {
+    /// Hardware model.
+    pub hardware: String,
+    /// Published version to roll out.
+    pub version: String,
+    /// Only this group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// e.g. `5,25,100`.
+    #[serde(default)]
+    pub stages: Option<String>,
+    /// e.g. `5%`.
+    #[serde(default)]
+    pub max_failure_rate: Option<String>,
+}
+
+impl Firmware {
+    /// Firmware over `repo`, with fleet state in `store`.
+    pub fn new(repo: FirmwareRepo, store: Arc<dyn Store>) -> Self {
+        Self { repo, store, rollouts: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Opens the repository in `data_dir/firmware` (creating it, keys included, on
+    /// first use) over the registry `store`.
+    pub fn open(data_dir: &std::path::Path, store: Arc<dyn Store>) -> Result<Arc<Self>, Error> {
+        let repo = FirmwareRepo::open(&data_dir.join("firmware"), crate::repo::Expiry::default(), None)?;
+        Ok(Arc::new(Self::new(repo, store)))
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &FirmwareRepo {
+        &self.repo
+    }
+
+    /// Every rollout.
+    pub async fn rollouts(&self) -> Result<Vec<Rollout>, Error> {
+        let rows = self.store.rollouts().await.map_err(store_err)?;
+        rows.into_iter()
+            .map(|(id, doc)| {
+                let mut r: Rollout = serde_json::from_value(doc)
+                    .map_err(|e| Error::Refused(format!("rollout {id} is corrupt: {e}")))?;
+                r.id = id;
+                Ok(r)
+            })
+            .collect()
+    }
+
+    /// One rollout.
+    pub async fn rollout(&self, id: i64) -> Result<Rollout, Error> {
+        self.rollouts()
+            .await?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| Error::Refused(format!("no rollout {id}")))
+    }
+
+    async fn devices_fw(&self) -> Result<HashMap<String, DeviceFirmware>, Error> {
+        Ok(self
+            .store
+            .firmware_devices()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .filter_map(|(id, doc)| serde_json::from_value(doc).ok().map(|d| (id, d)))
+            .collect())
+    }
+
+    /// Creates a rollout of a published version. Its population: the active devices
+    /// (of `group`, if given) that have checked in with this hardware model.
+    pub async fn create_rollout(&self, req: NewRollout, actor: Actor) -> Result<Rollout, Error> {
+        let stages =
+            rollout::parse_stages(req.stages.as_deref().unwrap_or("5,25,100")).map_err(Error::Refused)?;
+        let max_failure_rate =
+            rollout::parse_rate(req.max_failure_rate.as_deref().unwrap_or("5%")).map_err(Error::Refused)?;
+        let version: semver::Version =
+            req.version.parse().map_err(|_| Error::Refused(format!("invalid version {:?}", req.version)))?;
+        let target = self
+            .repo
+            .targets()?
+            .into_iter()
+            .find(|t| t.hardware == req.hardware && t.version == version)
+            .ok_or_else(|| {
+                Error::Refused(format!("version {version} is not published for hardware {}", req.hardware))
+            })?;
+        let _guard = self.rollouts.lock().await;
+        if let Some(r) = self.rollouts().await?.into_iter().find(|r| {
+            r.hardware == req.hardware
+                && r.group == req.group
+                && r.state != State::Aborted
+                && r.version == req.version
+        }) {
+            return Err(Error::Refused(format!(
+                "rollout {} already offers {version} to these devices",
+                r.id
+            )));
+        }
+        let fw = self.devices_fw().await?;
+        let devices = self.store.devices().await.map_err(store_err)?;
+        let eligible: Vec<String> = devices
+            .into_iter()
+            .filter(|d| d.state == DeviceState::Active)
+            .filter(|d| req.group.as_deref().is_none_or(|g| d.group.as_str() == g))
+            .filter(|d| fw.get(d.id.as_str()).is_some_and(|f| f.hardware == req.hardware))
+            .map(|d| d.id.to_string())
+            .collect();
+        let mut r = Rollout {
+            id: 0,
+            hardware: req.hardware,
+            version: version.to_string(),
+            target: target.path,
+            group: req.group,
+            stages,
+            stage: 0,
+            max_failure_rate,
+            state: State::Active,
+            reason: None,
+            population: Vec::new(),
+            created_at: now_rfc3339(),
+        };
+        let id = self
+            .store
+            .save_rollout(None, serde_json::to_value(&r).unwrap_or_default(), actor.clone())
+            .await
+            .map_err(store_err)?;
+        r.id = id;
+        r.population = rollout::rank(id, eligible);
+        self.store
+            .save_rollout(Some(id), serde_json::to_value(&r).unwrap_or_default(), actor)
+            .await
+            .map_err(store_err)?;
+        Ok(r)
+    }
+
+    /// `advance`, `pause`, `resume` or `abort`.
+    pub async fn change_rollout(&self, id: i64, action: &str, actor: Actor) -> Result<Rollout, Error> {
+        let _guard = self.rollouts.lock().await;
+        let mut r = self.rollout(id).await?;
+        if r.state == State::Aborted {
+            return Err(Error::Refused(format!("rollout {id} was aborted")));
+        }
+        match action {
+            "advance" => {
+                r.advance().map_err(Error::Refused)?;
+            }
+            "pause" => {
+                r.state = State::Paused;
+                r.reason = Some("paused by the operator".into());
+            }
+            "resume" => {
+                r.state = State::Active;
+                r.reason = None;
+            }
+            "abort" => {
+                r.state = State::Aborted;
+                r.reason = Some("aborted by the operator".into());
+            }
+            other => return Err(Error::Refused(format!("unknown rollout action {other:?}"))),
+        }
+        self.store
+            .save_rollout(Some(id), serde_json::to_value(&r).unwrap_or_default(), actor)
+            .await
+            .map_err(store_err)?;
+        Ok(r)
+    }
+
+    /// What `device` should run: the newest version of an active rollout that admits
+    /// it and is newer than what it runs. Records the check-in.
+    pub async fn assignment(&self, device: &DeviceId, group: &str, check: CheckIn) -> Result<Value, Error> {
+        crate::check_hardware(&check.hardware)?;
+        let installed: semver::Version = check
+            .installed
+            .parse()
+            .map_err(|_| Error::Refused(format!("invalid version {:?}", check.installed)))?;
+        let fw = self.devices_fw().await?;
+        let known = fw.get(device.as_str());
+        if known.is_none_or(|k| k.hardware != check.hardware || k.installed != check.installed) {
+            let mut status = known.cloned().unwrap_or_default();
+            status.hardware = check.hardware.clone();
+            status.installed = check.installed.clone();
+            self.store
+                .record_firmware_report(
+                    device,
+                    Value::Null,
+                    serde_json::to_value(&status).unwrap_or_default(),
+                )
+                .await
+                .map_err(store_err)?;
+        }
+        let best = self
+            .rollouts()
+            .await?
+            .into_iter()
+            .filter(|r| r.hardware == check.hardware)
+            .filter(|r| r.group.as_deref().is_none_or(|g| g == group))
+            .filter(|r| r.admits(device.as_str()))
+            .filter_map(|r| r.version.parse::<semver::Version>().ok().map(|v| (v, r)))
+            .filter(|(v, _)| *v > installed)
+            .max_by(|a, b| a.0.cmp(&b.0));
+        Ok(match best {
+            Some((v, r)) => json!({ "target": r.target, "version": v.to_string(), "rollout": r.id }),
+            None => json!({ "target": null, "version": null }),
+        })
+    }
+
+    /// Records a report from `device` (already authenticated by its certificate);
+    /// evaluates its rollout's failure rate.
+    pub async fn report(&self, device: &DeviceId, mut report: Report) -> Result<(), Error> {
+        if let Some(claimed) = &report.device
+            && claimed != device.as_str()
+        {
+            return Err(Error::Refused(format!(
+                "report names device {claimed:?} but comes from {device}'s certificate"
+            )));
+        }
+        if !REPORT_STATES.contains(&report.state.as_str()) {
+            return Err(Error::Refused(format!(
+                "unknown state {:?}; one of {}",
+                report.state,
+                REPORT_STATES.join(", ")
+            )));
+        }
+        crate::check_hardware(&report.hardware)?;
+        for v in [&report.installed, &report.version] {
+            v.parse::<semver::Version>().map_err(|_| Error::Refused(format!("invalid version {v:?}")))?;
+        }
+        report.reason = report.reason.chars().take(500).collect();
+        report.device = Some(device.to_string());
+        let at = now_rfc3339();
+        let status = DeviceFirmware {
+            hardware: report.hardware.clone(),
+            installed: report.installed.clone(),
+            last: Some(json!({
+                "state": report.state, "version": report.version, "reason": report.reason,
+                "rollout": report.rollout, "at": at,
+            })),
+            rollout: report.rollout,
+        };
+        let mut doc = serde_json::to_value(&report).unwrap_or_default();
+        doc["at"] = Value::from(at);
+        self.store
+            .record_firmware_report(device, doc, serde_json::to_value(&status).unwrap_or_default())
+            .await
+            .map_err(store_err)?;
+        if let Some(id) = report.rollout
+            && matches!(report.state.as_str(), "failed" | "confirmed")
+        {
+            self.evaluate(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Outcomes of a rollout's devices: (confirmed, failed).
+    async fn outcomes(&self, r: &Rollout) -> Result<(usize, usize), Error> {
+        let fw = self.devices_fw().await?;
+        let mut ok = 0;
+        let mut failed = 0;
+        for d in fw.values().filter(|d| d.rollout == Some(r.id)) {
+            let last = d.last.as_ref();
+            let state = last.and_then(|l| l.get("state")).and_then(Value::as_str);
+            let version = last.and_then(|l| l.get("version")).and_then(Value::as_str);
+            if version != Some(r.version.as_str()) {
+                continue;
+            }
+            match state {
+                Some("confirmed") => ok += 1,
+                Some("failed") => failed += 1,
+                _ => {}
+            }
+        }
+        Ok((ok, failed))
+    }
+
+    async fn evaluate(&self, id: i64) -> Result<(), Error> {
+        let _guard = self.rollouts.lock().await;
+        let mut r = self.rollout(id).await?;
+        let (ok, failed) = self.outcomes(&r).await?;
+        if let Some(reason) = r.check_failures(failed, ok + failed) {
+            tracing::warn!(rollout = id, %reason, "firmware rollout paused");
+            self.store
+                .save_rollout(Some(id), serde_json::to_value(&r).unwrap_or_default(), Actor::System)
+                .await
+                .map_err(store_err)?;
+        }
+        Ok(())
+    }
+
+    /// A rollout with its progress.
+    pub async fn rollout_status(&self, id: i64) -> Result<Value, Error> {
+        let r = self.rollout(id).await?;
+        let (ok, failed) = self.outcomes(&r).await?;
+        Ok(json!({
+            "id": r.id, "hardware": r.hardware, "version": r.version, "target": r.target, "group": r.group,
+            "state": r.state, "reason": r.reason, "stages": r.stages, "stage": r.stage + 1,
+            "percent": r.percent(), "population": r.population.len(), "admitted": r.admitted_count(),
+            "confirmed": ok, "failed": failed, "max_failure_rate": r.max_failure_rate, "created_at": r.created_at,
+        }))
+    }
+
+    /// The fleet view: per hardware model, devices per version, who is behind, failures,
+    /// rollouts; per device the last report.
+    pub async fn status(&self, hardware: Option<&str>) -> Result<Value, Error> {
+        let targets = self.repo.targets()?;
+        let fw = self.devices_fw().await?;
+        let mut models: BTreeMap<String, Vec<(&String, &DeviceFirmware)>> = BTreeMap::new();
+        for (id, d) in &fw {
+            models.entry(d.hardware.clone()).or_default().push((id, d));
+        }
+        for t in &targets {
+            models.entry(t.hardware.clone()).or_default();
+        }
+        let rollouts = self.rollouts().await?;
+        let mut out = Vec::new();
+        for (hw, mut devices) in models {
+            if hardware.is_some_and(|h| h != hw) {
+                continue;
+            }
+            devices.sort_by(|a, b| a.0.cmp(b.0));
+            let newest = targets.iter().filter(|t| t.hardware == hw).map(|t| t.version.clone()).max();
+            let mut versions: BTreeMap<String, usize> = BTreeMap::new();
+            let mut behind = Vec::new();
+            let mut failures = Vec::new();
+            let mut per_device = Vec::new();
+            for (id, d) in &devices {
+                *versions.entry(d.installed.clone()).or_default() += 1;
+                let v = d.installed.parse::<semver::Version>().ok();
+                if let (Some(n), Some(v)) = (&newest, &v)
+                    && v < n
+                {
+                    behind.push((*id).clone());
+                }
+                if d.last.as_ref().and_then(|l| l.get("state")).and_then(Value::as_str) == Some("failed") {
+                    failures.push((*id).clone());
+                }
+                per_device.push(json!({ "device": id, "installed": d.installed, "last": d.last }));
+            }
+            let mut rs = Vec::new();
+            for r in rollouts.iter().filter(|r| r.hardware == hw) {
+                rs.push(self.rollout_status(r.id).await?);
+            }
+            out.push(json!({
+                "hardware": hw,
+                "newest": newest.map(|v| v.to_string()),
+                "published": targets.iter().filter(|t| t.hardware == hw).cloned().collect::<Vec<TargetInfo>>(),
+                "versions": versions,
+                "behind": behind,
+                "failed": failures,
+                "rollouts": rs,
+                "devices": per_device,
+            }));
+        }
+        Ok(json!({ "hardware": out, "repository": self.repo.describe()? }))
+    }
+}
