@@ -172,10 +172,9 @@ async fn serve(
     resp
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     serde_json::from_slice(body).map_err(|e| {
         Problem::new(StatusCode::BAD_REQUEST, "firmware-request", format!("malformed JSON: {e}"))
-            .into_response()
     })
 }
 
@@ -186,7 +185,7 @@ async fn assignment(State(ctx): State<Ctx>, peer: Peer, body: axum::body::Bytes)
     };
     let check: CheckIn = match json_body(&body) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     match ctx.firmware.assignment(&d.id, d.group.as_str(), check).await {
         Ok(v) => axum::Json(v).into_response(),
@@ -201,7 +200,7 @@ async fn report(State(ctx): State<Ctx>, peer: Peer, body: axum::body::Bytes) -> 
     };
     let report: Report = match json_body(&body) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     match ctx.firmware.report(&d.id, report).await {
         Ok(()) => (StatusCode::NO_CONTENT, ()).into_response(),

@@ -248,6 +248,14 @@ async fn read_capped(mut body: Body, cap: usize) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// A directive being carried out.
+#[derive(Debug, Clone, Copy)]
+struct Directed<'a> {
+    target: &'a str,
+    version: &'a str,
+    rollout: Option<i64>,
+}
+
 /// The server's directive for this device.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Directive {
@@ -368,8 +376,12 @@ impl UpdaterDir {
         }
     }
 
-    /// Refreshes the TUF metadata and returns the signed description of `target`.
-    async fn verified_target<T: Transport>(&self, t: &T, target: &str) -> Result<TargetInfo, UpdateError> {
+    /// Refreshes the TUF metadata (the specification's client workflow, 5.3–5.6) and
+    /// returns the trusted targets.
+    async fn refresh<T: Transport>(
+        &self,
+        t: &T,
+    ) -> Result<std::collections::HashMap<TargetPath, tuf::metadata::TargetDescription>, UpdateError> {
         let root_path = self.0.join("root.json");
         let root = std::fs::read(&root_path).map_err(|e| io_err("read", &root_path, e))?;
         let root = RawSignedMetadata::<Pouf1, RootMetadata>::new(root);
@@ -385,14 +397,22 @@ impl UpdaterDir {
             .await
             .map_err(|e| UpdateError::Metadata(e.to_string()))?;
         client.update().await.map_err(|e| UpdateError::Metadata(e.to_string()))?;
-        let path = TargetPath::new(target.to_owned()).map_err(|_| {
-            UpdateError::Refused(format!("target name {target:?} is not a plain relative path"))
-        })?;
         let targets = client
             .database()
             .trusted_targets()
             .ok_or_else(|| UpdateError::Metadata("no trusted targets metadata".into()))?;
-        let desc = targets.targets().get(&path).ok_or_else(|| {
+        Ok(targets.targets().clone())
+    }
+
+    /// The signed description of `target` in `targets`.
+    fn verified_target(
+        targets: &std::collections::HashMap<TargetPath, tuf::metadata::TargetDescription>,
+        target: &str,
+    ) -> Result<TargetInfo, UpdateError> {
+        let path = TargetPath::new(target.to_owned()).map_err(|_| {
+            UpdateError::Refused(format!("target name {target:?} is not a plain relative path"))
+        })?;
+        let desc = targets.get(&path).ok_or_else(|| {
             UpdateError::Refused(format!("target {target} is not listed in the signed targets metadata"))
         })?;
         TargetInfo::from_description(target, desc).ok_or_else(|| {
@@ -418,11 +438,22 @@ impl UpdaterDir {
         }
         let directive: Directive = serde_json::from_value(answer)
             .map_err(|e| UpdateError::Server(format!("malformed assignment: {e}")))?;
+        // Metadata is refreshed on every check, directed or not: the root chain, expiry
+        // and versions stay current, and a frozen or rolled-back mirror shows at once.
+        let targets = self.refresh(t).await?;
         let (Some(target), Some(version)) = (directive.target, directive.version) else {
             return Ok(Outcome::UpToDate { installed });
         };
-        match self.fetch_and_install(t, &mut state, &target, &version, directive.rollout, opts).await {
+        let directed = Directed { target: &target, version: &version, rollout: directive.rollout };
+        match self.fetch_and_install(t, &mut state, &targets, &directed, opts).await {
             Ok(o) => Ok(o),
+            // A transport failure says nothing about the image: the download resumes on
+            // the next run, and it must not count against the rollout's failure rate.
+            Err(e @ UpdateError::Server(_)) => {
+                let why = format!("interrupted, resumes on the next run: {e}");
+                self.report(t, &state, "downloading", &version, &why, directive.rollout).await;
+                Err(e)
+            }
             Err(e) => {
                 self.report(t, &state, "failed", &version, &e.to_string(), directive.rollout).await;
                 Err(e)
@@ -434,11 +465,11 @@ impl UpdaterDir {
         &self,
         t: &T,
         state: &mut UpdaterState,
-        target: &str,
-        version: &str,
-        rollout: Option<i64>,
+        targets: &std::collections::HashMap<TargetPath, tuf::metadata::TargetDescription>,
+        directed: &Directed<'_>,
         opts: UpdateOptions,
     ) -> Result<Outcome, UpdateError> {
+        let Directed { target, version, rollout } = *directed;
         if !target.split('/').all(crate::safe_component) {
             return Err(UpdateError::Refused(format!("target name {target:?} is not a plain relative path")));
         }
@@ -451,7 +482,7 @@ impl UpdaterDir {
                 "refusing version {directed}: not newer than {newest_held} (anti-rollback)"
             )));
         }
-        let info = self.verified_target(t, target).await?;
+        let info = Self::verified_target(targets, target)?;
         if info.hardware != state.hardware {
             return Err(UpdateError::Refused(format!(
                 "target {target} is signed for hardware {}, this device is {}",

@@ -1,0 +1,381 @@
+//! Signed firmware updates end to end: the real server, the real agent binary over
+//! mTLS, python-tuf's ngclient as the reference TUF client, and a simulated fleet of
+//! 1,000 devices (agent library in-process) for staged rollouts.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use harness::upstream::enroll;
+use harness::{Server, curl, curl_mtls};
+use portcullis_agent::firmware::MtlsTransport;
+use portcullis_agent::{Outcome, UpdateOptions, UpdaterDir};
+use portcullis_firmware::updater::Transport;
+use serde_json::{Value, json};
+
+fn agent(args: &[&str]) -> std::process::Output {
+    Command::new(harness::agent_bin()).args(args).output().unwrap()
+}
+
+fn agent_ok(args: &[&str]) -> String {
+    let out = agent(args);
+    assert!(out.status.success(), "portcullis-agent {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn image(path: &Path, len: usize, seed: u8) -> Vec<u8> {
+    let bytes: Vec<u8> =
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ngclient(s: &Server, id: &str, root: &Path, target: &str) -> Value {
+    let (ca, _) = s.ca_files();
+    let dir = s.path(id);
+    let work = s.path(&format!("ngclient-{id}"));
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/tuf_ngclient.py"))
+        .arg(s.url())
+        .arg(&ca)
+        .arg(dir.join("chain.pem"))
+        .arg(dir.join("key.pem"))
+        .arg(root)
+        .arg(target)
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ngclient: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn cli_err(s: &Server, args: &[&str]) -> String {
+    let out = s.cli(args);
+    assert!(!out.status.success(), "portcullis {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn publish_roll_out_update_confirm_and_python_tuf_conformance() {
+    let s = Server::start();
+    let (chain, key) = enroll(&s, "cam-01", "cams");
+    let agent_dir = s.path("cam-01");
+    let dir = agent_dir.to_str().unwrap();
+    let root_json = s.path("root.json");
+    std::fs::write(&root_json, s.cli_ok(&["firmware", "root"])).unwrap();
+
+    // First contact: the agent stores hardware, factory version and trust anchor.
+    let out = agent_ok(&[
+        "update",
+        "--dir",
+        dir,
+        "--hardware",
+        "cam",
+        "--installed-version",
+        "1.0.0",
+        "--root",
+        root_json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.trim(), "up to date: running 1.0.0");
+
+    // Publish; the same version twice and a lower one are refused.
+    let img = s.path("cam-fw.bin");
+    let bytes = image(&img, 3 * 1024 * 1024 + 17, 1);
+    let out = s.cli_ok(&[
+        "firmware",
+        "publish",
+        img.to_str().unwrap(),
+        "--hardware",
+        "cam",
+        "--version",
+        "1.1.0",
+        "--notes",
+        "fixes CVE-0000",
+    ]);
+    assert!(out.starts_with("published cam/1.1.0/cam-fw.bin"), "{out}");
+    let err = cli_err(
+        &s,
+        &["firmware", "publish", img.to_str().unwrap(), "--hardware", "cam", "--version", "1.1.0"],
+    );
+    assert!(err.contains("version 1.1.0 is already published for hardware cam"), "{err}");
+    let err = cli_err(
+        &s,
+        &["firmware", "publish", img.to_str().unwrap(), "--hardware", "cam", "--version", "1.0.5"],
+    );
+    assert!(err.contains("version 1.0.5 is lower than the newest published for cam (1.1.0)"), "{err}");
+    let list: Value = serde_json::from_str(&s.cli_ok(&["firmware", "list", "--json"])).unwrap();
+    let t = &list["targets"][0];
+    assert_eq!(
+        (t["path"].as_str(), t["length"].as_u64()),
+        (Some("cam/1.1.0/cam-fw.bin"), Some(bytes.len() as u64))
+    );
+    assert_eq!(t["sha256"].as_str().unwrap(), sha256(&bytes));
+
+    // No rollout yet: nothing directed.
+    assert_eq!(agent_ok(&["update", "--dir", dir]).trim(), "up to date: running 1.0.0");
+    let r: Value = serde_json::from_str(&s.cli_ok(&[
+        "firmware",
+        "rollout",
+        "create",
+        "--hardware",
+        "cam",
+        "--version",
+        "1.1.0",
+        "--group",
+        "cams",
+        "--stages",
+        "100",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!((r["population"].as_u64(), r["admitted"].as_u64()), (Some(1), Some(1)));
+
+    let out = agent_ok(&["update", "--dir", dir, "--check"]);
+    assert!(out.starts_with("available: 1.1.0 (cam/1.1.0/cam-fw.bin"), "{out}");
+    let out = agent_ok(&["update", "--dir", dir]);
+    assert!(out.starts_with("installed 1.1.0 (cam/1.1.0/cam-fw.bin) into slot b"), "{out}");
+    assert_eq!(std::fs::read(agent_dir.join("firmware/slot-b.img")).unwrap(), bytes);
+    // Pending: a second update waits for the confirmation.
+    let err = String::from_utf8_lossy(&agent(&["update", "--dir", dir]).stderr).into_owned();
+    assert!(err.contains("version 1.1.0 is installed in slot b and waits for confirmation"), "{err}");
+    assert_eq!(agent_ok(&["confirm", "--dir", dir]).trim(), "confirmed: running 1.1.0 from slot b");
+    assert_eq!(agent_ok(&["update", "--dir", dir]).trim(), "up to date: running 1.1.0");
+
+    // The fleet view saw every state change, with reasons.
+    let st: Value = serde_json::from_str(&s.cli_ok(&["firmware", "status", "--json"])).unwrap();
+    let cam = &st["hardware"][0];
+    assert_eq!(cam["versions"], json!({ "1.1.0": 1 }));
+    assert_eq!(cam["devices"][0]["last"]["state"], "confirmed");
+    assert_eq!(cam["rollouts"][0]["confirmed"], 1);
+    let store_reports = rusqlite_reports(&s);
+    assert_eq!(store_reports, ["downloading", "verified", "installed", "confirmed"]);
+
+    // The reference client: python-tuf ngclient refreshes from root.json and downloads.
+    let v = ngclient(&s, "cam-01", &root_json, "cam/1.1.0/cam-fw.bin");
+    assert_eq!(v["sha256"].as_str().unwrap(), sha256(&bytes));
+    assert_eq!(v["length"].as_u64(), Some(bytes.len() as u64));
+    assert_eq!(v["custom"], json!({ "hardware": "cam", "version": "1.1.0", "notes": "fixes CVE-0000" }));
+    assert_eq!((v["root"].as_u64(), v["targets"].as_u64()), (Some(1), Some(2)));
+
+    // Range requests (resume) over mTLS, answered 206 with the exact bytes.
+    let path = format!("/firmware/targets/cam/1.1.0/{}.cam-fw.bin", sha256(&bytes));
+    let r = curl_mtls(&s, &chain, &key, &path, &["-H", "Range: bytes=1000-"]);
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, bytes[1000..]);
+    // A report naming another device is refused; no certificate, no firmware.
+    let spoof = json!({"state": "failed", "hardware": "cam", "installed": "1.1.0", "version": "1.1.0", "device": "cam-02"});
+    let r = curl_mtls(&s, &chain, &key, "/firmware/report", &["-X", "POST", "--data", &spoof.to_string()]);
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.detail(), "report names device \"cam-02\" but comes from cam-01's certificate");
+    let (ca, _) = s.ca_files();
+    let r =
+        curl(&["--cacert", ca.to_str().unwrap()], &format!("{}/firmware/metadata/timestamp.json", s.url()));
+    assert_eq!(r.status, 401);
+
+    // Root rotation (offline operation: server stopped), then devices holding root v1
+    // follow the chain: the agent and ngclient both trust root v2.
+    let data = s.data_dir();
+    let dir_handle = s.into_dir();
+    let new_keys = dir_handle.path().join("new-root-keys");
+    let out = harness::run(
+        Command::new(harness::BIN)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["firmware", "keys", "rotate-root", "--old"])
+            .arg(data.join("firmware/keys"))
+            .arg("--new")
+            .arg(&new_keys),
+    );
+    assert!(out.starts_with("root rotated: version 2"), "{out}");
+    let s = Server::start_in(dir_handle, "");
+    // The restarted server listens on another port: point the agent at it.
+    let cfg = agent_dir.join("agent.json");
+    let mut a: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    a["server"] = Value::from(s.url());
+    std::fs::write(&cfg, a.to_string()).unwrap();
+    let v = ngclient(&s, "cam-01", &root_json, "cam/1.1.0/cam-fw.bin");
+    assert_eq!(v["root"].as_u64(), Some(2));
+    assert_eq!(agent_ok(&["update", "--dir", dir]).trim(), "up to date: running 1.1.0");
+    assert!(
+        agent_dir.join("firmware/tuf/metadata/2.root.json").exists()
+            || agent_dir.join("firmware/tuf/metadata/root.json").exists()
+    );
+}
+
+fn rusqlite_reports(s: &Server) -> Vec<String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys,json; c=sqlite3.connect(sys.argv[1]); \
+             print(json.dumps([json.loads(d)['state'] for (d,) in c.execute('SELECT document FROM firmware_reports ORDER BY id')]))",
+        ])
+        .arg(s.data_dir().join("registry.sqlite"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Enrolls `n` devices in `group` through the admin API and EST; returns their dirs.
+async fn fleet(s: &Server, prefix: &str, group: &str, n: usize) -> Vec<PathBuf> {
+    let admin = s.admin_client();
+    let root_pem = s.root_pem();
+    let mut dirs = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i:04}");
+        let r = admin.post("/v1/devices", &json!({ "id": id, "group": group })).await.unwrap();
+        let token = portcullis_core::Token::from_presented(r["token"].as_str().unwrap());
+        let dir = s.path(&id);
+        dirs.push(dir.clone());
+        let (url, root_pem) = (s.url(), root_pem.clone());
+        tasks.spawn(async move {
+            portcullis_agent::enroll(
+                &url,
+                &root_pem,
+                &portcullis_core::DeviceId::try_new(id).unwrap(),
+                &token,
+                &dir,
+            )
+            .await
+            .unwrap();
+        });
+        while tasks.len() >= 32 {
+            tasks.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    dirs
+}
+
+async fn directed(dirs: &[PathBuf]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in dirs {
+        let t = MtlsTransport::open(d).unwrap();
+        let installed =
+            UpdaterDir::new(d).load().map(|s| s.installed().to_owned()).unwrap_or_else(|_| "2.0.0".into());
+        let (status, v) =
+            t.post("assignment", json!({ "hardware": "sensor", "installed": installed })).await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        if v["target"].is_string() {
+            out.push(d.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn rollout_stages_on_a_thousand_devices_resume_and_automatic_pause() {
+    let s = Server::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let root_json = s.cli_ok(&["firmware", "root"]);
+    let dirs = rt.block_on(fleet(&s, "sensor", "floor-3", 1000));
+    // Every device checks in once (that is how the server learns its hardware).
+    assert!(rt.block_on(directed(&dirs)).is_empty());
+
+    let img = s.path("sensor.bin");
+    let bytes = image(&img, 2 * 1024 * 1024, 7);
+    s.cli_ok(&["firmware", "publish", img.to_str().unwrap(), "--hardware", "sensor", "--version", "2.1.0"]);
+    let r: Value = serde_json::from_str(&s.cli_ok(&[
+        "firmware",
+        "rollout",
+        "create",
+        "--hardware",
+        "sensor",
+        "--version",
+        "2.1.0",
+        "--stages",
+        "5,25,100",
+        "--max-failure-rate",
+        "5%",
+        "--json",
+    ]))
+    .unwrap();
+    let id = r["id"].as_i64().unwrap().to_string();
+    assert_eq!((r["population"].as_u64(), r["admitted"].as_u64()), (Some(1000), Some(50)));
+
+    // Stage sizes are exact, nested, and the same whichever order devices ask in.
+    let first = rt.block_on(directed(&dirs));
+    assert_eq!(first.len(), 50);
+    let mut reversed = dirs.clone();
+    reversed.reverse();
+    let mut again = rt.block_on(directed(&reversed));
+    again.sort();
+    assert_eq!(again, first);
+    s.cli_ok(&["firmware", "rollout", "advance", &id]);
+    let second = rt.block_on(directed(&dirs));
+    assert_eq!(second.len(), 250);
+    assert!(first.iter().all(|d| second.contains(d)));
+
+    // Ten admitted devices update for real; the first one's download is interrupted
+    // after 512 KiB and resumes where it stopped.
+    let admitted: Vec<PathBuf> = second.iter().take(10).map(|d| s.path(d)).collect();
+    rt.block_on(async {
+        for (i, d) in admitted.iter().enumerate() {
+            let up = UpdaterDir::new(d);
+            up.init("sensor", "2.0.0", Some(root_json.as_bytes())).unwrap();
+            let t = MtlsTransport::open(d).unwrap();
+            if i == 0 {
+                let e = up
+                    .update(&t, UpdateOptions { interrupt_after: Some(512 * 1024), ..Default::default() })
+                    .await
+                    .unwrap_err();
+                assert!(e.to_string().starts_with("server: download interrupted after"), "{e}");
+                let partial = std::fs::metadata(d.join(format!("firmware/download/{}.part", sha256(&bytes))))
+                    .unwrap()
+                    .len();
+                assert!(partial >= 512 * 1024 && partial < bytes.len() as u64);
+                match up.update(&t, UpdateOptions::default()).await.unwrap() {
+                    Outcome::Installed { fetched, .. } => assert_eq!(fetched, bytes.len() as u64 - partial),
+                    other => panic!("{other:?}"),
+                }
+            } else {
+                assert!(matches!(
+                    up.update(&t, UpdateOptions::default()).await.unwrap(),
+                    Outcome::Installed { .. }
+                ));
+            }
+            assert_eq!(std::fs::read(up.slot_path('b')).unwrap(), bytes);
+            up.confirm(&t).await.unwrap();
+        }
+    });
+    let st: Value =
+        serde_json::from_str(&s.cli_ok(&["firmware", "rollout", "status", &id, "--json"])).unwrap();
+    assert_eq!((st["confirmed"].as_u64(), st["state"].as_str()), (Some(10), Some("active")));
+
+    // One health-check failure among eleven outcomes is 9 % > 5 %: the rollout pauses
+    // itself and admits nobody new.
+    rt.block_on(async {
+        let d = s.path(&second[10]);
+        let up = UpdaterDir::new(&d);
+        up.init("sensor", "2.0.0", Some(root_json.as_bytes())).unwrap();
+        let t = MtlsTransport::open(&d).unwrap();
+        up.update(&t, UpdateOptions::default()).await.unwrap();
+        let state = up.rollback(&t, "health check failed: watchdog reset").await.unwrap();
+        assert_eq!((state.installed(), state.active), ("2.0.0", 'a'));
+    });
+    let st: Value =
+        serde_json::from_str(&s.cli_ok(&["firmware", "rollout", "status", &id, "--json"])).unwrap();
+    assert_eq!(st["state"], "paused");
+    assert_eq!(st["reason"], "paused automatically: 1 of 11 reporting devices failed (9.1% > 5.0%)");
+    assert!(rt.block_on(directed(&dirs)).is_empty());
+    // The operator resumes after looking; the stage admits again (all but the ten
+    // devices that already run 2.1.0).
+    s.cli_ok(&["firmware", "rollout", "resume", &id]);
+    assert_eq!(rt.block_on(directed(&dirs)).len(), 240);
+    let fleet_view: Value =
+        serde_json::from_str(&s.cli_ok(&["firmware", "status", "--hardware", "sensor", "--json"])).unwrap();
+    let hw = &fleet_view["hardware"][0];
+    assert_eq!(hw["versions"]["2.1.0"], 10);
+    assert_eq!(hw["versions"]["2.0.0"], 990);
+    assert_eq!(hw["behind"].as_array().unwrap().len(), 990);
+    assert_eq!(hw["failed"].as_array().unwrap().len(), 1);
+}
