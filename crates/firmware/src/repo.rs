@@ -460,3 +460,50 @@ impl FirmwareRepo {
         path.is_file().then_some(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_publish_refresh_rotate() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let repo = FirmwareRepo::open(tmp.path(), Expiry::default(), None).unwrap_or_else(|e| panic!("{e}"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for role in ROLES {
+                let mode = std::fs::metadata(repo.keys().path(role)).map(|m| m.permissions().mode() & 0o777);
+                assert_eq!(mode.ok(), Some(0o600), "{role} key must be 0600");
+            }
+        }
+        let img = tmp.path().join("fw.bin");
+        std::fs::write(&img, b"image").unwrap_or_else(|e| panic!("{e}"));
+        let v = semver::Version::new(1, 0, 0);
+        let t = repo.publish(&img, "cam", &v, None, false, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.path.as_str(), t.length), ("cam/1.0.0/fw.bin", 5));
+        assert!(repo.resolve(&t.url_path()).is_some());
+        assert!(repo.resolve("targets/../keys/root.pk8").is_none());
+        assert!(repo.resolve("metadata/../../keys/root.pk8").is_none());
+        let now = Utc::now();
+        let none = Refreshed { snapshot: false, timestamp: false };
+        assert_eq!(repo.refresh(now).ok(), Some(none));
+        // Timestamp (1 day) is re-signed with less than half left; snapshot (7 days) not yet.
+        assert_eq!(
+            repo.refresh(now + Duration::hours(13)).ok(),
+            Some(Refreshed { snapshot: false, timestamp: true })
+        );
+        assert_eq!(
+            repo.refresh(now + Duration::days(4)).ok(),
+            Some(Refreshed { snapshot: true, timestamp: true })
+        );
+        let db = repo.database().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(db.trusted_timestamp().map(|t| t.version()), Some(4));
+        let new = KeyDir::new(tmp.path().join("new"));
+        new.generate(&["root"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(repo.rotate_root(&repo.keys(), &new).ok(), Some(2));
+        assert!(repo.metadata_dir().join("2.root.json").is_file());
+        // Keys are never replaced.
+        assert!(repo.keys().generate(&["root"]).is_err());
+    }
+}
