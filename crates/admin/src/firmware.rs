@@ -31,6 +31,9 @@ pub(crate) fn routes(state: FwState) -> Router {
             "/v1/firmware/targets",
             get(targets).post(publish).layer(axum::extract::DefaultBodyLimit::max(MAX_IMAGE)),
         )
+        .route("/v1/firmware/metadata/{role}", get(metadata))
+        .route("/v1/firmware/uploads", post(upload).layer(axum::extract::DefaultBodyLimit::max(MAX_IMAGE)))
+        .route("/v1/firmware/import", post(import).layer(axum::extract::DefaultBodyLimit::max(16 << 20)))
         .route("/v1/firmware/status", get(status))
         .route("/v1/firmware/refresh", post(refresh))
         .route("/v1/firmware/rollouts", get(rollouts).post(create_rollout))
@@ -163,4 +166,28 @@ async fn change_rollout(
 ) -> Result<Json<Value>, Problem> {
     s.firmware.change_rollout(id, &action, s.actor.clone()).await.map_err(fw_err)?;
     Ok(Json(s.firmware.rollout_status(id).await.map_err(fw_err)?))
+}
+
+async fn metadata(State(s): State<FwState>, Path(role): Path<String>) -> Result<Response, Problem> {
+    let fw = s.firmware.clone();
+    let bytes = blocking(move || fw.repo().current_raw(&role)).await?;
+    let mut resp = bytes.into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+async fn upload(State(s): State<FwState>, body: Bytes) -> Result<Response, Problem> {
+    if body.is_empty() {
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "firmware-refused", "empty image"));
+    }
+    let fw = s.firmware.clone();
+    let (sha256, length) = blocking(move || fw.repo().stage_upload(&body)).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "sha256": sha256, "length": length }))).into_response())
+}
+
+async fn import(State(s): State<FwState>, body: Bytes) -> Result<Json<Value>, Problem> {
+    let fw = s.firmware.clone();
+    let added = blocking(move || fw.repo().import_targets(&body)).await?;
+    tracing::info!(targets = added.len(), actor = %s.actor, "signed targets metadata imported");
+    Ok(Json(json!({ "targets": added })))
 }

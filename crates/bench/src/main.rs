@@ -1,6 +1,7 @@
-//! `portcullis-enroll-bench`: end-to-end EST enrollments per second against a running
+//! `portcullis-bench`: end-to-end EST enrollments per second against a running
 //! `portcullis up`, next to the in-process ceiling (CSR verify + sign only) measured in
-//! the same run on the same machine.
+//! the same run on the same machine; TLS handshakes against any server; firmware update
+//! checks of a simulated fleet; the agent's image hashing speed.
 //!
 //! Each simulated device has its own key and CSR, made before the clock starts (that is
 //! the device's own CPU in a real fleet). Timed, per device: a fresh TCP connection, a
@@ -28,6 +29,49 @@ enum Cmd {
     Enroll(Args),
     /// Fresh-connection HTTPS GETs against any server (the TLS baseline, e.g. nginx).
     Handshake(HandshakeArgs),
+    /// Enroll N agents and prepare their firmware updaters (trust anchor, hardware).
+    FirmwareFleet(FleetArgs),
+    /// N agents check for an update concurrently: TUF metadata refresh + directive, each
+    /// over its own new mTLS connection; against Portcullis or any mirror of /firmware/.
+    FirmwareCheck(CheckArgs),
+    /// SHA-256 of a file as the agent verifies images (ring), in MB/s.
+    Sha256 { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// Device port URL of the running server.
+    #[arg(long)]
+    server: String,
+    #[arg(long)]
+    ca: PathBuf,
+    #[arg(long)]
+    admin: SocketAddr,
+    #[arg(long)]
+    admin_token: PathBuf,
+    /// The repository's root.json.
+    #[arg(long)]
+    root: PathBuf,
+    /// Where the agents' directories go (DIR/agent-NNNN).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(short, long, default_value_t = 1000)]
+    n: usize,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Base URL of the server to check against (Portcullis's device port or a mirror).
+    #[arg(long)]
+    server: String,
+    #[arg(long)]
+    ca: PathBuf,
+    /// The agents' directories (from firmware-fleet).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Rounds; each round every agent checks once, all at the same time.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(clap::Args)]
@@ -144,7 +188,120 @@ async fn main() -> anyhow::Result<()> {
     match Cmd::parse() {
         Cmd::Enroll(args) => enroll(args).await,
         Cmd::Handshake(args) => handshake(args).await,
+        Cmd::FirmwareFleet(args) => firmware_fleet(args).await,
+        Cmd::FirmwareCheck(args) => firmware_check(args).await,
+        Cmd::Sha256 { file } => {
+            let len = std::fs::metadata(&file)?.len() as f64;
+            let t0 = Instant::now();
+            let hex = portcullis_firmware::updater::sha256_file(&file)?;
+            let secs = t0.elapsed().as_secs_f64();
+            println!("{hex}  {}  {:.3} s  {:.0} MB/s", file.display(), secs, len / secs / 1e6);
+            Ok(())
+        }
     }
+}
+
+async fn firmware_fleet(args: FleetArgs) -> anyhow::Result<()> {
+    let ca_pem = std::fs::read(&args.ca)?;
+    let root = std::fs::read(&args.root)?;
+    let token = std::fs::read_to_string(&args.admin_token)?;
+    let admin = AdminClient::remote(args.admin, Token::from_presented(token.trim()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.n {
+        let id = format!("agent-{i:04}");
+        let r = admin.post("/v1/devices", &json!({ "id": id, "group": "bench" })).await?;
+        let token = Token::from_presented(r["token"].as_str().context("token")?);
+        let dir = args.dir.join(&id);
+        let (server, ca_pem, root) = (args.server.clone(), ca_pem.clone(), root.clone());
+        tasks.spawn(async move {
+            portcullis_agent::enroll(&server, &ca_pem, &DeviceId::try_new(id)?, &token, &dir).await?;
+            portcullis_agent::UpdaterDir::new(&dir).init("bench-hw", "1.0.0", Some(&root))?;
+            anyhow::Ok(())
+        });
+        while tasks.len() >= 64 {
+            tasks.join_next().await.context("join")???;
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    println!("{} agents enrolled in {}", args.n, args.dir.display());
+    Ok(())
+}
+
+/// Counts requests on the way through.
+struct Counting<T> {
+    inner: T,
+    requests: Arc<AtomicUsize>,
+}
+
+impl<T: portcullis_firmware::updater::Transport> portcullis_firmware::updater::Transport for Counting<T> {
+    async fn get(&self, path: &str, offset: u64) -> Result<portcullis_firmware::updater::Fetched, String> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(path, offset).await
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> Result<(u16, serde_json::Value), String> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.post(path, body).await
+    }
+}
+
+async fn firmware_check(args: CheckArgs) -> anyhow::Result<()> {
+    let ca_pem = std::fs::read(&args.ca)?;
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&args.dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("firmware/state.json").exists())
+        .collect();
+    dirs.sort();
+    let mut clients = Vec::new();
+    for d in &dirs {
+        let chain = std::fs::read(d.join("chain.pem"))?;
+        let key = std::fs::read(d.join("key.pem"))?;
+        clients.push(EstClient::new(&args.server, &ca_pem, Some((chain, key)))?.without_resumption());
+    }
+    for round in 1..=args.rounds {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (d, client) in dirs.iter().zip(&clients) {
+            let transport = Counting {
+                inner: portcullis_agent::firmware::MtlsTransport::new(client.clone()),
+                requests: requests.clone(),
+            };
+            let up = portcullis_agent::UpdaterDir::new(d);
+            let failures = failures.clone();
+            tasks.spawn(async move {
+                let t = Instant::now();
+                let opts = portcullis_agent::UpdateOptions { check: true, ..Default::default() };
+                if let Err(e) = up.update(&transport, opts).await
+                    && failures.fetch_add(1, Ordering::Relaxed) == 0
+                {
+                    eprintln!("first failure: {e}");
+                }
+                t.elapsed()
+            });
+        }
+        let mut lat = Vec::with_capacity(dirs.len());
+        while let Some(r) = tasks.join_next().await {
+            lat.push(r?);
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        lat.sort();
+        let n = requests.load(Ordering::Relaxed);
+        println!(
+            "round {round}: {} checks in {wall:.2} s = {:.0} checks/s, {n} requests = {:.0} requests/s, \
+             p50 {:.0} ms, p99 {:.0} ms, failures {}",
+            dirs.len(),
+            dirs.len() as f64 / wall,
+            n as f64 / wall,
+            percentile(&lat, 0.50).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            failures.load(Ordering::Relaxed)
+        );
+    }
+    Ok(())
 }
 
 async fn handshake(args: HandshakeArgs) -> anyhow::Result<()> {

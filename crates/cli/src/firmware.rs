@@ -36,6 +36,40 @@ pub enum FirmwareCmd {
     },
     /// Print the current trusted root.json: the trust anchor devices are provisioned with.
     Root,
+    /// Print the newest metadata of a role (root, targets, snapshot, timestamp).
+    Metadata { role: String },
+    /// Offline: sign the next targets metadata with the targets key in --keys, adding an
+    /// image (needs no data dir and no server; carry the output and the image to one).
+    SignTargets {
+        /// The image file.
+        file: PathBuf,
+        #[arg(long)]
+        hardware: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        notes: Option<String>,
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Directory holding `targets.pk8`.
+        #[arg(long, value_name = "DIR")]
+        keys: PathBuf,
+        /// The repository's current targets metadata (`portcullis firmware metadata targets`).
+        #[arg(long)]
+        current: PathBuf,
+        /// Where the signed targets metadata goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Hand targets metadata signed offline to the server with the images it adds; the
+    /// server checks it against its root and signs snapshot and timestamp.
+    ImportTargets {
+        /// The signed targets metadata (from sign-targets).
+        signed: PathBuf,
+        /// The images it adds.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+    },
     /// Published images.
     List {
         #[arg(long)]
@@ -168,6 +202,28 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
             let root = c.get_text("/v1/firmware/root").await?;
             println!("{root}");
         }
+        FirmwareCmd::Metadata { role } => {
+            println!("{}", c.get_text(&format!("/v1/firmware/metadata/{}", enc(&role))).await?);
+        }
+        FirmwareCmd::SignTargets { .. } => unreachable!("handled without the admin API"),
+        FirmwareCmd::ImportTargets { signed, images } => {
+            for image in &images {
+                let bytes =
+                    std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+                let r = c.post_bytes("/v1/firmware/uploads", bytes.into()).await?;
+                println!(
+                    "uploaded {} ({} bytes, sha256 {})",
+                    image.display(),
+                    r["length"],
+                    r["sha256"].as_str().unwrap_or("-")
+                );
+            }
+            let doc = std::fs::read(&signed).with_context(|| format!("cannot read {}", signed.display()))?;
+            let r = c.post_bytes("/v1/firmware/import", doc.into()).await?;
+            for t in r["targets"].as_array().into_iter().flatten() {
+                print_target(t);
+            }
+        }
         FirmwareCmd::List { json } => {
             let r = c.get("/v1/firmware/targets").await?;
             if json {
@@ -276,6 +332,36 @@ async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
     } else {
         print_rollout(&r)
     }
+    Ok(())
+}
+
+/// `firmware sign-targets`: needs only the key and the files.
+pub fn sign_offline(cmd: FirmwareCmd) -> anyhow::Result<()> {
+    let FirmwareCmd::SignTargets { file, hardware, version, notes, allow_downgrade, keys, current, out } =
+        cmd
+    else {
+        unreachable!("only sign-targets")
+    };
+    let v: semver::Version = version.parse().with_context(|| format!("invalid version {version:?}"))?;
+    let key = KeyDir::new(&keys).load("targets")?;
+    let current = std::fs::read(&current).with_context(|| format!("cannot read {}", current.display()))?;
+    let new = portcullis_firmware::repo::NewTarget {
+        image: &file,
+        hardware: &hardware,
+        version: &v,
+        notes: notes.as_deref(),
+        allow_downgrade,
+    };
+    let signed = portcullis_firmware::repo::sign_targets(&current, new, &key, Expiry::default().targets)?;
+    std::fs::write(&out, signed).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "signed targets metadata with {hardware}/{v}/{} written to {}; import it with \
+         `portcullis firmware import-targets {} --image {}`",
+        file.file_name().and_then(|n| n.to_str()).unwrap_or("-"),
+        out.display(),
+        out.display(),
+        file.display()
+    );
     Ok(())
 }
 

@@ -419,7 +419,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Firmware(cmd) => {
             use firmware::FirmwareCmd as F;
-            if matches!(cmd, F::Keys(_) | F::Publish { keys: Some(_), .. }) {
+            if matches!(cmd, F::SignTargets { .. }) {
+                firmware::sign_offline(cmd)
+            } else if matches!(cmd, F::Keys(_) | F::Publish { keys: Some(_), .. }) {
                 let inst = instance::Instance::new(&cfg.data_dir);
                 let _lock = anyhow::Context::context(
                     inst.lock(),

@@ -379,3 +379,139 @@ fn rollout_stages_on_a_thousand_devices_resume_and_automatic_pause() {
     assert_eq!(hw["behind"].as_array().unwrap().len(), 990);
     assert_eq!(hw["failed"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn offline_root_and_targets_keys_sign_on_another_machine() {
+    // Before the first start: the repository is created with root and targets keys on
+    // "removable media"; the data dir keeps only the online snapshot and timestamp keys.
+    let dir = tempfile::tempdir().unwrap();
+    let data = harness::data_dir(dir.path());
+    let media = dir.path().join("media");
+    let cli =
+        |args: &[&str]| Command::new(harness::BIN).arg("--data-dir").arg(&data).args(args).output().unwrap();
+    assert!(cli(&["init"]).status.success());
+    let out = cli(&["firmware", "keys", "init", "--offline", media.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (dir, role, present) in [
+        (&media, "root", true),
+        (&media, "targets", true),
+        (&data.join("firmware/keys"), "root", false),
+        (&data.join("firmware/keys"), "targets", false),
+        (&data.join("firmware/keys"), "snapshot", true),
+        (&data.join("firmware/keys"), "timestamp", true),
+    ] {
+        let path = dir.join(format!("{role}.pk8"));
+        assert_eq!(path.exists(), present, "{}", path.display());
+        if present {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+    }
+    let s = Server::start_in(dir, "");
+    let img = s.path("lock-fw.bin");
+    let bytes = image(&img, 700_000, 3);
+    let err = cli_err(
+        &s,
+        &["firmware", "publish", img.to_str().unwrap(), "--hardware", "lock", "--version", "3.0.0"],
+    );
+    assert!(err.contains("the targets key is kept offline"), "{err}");
+
+    // The signing machine has the key, the image and the current targets metadata —
+    // no data dir, no server.
+    let current = s.path("targets-current.json");
+    std::fs::write(&current, s.cli_ok(&["firmware", "metadata", "targets"])).unwrap();
+    let signed = s.path("targets-signed.json");
+    let out =
+        harness::run(Command::new(harness::BIN).args(["--data-dir", "/nonexistent/portcullis"]).args([
+            "firmware",
+            "sign-targets",
+            img.to_str().unwrap(),
+            "--hardware",
+            "lock",
+            "--version",
+            "3.0.0",
+            "--keys",
+            media.to_str().unwrap(),
+            "--current",
+            current.to_str().unwrap(),
+            "--out",
+            signed.to_str().unwrap(),
+        ]));
+    assert!(out.starts_with("signed targets metadata with lock/3.0.0/lock-fw.bin"), "{out}");
+    // A document signed by any other key is refused, and changes nothing.
+    let rogue_keys = s.path("rogue");
+    portcullis_firmware::repo::KeyDir::new(&rogue_keys).generate(&["targets"]).unwrap();
+    let rogue = s.path("targets-rogue.json");
+    let forged = portcullis_firmware::repo::sign_targets(
+        &std::fs::read(&current).unwrap(),
+        portcullis_firmware::repo::NewTarget {
+            image: &img,
+            hardware: "lock",
+            version: &"3.0.0".parse().unwrap(),
+            notes: None,
+            allow_downgrade: false,
+        },
+        &portcullis_firmware::repo::KeyDir::new(&rogue_keys).load("targets").unwrap(),
+        chrono::Duration::days(30),
+    );
+    // The rogue key did not sign the current metadata, so even signing is refused...
+    assert!(
+        forged.unwrap_err().to_string().starts_with("the current targets metadata is not signed by this key")
+    );
+    // ...and a rogue document built anyway is refused by the server.
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&signed).unwrap()).unwrap();
+    doc["signatures"][0]["sig"] = Value::from("00".repeat(64));
+    std::fs::write(&rogue, doc.to_string()).unwrap();
+    let err = cli_err(
+        &s,
+        &["firmware", "import-targets", rogue.to_str().unwrap(), "--image", img.to_str().unwrap()],
+    );
+    assert!(
+        err.contains("targets metadata refused: metadata targets signature threshold not met: 0/1"),
+        "{err}"
+    );
+
+    // Back on the server: the signed document and the image.
+    let out =
+        s.cli_ok(&["firmware", "import-targets", signed.to_str().unwrap(), "--image", img.to_str().unwrap()]);
+    assert!(out.contains("published lock/3.0.0/lock-fw.bin (700000 bytes"), "{out}");
+    let err = cli_err(
+        &s,
+        &["firmware", "import-targets", signed.to_str().unwrap(), "--image", img.to_str().unwrap()],
+    );
+    assert!(err.contains("targets metadata version 2 does not follow the current 2"), "{err}");
+
+    // A device verifies and installs it; the reference client agrees.
+    enroll(&s, "lock-01", "doors");
+    let root_json = s.path("root.json");
+    std::fs::write(&root_json, s.cli_ok(&["firmware", "root"])).unwrap();
+    let agent_dir = s.path("lock-01");
+    let d = agent_dir.to_str().unwrap();
+    agent_ok(&[
+        "update",
+        "--dir",
+        d,
+        "--hardware",
+        "lock",
+        "--installed-version",
+        "2.0.0",
+        "--root",
+        root_json.to_str().unwrap(),
+    ]);
+    s.cli_ok(&[
+        "firmware",
+        "rollout",
+        "create",
+        "--hardware",
+        "lock",
+        "--version",
+        "3.0.0",
+        "--stages",
+        "100",
+    ]);
+    let out = agent_ok(&["update", "--dir", d]);
+    assert!(out.starts_with("installed 3.0.0 (lock/3.0.0/lock-fw.bin) into slot b"), "{out}");
+    assert_eq!(std::fs::read(agent_dir.join("firmware/slot-b.img")).unwrap(), bytes);
+    let v = ngclient(&s, "lock-01", &root_json, "lock/3.0.0/lock-fw.bin");
+    assert_eq!(v["sha256"].as_str().unwrap(), sha256(&bytes));
+}

@@ -87,8 +87,9 @@ async fn target(
     serve(&ctx, &peer, &format!("targets/{file}"), &headers, "application/octet-stream").await
 }
 
-/// Parses `bytes=N-` or `bytes=N-M` (one range; what resuming clients send).
-fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
+/// Parses `bytes=N-` or `bytes=N-M` (one range; what resuming clients send) against a
+/// file of `len` bytes; `None` when it is not satisfiable or not understood.
+pub fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
     let spec = v.trim().strip_prefix("bytes=")?;
     let (a, b) = spec.split_once('-')?;
     let start: u64 = a.trim().parse().ok()?;

@@ -42,8 +42,8 @@ pub enum Error {
     Refused(String),
     /// A role key the operation needs is kept offline.
     #[error(
-        "the {0} key is kept offline: run the command where the key is, with --keys DIR \
-         (see `portcullis firmware keys init --offline`)"
+        "the {0} key is kept offline: sign where the key is (`portcullis firmware sign-targets \
+         --keys DIR`), then hand the result to the server (`portcullis firmware import-targets`)"
     )]
     KeyOffline(String),
 }

@@ -127,6 +127,109 @@ pub struct Refreshed {
 
 type Fs = FileSystemRepository<Pouf1>;
 
+fn image_name(image: &Path) -> Result<String, Error> {
+    image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| crate::safe_component(n))
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Refused(format!("{}: the file name must be a plain name", image.display())))
+}
+
+fn custom_metadata(
+    hardware: &str,
+    version: &semver::Version,
+    notes: Option<&str>,
+) -> HashMap<String, serde_json::Value> {
+    let mut custom = HashMap::new();
+    custom.insert("hardware".to_owned(), serde_json::Value::from(hardware));
+    custom.insert("version".to_owned(), serde_json::Value::from(version.to_string()));
+    if let Some(n) = notes {
+        custom.insert("notes".to_owned(), serde_json::Value::from(n));
+    }
+    custom
+}
+
+/// A version may be published once per hardware, and not below the newest unless asked.
+fn check_new_version(
+    existing: &[TargetInfo],
+    hardware: &str,
+    version: &semver::Version,
+    allow_downgrade: bool,
+) -> Result<(), Error> {
+    let same_hw: Vec<&TargetInfo> = existing.iter().filter(|t| t.hardware == hardware).collect();
+    if same_hw.iter().any(|t| &t.version == version) {
+        return Err(Error::Refused(format!(
+            "version {version} is already published for hardware {hardware}"
+        )));
+    }
+    if let Some(newest) = same_hw.iter().map(|t| &t.version).max()
+        && version < newest
+        && !allow_downgrade
+    {
+        return Err(Error::Refused(format!(
+            "version {version} is lower than the newest published for {hardware} ({newest}); \
+             pass --allow-downgrade to publish it anyway"
+        )));
+    }
+    Ok(())
+}
+
+/// What [`sign_targets`] adds.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTarget<'a> {
+    /// The image file.
+    pub image: &'a Path,
+    /// Hardware model.
+    pub hardware: &'a str,
+    /// Version.
+    pub version: &'a semver::Version,
+    /// Release notes.
+    pub notes: Option<&'a str>,
+    /// Allow a version below the newest.
+    pub allow_downgrade: bool,
+}
+
+/// Signs, where the offline targets key is, the repository's next targets metadata:
+/// `current` (its newest targets metadata, which must carry a valid signature by `key`)
+/// plus the new target `HW/VERSION/NAME`. Returns the signed document for
+/// [`FirmwareRepo::import_targets`].
+pub fn sign_targets(
+    current: &[u8],
+    new: NewTarget<'_>,
+    key: &Ed25519PrivateKey,
+    lifetime: Duration,
+) -> Result<Vec<u8>, Error> {
+    crate::check_hardware(new.hardware)?;
+    let name = image_name(new.image)?;
+    let raw = RawSignedMetadata::<Pouf1, TargetsMetadata>::new(current.to_vec());
+    let trusted =
+        tuf::verify::verify_signatures(&MetadataPath::targets(), &raw, 1, [key.public()]).map_err(|e| {
+            Error::Refused(format!("the current targets metadata is not signed by this key: {e}"))
+        })?;
+    let existing: Vec<TargetInfo> =
+        trusted.targets().iter().filter_map(|(p, d)| TargetInfo::from_description(p.as_str(), d)).collect();
+    check_new_version(&existing, new.hardware, new.version, new.allow_downgrade)?;
+    let bytes = std::fs::read(new.image).map_err(|e| Error::io("read", new.image, e))?;
+    let desc = tuf::metadata::TargetDescription::from_slice_with_custom(
+        &bytes,
+        &[HashAlgorithm::Sha256],
+        custom_metadata(new.hardware, new.version, new.notes),
+    )
+    .map_err(Error::tuf)?;
+    let path = TargetPath::new(format!("{}/{}/{name}", new.hardware, new.version)).map_err(Error::tuf)?;
+    let start = tuf::metadata::TargetsMetadataBuilder::new()
+        .version(trusted.version() + 1)
+        .expires(Utc::now() + lifetime);
+    let builder = trusted
+        .targets()
+        .iter()
+        .fold(start, |b, (p, d)| b.insert_target_description(p.clone(), d.clone()))
+        .insert_target_description(path, desc);
+    let signed = builder.signed::<Pouf1>(key).and_then(|s| s.to_raw()).map_err(Error::tuf)?;
+    Ok(signed.as_bytes().to_vec())
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     // Every repository future is file I/O that completes without a reactor.
     futures_util::FutureExt::now_or_never(f).unwrap_or_else(|| unreachable!("rust-tuf file I/O never pends"))
@@ -293,42 +396,15 @@ impl FirmwareRepo {
         offline: Option<&KeyDir>,
     ) -> Result<TargetInfo, Error> {
         crate::check_hardware(hardware)?;
-        let name = image
-            .file_name()
-            .and_then(|n| n.to_str())
-            .filter(|n| crate::safe_component(n))
-            .ok_or_else(|| {
-                Error::Refused(format!("{}: the file name must be a plain name", image.display()))
-            })?
-            .to_owned();
+        let name = image_name(image)?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let existing = self.targets()?;
-        let same_hw: Vec<&TargetInfo> = existing.iter().filter(|t| t.hardware == hardware).collect();
-        if same_hw.iter().any(|t| &t.version == version) {
-            return Err(Error::Refused(format!(
-                "version {version} is already published for hardware {hardware}"
-            )));
-        }
-        if let Some(newest) = same_hw.iter().map(|t| &t.version).max()
-            && version < newest
-            && !allow_downgrade
-        {
-            return Err(Error::Refused(format!(
-                "version {version} is lower than the newest published for {hardware} ({newest}); \
-                 pass --allow-downgrade to publish it anyway"
-            )));
-        }
+        check_new_version(&self.targets()?, hardware, version, allow_downgrade)?;
         let targets_key = self.role_key("targets", offline)?;
         let snapshot = self.keys().load("snapshot")?;
         let timestamp = self.keys().load("timestamp")?;
         let path = format!("{hardware}/{version}/{name}");
         let target_path = TargetPath::new(path.clone()).map_err(Error::tuf)?;
-        let mut custom = HashMap::new();
-        custom.insert("hardware".to_owned(), serde_json::Value::from(hardware));
-        custom.insert("version".to_owned(), serde_json::Value::from(version.to_string()));
-        if let Some(n) = notes {
-            custom.insert("notes".to_owned(), serde_json::Value::from(n));
-        }
+        let custom = custom_metadata(hardware, version, notes);
         let file = std::fs::File::open(image).map_err(|e| Error::io("open", image, e))?;
         let reader = futures_util::io::AllowStdIo::new(std::io::BufReader::new(file));
         let db = self.database()?;
@@ -356,6 +432,127 @@ impl FirmwareRepo {
             .into_iter()
             .find(|t| t.path == path)
             .ok_or_else(|| Error::Refused(format!("{path} missing after publish")))
+    }
+
+    /// The newest metadata of `role` as served (`root`, `timestamp`, `snapshot`, `targets`).
+    pub fn current_raw(&self, role: &str) -> Result<Vec<u8>, Error> {
+        let file = match role {
+            "root" | "timestamp" => format!("{role}.json"),
+            "snapshot" | "targets" => {
+                let db = self.database()?;
+                let v = if role == "snapshot" {
+                    db.trusted_snapshot().map(|s| s.version())
+                } else {
+                    db.trusted_targets().map(|t| t.version())
+                };
+                format!("{}.{role}.json", v.unwrap_or(1))
+            }
+            other => {
+                return Err(Error::Refused(format!("unknown role {other:?}; one of {}", ROLES.join(", "))));
+            }
+        };
+        let path = self.metadata_dir().join(file);
+        std::fs::read(&path).map_err(|e| Error::io("read", &path, e))
+    }
+
+    /// Stores an uploaded image as `uploads/SHA256` for [`Self::import_targets`].
+    pub fn stage_upload(&self, bytes: &[u8]) -> Result<(String, u64), Error> {
+        let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        let path = self.upload_dir()?.join(&sha);
+        std::fs::write(&path, bytes).map_err(|e| Error::io("write", &path, e))?;
+        Ok((sha, bytes.len() as u64))
+    }
+
+    /// Adopts targets metadata signed elsewhere (an offline targets key, see
+    /// [`sign_targets`]): it must carry the trusted root's targets threshold and be the
+    /// next version; each target it adds must have its image in `uploads/SHA256` with the
+    /// signed length. Then snapshot and timestamp are signed with the online keys, after
+    /// checking that a client holding the current metadata accepts the new set.
+    pub fn import_targets(&self, signed: &[u8]) -> Result<Vec<TargetInfo>, Error> {
+        use tuf::metadata::{MetadataDescription, SnapshotMetadataBuilder, TimestampMetadataBuilder};
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.database()?;
+        let root = db.trusted_root();
+        let keys: Vec<&tuf::crypto::PublicKey> =
+            root.targets().key_ids().iter().filter_map(|id| root.keys().get(id)).collect();
+        let raw = RawSignedMetadata::<Pouf1, TargetsMetadata>::new(signed.to_vec());
+        let new =
+            tuf::verify::verify_signatures(&MetadataPath::targets(), &raw, root.targets().threshold(), keys)
+                .map_err(|e| Error::Refused(format!("targets metadata refused: {e}")))?;
+        let current = db.trusted_targets().ok_or_else(|| Error::Refused("no targets metadata yet".into()))?;
+        if new.version() != current.version() + 1 {
+            return Err(Error::Refused(format!(
+                "targets metadata version {} does not follow the current {}",
+                new.version(),
+                current.version()
+            )));
+        }
+        let mut added = Vec::new();
+        for (path, desc) in new.targets() {
+            match current.targets().get(path) {
+                Some(old) if old == desc => continue,
+                Some(_) => {
+                    return Err(Error::Refused(format!(
+                        "target {path} would change; publish a new version instead"
+                    )));
+                }
+                None => {}
+            }
+            let info = TargetInfo::from_description(path.as_str(), desc)
+                .ok_or_else(|| Error::Refused(format!("target {path} has no hardware/version")))?;
+            let upload = self.upload_dir()?.join(&info.sha256);
+            if std::fs::metadata(&upload).map(|m| m.len()).ok() != Some(info.length) {
+                return Err(Error::Refused(format!(
+                    "the image of {path} ({} bytes, sha256 {}) has not been uploaded",
+                    info.length, info.sha256
+                )));
+            }
+            added.push((info, upload));
+        }
+        let now = Utc::now();
+        let snapshot_key = self.keys().load("snapshot")?;
+        let timestamp_key = self.keys().load("timestamp")?;
+        let sv = db.trusted_snapshot().map_or(1, |s| s.version() + 1);
+        let targets_desc =
+            MetadataDescription::new(new.version(), None, HashMap::new()).map_err(Error::tuf)?;
+        let snapshot = SnapshotMetadataBuilder::new()
+            .version(sv)
+            .expires(now + self.expiry.snapshot)
+            .insert_metadata_description(MetadataPath::targets(), targets_desc)
+            .signed::<Pouf1>(&snapshot_key)
+            .and_then(|s| s.to_raw())
+            .map_err(Error::tuf)?;
+        let tv = db.trusted_timestamp().map_or(1, |t| t.version() + 1);
+        let snapshot_desc = MetadataDescription::new(sv, None, HashMap::new()).map_err(Error::tuf)?;
+        let timestamp = TimestampMetadataBuilder::from_metadata_description(snapshot_desc)
+            .version(tv)
+            .expires(now + self.expiry.timestamp)
+            .signed::<Pouf1>(&timestamp_key)
+            .and_then(|t| t.to_raw())
+            .map_err(Error::tuf)?;
+        // What a client holding the current metadata will do with the new set.
+        let mut check = db.clone();
+        check.update_timestamp(&now, &timestamp).map_err(Error::tuf)?;
+        check.update_snapshot(&now, &snapshot).map_err(Error::tuf)?;
+        check.update_targets(&now, &raw).map_err(Error::tuf)?;
+        for (info, upload) in &added {
+            let dest = self.targets_dir().join(info.url_path().trim_start_matches("targets/"));
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+            }
+            std::fs::rename(upload, &dest).map_err(|e| Error::io("move", &dest, e))?;
+        }
+        let meta = self.metadata_dir();
+        let write = |name: String, bytes: &[u8]| -> Result<(), Error> {
+            let tmp = meta.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, e))?;
+            std::fs::rename(&tmp, meta.join(&name)).map_err(|e| Error::io("rename", &tmp, e))
+        };
+        // Targets first, timestamp last: a client never sees a timestamp whose files are missing.
+        write(format!("{}.targets.json", new.version()), raw.as_bytes())?;
+        write(format!("{sv}.snapshot.json"), snapshot.as_bytes())?;
+        write("timestamp.json".into(), timestamp.as_bytes())?;
+        Ok(added.into_iter().map(|(i, _)| i).collect())
     }
 
     fn role_key(&self, role: &str, offline: Option<&KeyDir>) -> Result<Ed25519PrivateKey, Error> {
