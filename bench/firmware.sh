@@ -5,7 +5,8 @@
 #       plus the directive — against Portcullis, then against nginx (Debian) serving the
 #       same repository files with `ssl_verify_client on` and a fixed "nothing to do"
 #       directive. Same agents, same client code.
-#   (2) Download of a 64 MiB image over mTLS with curl (client certificate), from
+#   (2) Download of a 64 MiB image over mTLS with curl (client certificate, HTTP/1.1 as
+#       the agent speaks it), from
 #       Portcullis's device port and from the same nginx; MB/s, median of ROUNDS.
 #   (3) Verification: the agent's SHA-256 (ring) against `sha256sum` on the same file.
 #   [ROUNDS=n] bench/firmware.sh [AGENTS] [IMAGE-MIB]
@@ -35,7 +36,9 @@ cp "$work/agents/agent-0000/key.pem" "$work/client.key"
 
 ng_port=$(free_port)
 mkdir -p "$work/nginx"
+# user root: the work dir is the benchmark's own (0700); nginx's default user cannot read it.
 cat >"$work/nginx/nginx.conf" <<CONF
+user root;
 worker_processes 2;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
@@ -68,7 +71,7 @@ for r in $(seq "$ROUNDS"); do
 done
 
 echo "== (2) $MIB MiB download over mTLS (curl), $ROUNDS rounds, alternating"
-dl() { curl -sS -o /dev/null --cacert "$work/root.pem" --cert "$work/client.crt" --key "$work/client.key" \
+dl() { curl -sS --http1.1 -o /dev/null --cacert "$work/root.pem" --cert "$work/client.crt" --key "$work/client.key" \
   -w '%{speed_download} %{size_download} %{http_code}\n' "$1"; }
 for r in $(seq "$ROUNDS"); do
   p=$(dl "https://$dev/firmware/targets/$target"); n=$(dl "https://127.0.0.1:$ng_port/firmware/targets/$target")

@@ -93,6 +93,19 @@ enum Cmd {
         #[arg(long, default_value = "health check failed")]
         reason: String,
     },
+    /// At start-up: if an update is pending, run the health check — success confirms it,
+    /// failure (or a timeout) rolls back to the previous slot and reports why.
+    Boot {
+        /// The agent's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Command whose exit status decides, run with `sh -c`.
+        #[arg(long)]
+        health_check: String,
+        /// Give up on the check after this long, e.g. 60s, 5m.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
     /// Show the firmware slots and anti-rollback floor.
     FirmwareStatus {
         /// The agent's directory.
@@ -198,6 +211,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let transport = portcullis_agent::firmware::MtlsTransport::open(&dir)?;
             let s = portcullis_agent::UpdaterDir::new(&dir).rollback(&transport, &reason).await?;
             println!("rolled back: running {} from slot {}", s.installed(), s.active);
+        }
+        Cmd::Boot { dir, health_check, timeout } => {
+            let up = portcullis_agent::UpdaterDir::new(&dir);
+            let state = up.load()?;
+            let Some(pending) = state.pending.clone() else {
+                println!("nothing pending: running {} from slot {}", state.installed(), state.active);
+                return Ok(());
+            };
+            let limit =
+                portcullis_core::parse_duration(&timeout).map_err(anyhow::Error::msg).context("--timeout")?;
+            let run =
+                tokio::process::Command::new("sh").arg("-c").arg(&health_check).kill_on_drop(true).status();
+            let verdict = match tokio::time::timeout(limit, run).await {
+                Ok(Ok(s)) if s.success() => Ok(()),
+                Ok(Ok(s)) => Err(format!("health check `{health_check}` failed ({s})")),
+                Ok(Err(e)) => Err(format!("health check `{health_check}` could not run: {e}")),
+                Err(_) => Err(format!("health check `{health_check}` timed out after {timeout}")),
+            };
+            let transport = portcullis_agent::firmware::MtlsTransport::open(&dir)?;
+            match verdict {
+                Ok(()) => {
+                    let s = up.confirm(&transport).await?;
+                    println!("health check passed: confirmed {} in slot {}", pending.version, s.active);
+                }
+                Err(why) => {
+                    let s = up.rollback(&transport, &why).await?;
+                    println!("rolled back: {why}; running {} from slot {}", s.installed(), s.active);
+                }
+            }
         }
         Cmd::FirmwareStatus { dir } => {
             let s = portcullis_agent::UpdaterDir::new(&dir).load()?;

@@ -512,6 +512,28 @@ fn offline_root_and_targets_keys_sign_on_another_machine() {
     let out = agent_ok(&["update", "--dir", d]);
     assert!(out.starts_with("installed 3.0.0 (lock/3.0.0/lock-fw.bin) into slot b"), "{out}");
     assert_eq!(std::fs::read(agent_dir.join("firmware/slot-b.img")).unwrap(), bytes);
+    // The next start: a failing health check rolls back and says why; a passing one
+    // after the next install confirms.
+    let out = agent_ok(&["boot", "--dir", d, "--health-check", "exit 3"]);
+    assert_eq!(
+        out.trim(),
+        "rolled back: health check `exit 3` failed (exit status: 3); running 2.0.0 from slot a"
+    );
+    let st: Value =
+        serde_json::from_str(&s.cli_ok(&["firmware", "status", "--hardware", "lock", "--json"])).unwrap();
+    assert_eq!(st["hardware"][0]["devices"][0]["last"]["state"], "failed");
+    assert_eq!(
+        st["hardware"][0]["devices"][0]["last"]["reason"],
+        "rolled back to slot a: health check `exit 3` failed (exit status: 3)"
+    );
+    // One failure of one reporting device paused the rollout (100% > 5%).
+    assert_eq!(st["hardware"][0]["rollouts"][0]["state"], "paused");
+    s.cli_ok(&["firmware", "rollout", "resume", "1"]);
+    agent_ok(&["update", "--dir", d]);
+    let out = agent_ok(&["boot", "--dir", d, "--health-check", "true"]);
+    assert_eq!(out.trim(), "health check passed: confirmed 3.0.0 in slot b");
+    let out = agent_ok(&["boot", "--dir", d, "--health-check", "false"]);
+    assert_eq!(out.trim(), "nothing pending: running 3.0.0 from slot b");
     let v = ngclient(&s, "lock-01", &root_json, "lock/3.0.0/lock-fw.bin");
     assert_eq!(v["sha256"].as_str().unwrap(), sha256(&bytes));
 }

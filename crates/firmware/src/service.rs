@@ -70,6 +70,8 @@ pub struct Firmware {
     store: Arc<dyn Store>,
     /// Serialises rollout read-modify-write.
     rollouts: tokio::sync::Mutex<()>,
+    /// The rollouts as stored, read once per change: every device check reads them.
+    cache: std::sync::RwLock<Option<Arc<Vec<Rollout>>>>,
 }
 
 fn store_err(e: portcullis_store::Error) -> Error {
@@ -101,7 +103,7 @@ pub struct NewRollout {
 impl Firmware {
     /// Firmware over `repo`, with fleet state in `store`.
     pub fn new(repo: FirmwareRepo, store: Arc<dyn Store>) -> Self {
-        Self { repo, store, rollouts: tokio::sync::Mutex::new(()) }
+        Self { repo, store, rollouts: tokio::sync::Mutex::new(()), cache: std::sync::RwLock::new(None) }
     }
 
     /// Opens the repository in `data_dir/firmware` (creating it, keys included, on
@@ -118,15 +120,33 @@ impl Firmware {
 
     /// Every rollout.
     pub async fn rollouts(&self) -> Result<Vec<Rollout>, Error> {
+        Ok(self.shared_rollouts().await?.as_ref().clone())
+    }
+
+    async fn shared_rollouts(&self) -> Result<Arc<Vec<Rollout>>, Error> {
+        if let Some(cached) = self.cache.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(cached.clone());
+        }
         let rows = self.store.rollouts().await.map_err(store_err)?;
-        rows.into_iter()
+        let all: Vec<Rollout> = rows
+            .into_iter()
             .map(|(id, doc)| {
                 let mut r: Rollout = serde_json::from_value(doc)
                     .map_err(|e| Error::Refused(format!("rollout {id} is corrupt: {e}")))?;
                 r.id = id;
                 Ok(r)
             })
-            .collect()
+            .collect::<Result<_, Error>>()?;
+        let all = Arc::new(all);
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Some(all.clone());
+        Ok(all)
+    }
+
+    async fn save(&self, id: Option<i64>, r: &Rollout, actor: Actor) -> Result<i64, Error> {
+        let doc = serde_json::to_value(r).map_err(|e| Error::Refused(e.to_string()))?;
+        let saved = self.store.save_rollout(id, doc, actor).await.map_err(store_err);
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = None;
+        saved
     }
 
     /// One rollout.
@@ -201,17 +221,10 @@ impl Firmware {
             population: Vec::new(),
             created_at: now_rfc3339(),
         };
-        let id = self
-            .store
-            .save_rollout(None, serde_json::to_value(&r).unwrap_or_default(), actor.clone())
-            .await
-            .map_err(store_err)?;
+        let id = self.save(None, &r, actor.clone()).await?;
         r.id = id;
         r.population = rollout::rank(id, eligible);
-        self.store
-            .save_rollout(Some(id), serde_json::to_value(&r).unwrap_or_default(), actor)
-            .await
-            .map_err(store_err)?;
+        self.save(Some(id), &r, actor).await?;
         Ok(r)
     }
 
@@ -240,10 +253,7 @@ impl Firmware {
             }
             other => return Err(Error::Refused(format!("unknown rollout action {other:?}"))),
         }
-        self.store
-            .save_rollout(Some(id), serde_json::to_value(&r).unwrap_or_default(), actor)
-            .await
-            .map_err(store_err)?;
+        self.save(Some(id), &r, actor).await?;
         Ok(r)
     }
 
@@ -255,10 +265,14 @@ impl Firmware {
             .installed
             .parse()
             .map_err(|_| Error::Refused(format!("invalid version {:?}", check.installed)))?;
-        let fw = self.devices_fw().await?;
-        let known = fw.get(device.as_str());
-        if known.is_none_or(|k| k.hardware != check.hardware || k.installed != check.installed) {
-            let mut status = known.cloned().unwrap_or_default();
+        let known: Option<DeviceFirmware> = self
+            .store
+            .firmware_device(device)
+            .await
+            .map_err(store_err)?
+            .and_then(|doc| serde_json::from_value(doc).ok());
+        if known.as_ref().is_none_or(|k| k.hardware != check.hardware || k.installed != check.installed) {
+            let mut status = known.unwrap_or_default();
             status.hardware = check.hardware.clone();
             status.installed = check.installed.clone();
             self.store
@@ -270,10 +284,9 @@ impl Firmware {
                 .await
                 .map_err(store_err)?;
         }
-        let best = self
-            .rollouts()
-            .await?
-            .into_iter()
+        let rollouts = self.shared_rollouts().await?;
+        let best = rollouts
+            .iter()
             .filter(|r| r.hardware == check.hardware)
             .filter(|r| r.group.as_deref().is_none_or(|g| g == group))
             .filter(|r| r.admits(device.as_str()))
@@ -360,10 +373,7 @@ impl Firmware {
         let (ok, failed) = self.outcomes(&r).await?;
         if let Some(reason) = r.check_failures(failed, ok + failed) {
             tracing::warn!(rollout = id, %reason, "firmware rollout paused");
-            self.store
-                .save_rollout(Some(id), serde_json::to_value(&r).unwrap_or_default(), Actor::System)
-                .await
-                .map_err(store_err)?;
+            self.save(Some(id), &r, Actor::System).await?;
         }
         Ok(())
     }

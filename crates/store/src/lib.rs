@@ -204,4 +204,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Each device's firmware status (installed version, last report), by device id.
     async fn firmware_devices(&self) -> Result<Vec<(String, serde_json::Value)>>;
+
+    /// One device's firmware status.
+    async fn firmware_device(&self, device: &DeviceId) -> Result<Option<serde_json::Value>>;
 }

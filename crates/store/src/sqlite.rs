@@ -1157,6 +1157,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn firmware_device(&self, device: &DeviceId) -> Result<Option<serde_json::Value>> {
+        let device = device.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT document FROM firmware_devices WHERE device_id = ?1")?;
+            Ok(stmt.query_row(params![device], |r| json_col(r, 0)).optional()?)
+        })
+        .await
+    }
+
     async fn firmware_devices(&self) -> Result<Vec<(String, serde_json::Value)>> {
         self.read(|c| {
             let mut stmt =
