@@ -308,7 +308,16 @@ impl FirmwareRepo {
                 .commit(),
         )
         .map_err(Error::tuf)?;
-        tracing::info!(dir = %self.dir.display(), offline = offline.is_some(), "firmware repository created");
+        if offline.is_none() {
+            tracing::warn!(
+                keys = %online.0.display(),
+                "firmware repository created with all four TUF keys (root and targets too) in the data dir, \
+                 mode 0600: whoever holds this server can sign firmware; to keep root and targets offline, \
+                 create it with `portcullis firmware keys init --offline DIR` instead"
+            );
+        } else {
+            tracing::info!(dir = %self.dir.display(), "firmware repository created; root and targets keys are offline");
+        }
         Ok(())
     }
 
