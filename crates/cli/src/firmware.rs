@@ -13,20 +13,8 @@ use serde_json::{Value, json};
 pub enum FirmwareCmd {
     /// Publish an image as a signed TUF target `HW/VERSION/NAME`.
     Publish {
-        /// The image file.
-        file: PathBuf,
-        /// Hardware model it is built for.
-        #[arg(long)]
-        hardware: String,
-        /// Its semantic version, e.g. 1.4.2.
-        #[arg(long)]
-        version: String,
-        /// Release notes, kept in the target's signed metadata.
-        #[arg(long)]
-        notes: Option<String>,
-        /// Allow a version lower than the newest published for this hardware.
-        #[arg(long)]
-        allow_downgrade: bool,
+        #[command(flatten)]
+        image: ImageArgs,
         /// Sign targets with the offline key in DIR (the server must be stopped: this
         /// writes the data dir directly).
         #[arg(long, value_name = "DIR")]
@@ -41,16 +29,8 @@ pub enum FirmwareCmd {
     /// Offline: sign the next targets metadata with the targets key in --keys, adding an
     /// image (needs no data dir and no server; carry the output and the image to one).
     SignTargets {
-        /// The image file.
-        file: PathBuf,
-        #[arg(long)]
-        hardware: String,
-        #[arg(long)]
-        version: String,
-        #[arg(long)]
-        notes: Option<String>,
-        #[arg(long)]
-        allow_downgrade: bool,
+        #[command(flatten)]
+        image: ImageArgs,
         /// Directory holding `targets.pk8`.
         #[arg(long, value_name = "DIR")]
         keys: PathBuf,
@@ -90,6 +70,31 @@ pub enum FirmwareCmd {
     /// Key custody.
     #[command(subcommand)]
     Keys(KeysCmd),
+}
+
+/// An image to publish and what its signed metadata says about it.
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    /// The image file.
+    file: PathBuf,
+    /// Hardware model it is built for.
+    #[arg(long)]
+    hardware: String,
+    /// Its semantic version, e.g. 1.4.2.
+    #[arg(long)]
+    version: String,
+    /// Release notes, kept in the target's signed metadata.
+    #[arg(long)]
+    notes: Option<String>,
+    /// Allow a version lower than the newest published for this hardware.
+    #[arg(long)]
+    allow_downgrade: bool,
+}
+
+impl ImageArgs {
+    fn semver(&self) -> anyhow::Result<semver::Version> {
+        self.version.parse().with_context(|| format!("invalid version {:?}", self.version))
+    }
 }
 
 #[derive(Subcommand)]
@@ -173,7 +178,11 @@ fn print_target(t: &Value) {
 /// Runs the subcommands that go through the admin API.
 pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
     match cmd {
-        FirmwareCmd::Publish { file, hardware, version, notes, allow_downgrade, keys: None, json } => {
+        FirmwareCmd::Publish {
+            image: ImageArgs { file, hardware, version, notes, allow_downgrade },
+            keys: None,
+            json,
+        } => {
             let name = file
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -337,12 +346,11 @@ async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
 
 /// `firmware sign-targets`: needs only the key and the files.
 pub fn sign_offline(cmd: FirmwareCmd) -> anyhow::Result<()> {
-    let FirmwareCmd::SignTargets { file, hardware, version, notes, allow_downgrade, keys, current, out } =
-        cmd
-    else {
+    let FirmwareCmd::SignTargets { image, keys, current, out } = cmd else {
         unreachable!("only sign-targets")
     };
-    let v: semver::Version = version.parse().with_context(|| format!("invalid version {version:?}"))?;
+    let v = image.semver()?;
+    let ImageArgs { file, hardware, notes, allow_downgrade, .. } = image;
     let key = KeyDir::new(&keys).load("targets")?;
     let current = std::fs::read(&current).with_context(|| format!("cannot read {}", current.display()))?;
     let new = portcullis_firmware::repo::NewTarget {
@@ -399,18 +407,11 @@ pub fn local(data_dir: &Path, cmd: FirmwareCmd) -> anyhow::Result<()> {
                 new.display()
             );
         }
-        FirmwareCmd::Publish { file, hardware, version, notes, allow_downgrade, keys: Some(keys), json } => {
+        FirmwareCmd::Publish { image, keys: Some(keys), json } => {
             let repo = FirmwareRepo::open(&dir, Expiry::default(), None)?;
-            let v: semver::Version =
-                version.parse().with_context(|| format!("invalid version {version:?}"))?;
-            let t = repo.publish(
-                &file,
-                &hardware,
-                &v,
-                notes.as_deref(),
-                allow_downgrade,
-                Some(&KeyDir::new(keys)),
-            )?;
+            let v = image.semver()?;
+            let (file, hw, notes) = (&image.file, &image.hardware, image.notes.as_deref());
+            let t = repo.publish(file, hw, &v, notes, image.allow_downgrade, Some(&KeyDir::new(keys)))?;
             let t = serde_json::to_value(&t)?;
             if json { print_json(&json!({ "target": t })) } else { print_target(&t) }
         }
