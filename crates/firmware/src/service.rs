@@ -72,6 +72,8 @@ pub struct Firmware {
     rollouts: tokio::sync::Mutex<()>,
     /// The rollouts as stored, read once per change: every device check reads them.
     cache: std::sync::RwLock<Option<Arc<Vec<Rollout>>>>,
+    /// Bumped by every write, so a read that raced one never fills the cache.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn store_err(e: portcullis_store::Error) -> Error {
@@ -103,7 +105,13 @@ pub struct NewRollout {
 impl Firmware {
     /// Firmware over `repo`, with fleet state in `store`.
     pub fn new(repo: FirmwareRepo, store: Arc<dyn Store>) -> Self {
-        Self { repo, store, rollouts: tokio::sync::Mutex::new(()), cache: std::sync::RwLock::new(None) }
+        Self {
+            repo,
+            store,
+            rollouts: tokio::sync::Mutex::new(()),
+            cache: std::sync::RwLock::new(None),
+            generation: Default::default(),
+        }
     }
 
     /// Opens the repository in `data_dir/firmware` (creating it, keys included, on
@@ -127,6 +135,8 @@ impl Firmware {
         if let Some(cached) = self.cache.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(cached.clone());
         }
+        use std::sync::atomic::Ordering;
+        let generation = self.generation.load(Ordering::Acquire);
         let rows = self.store.rollouts().await.map_err(store_err)?;
         let all: Vec<Rollout> = rows
             .into_iter()
@@ -138,14 +148,19 @@ impl Firmware {
             })
             .collect::<Result<_, Error>>()?;
         let all = Arc::new(all);
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Some(all.clone());
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::Acquire) == generation {
+            *cache = Some(all.clone());
+        }
         Ok(all)
     }
 
     async fn save(&self, id: Option<i64>, r: &Rollout, actor: Actor) -> Result<i64, Error> {
         let doc = serde_json::to_value(r).map_err(|e| Error::Refused(e.to_string()))?;
         let saved = self.store.save_rollout(id, doc, actor).await.map_err(store_err);
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        *cache = None;
         saved
     }
 
