@@ -38,17 +38,27 @@ enum Cmd {
     Sha256 { file: PathBuf },
 }
 
+/// Where the running server is and how to manage it.
 #[derive(clap::Args)]
-struct FleetArgs {
+struct ServerArgs {
     /// Device port URL of the running server.
     #[arg(long)]
     server: String,
+    /// Root CA (PEM) of the running server.
     #[arg(long)]
     ca: PathBuf,
+    /// Admin API address of the running server.
     #[arg(long)]
     admin: SocketAddr,
+    /// File holding the admin token.
     #[arg(long)]
     admin_token: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct FleetArgs {
+    #[command(flatten)]
+    at: ServerArgs,
     /// The repository's root.json.
     #[arg(long)]
     root: PathBuf,
@@ -95,18 +105,8 @@ struct HandshakeArgs {
 
 #[derive(clap::Args)]
 struct Args {
-    /// Device port URL of the running server.
-    #[arg(long)]
-    server: String,
-    /// Root CA (PEM) of the running server.
-    #[arg(long)]
-    ca: PathBuf,
-    /// Admin API address of the running server.
-    #[arg(long)]
-    admin: SocketAddr,
-    /// File holding the admin token.
-    #[arg(long)]
-    admin_token: PathBuf,
+    #[command(flatten)]
+    at: ServerArgs,
     /// Enrollments to run.
     #[arg(short, long, default_value_t = 5000)]
     n: usize,
@@ -202,17 +202,17 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn firmware_fleet(args: FleetArgs) -> anyhow::Result<()> {
-    let ca_pem = std::fs::read(&args.ca)?;
+    let ca_pem = std::fs::read(&args.at.ca)?;
     let root = std::fs::read(&args.root)?;
-    let token = std::fs::read_to_string(&args.admin_token)?;
-    let admin = AdminClient::remote(args.admin, Token::from_presented(token.trim()));
+    let token = std::fs::read_to_string(&args.at.admin_token)?;
+    let admin = AdminClient::remote(args.at.admin, Token::from_presented(token.trim()));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.n {
         let id = format!("agent-{i:04}");
         let r = admin.post("/v1/devices", &json!({ "id": id, "group": "bench" })).await?;
         let token = Token::from_presented(r["token"].as_str().context("token")?);
         let dir = args.dir.join(&id);
-        let (server, ca_pem, root) = (args.server.clone(), ca_pem.clone(), root.clone());
+        let (server, ca_pem, root) = (args.at.server.clone(), ca_pem.clone(), root.clone());
         tasks.spawn(async move {
             portcullis_agent::enroll(&server, &ca_pem, &DeviceId::try_new(id)?, &token, &dir).await?;
             portcullis_agent::UpdaterDir::new(&dir).init("bench-hw", "1.0.0", Some(&root))?;
@@ -341,9 +341,9 @@ async fn handshake(args: HandshakeArgs) -> anyhow::Result<()> {
 }
 
 async fn enroll(args: Args) -> anyhow::Result<()> {
-    let ca_pem = std::fs::read(&args.ca).with_context(|| format!("read {}", args.ca.display()))?;
-    let token = std::fs::read_to_string(&args.admin_token).context("admin token")?;
-    let admin = Arc::new(AdminClient::remote(args.admin, Token::from_presented(token.trim())));
+    let ca_pem = std::fs::read(&args.at.ca).with_context(|| format!("read {}", args.at.ca.display()))?;
+    let token = std::fs::read_to_string(&args.at.admin_token).context("admin token")?;
+    let admin = Arc::new(AdminClient::remote(args.at.admin, Token::from_presented(token.trim())));
 
     eprintln!("registering {} devices and making their CSRs ...", args.n);
     let mut devices = Vec::with_capacity(args.n);
@@ -355,7 +355,7 @@ async fn enroll(args: Args) -> anyhow::Result<()> {
         devices.push(Device { id, token, csr });
     }
     let devices = Arc::new(devices);
-    let client = EstClient::new(&args.server, &ca_pem, None)?.without_resumption();
+    let client = EstClient::new(&args.at.server, &ca_pem, None)?.without_resumption();
 
     eprintln!("enrolling with {} concurrent agents ...", args.concurrency);
     let next = Arc::new(AtomicUsize::new(0));
