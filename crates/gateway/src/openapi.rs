@@ -865,8 +865,23 @@ impl<'d> Compiler<'d> {
 }
 
 fn is_json(media_type: &str) -> bool {
-    let mt = media_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    is_json_type(&media_type_of(media_type))
+}
+
+/// Whether a media type as `media_type_of` returns it is JSON.
+fn is_json_type(mt: &str) -> bool {
     mt == "application/json" || mt.ends_with("+json")
+}
+
+/// The media type of a Content-Type value, lowercased, without parameters; borrowed when
+/// it already is (`application/json`, the usual case).
+fn media_type_of(ct: &str) -> std::borrow::Cow<'_, str> {
+    let mt = ct.split_once(';').map_or(ct, |(t, _)| t).trim();
+    if mt.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(mt.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(mt)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1276,10 +1291,10 @@ impl Spec {
                 format!("body: Content-Type is missing; {} accepts {}", op.id, declared()),
             ));
         };
-        let mt = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-        let (major, _) = mt.split_once('/').unwrap_or((mt.as_str(), ""));
+        let mt = media_type_of(ct);
+        let (major, _) = mt.split_once('/').unwrap_or((&*mt, ""));
         let found = rb.media.iter().find(|(range, _)| {
-            *range == mt || range.strip_suffix("/*").is_some_and(|m| m == major) || range == "*/*"
+            range.as_str() == mt || range.strip_suffix("/*").is_some_and(|m| m == major) || range == "*/*"
         });
         match found {
             None => {
@@ -1296,7 +1311,7 @@ impl Spec {
                 ))
             }
             // A wildcard range with a JSON schema validates JSON content only.
-            Some((_, Media::Json(v, secrets, fast))) if is_json(&mt) => {
+            Some((_, Media::Json(v, secrets, fast))) if is_json_type(&mt) => {
                 Ok(BodyPlan(Plan::Json(v, secrets, fast.as_ref())))
             }
             Some((_, Media::Json(..))) => Ok(BodyPlan(Plan::Forward)),

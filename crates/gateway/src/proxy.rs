@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use crate::openapi::{Action, Caller, Spec, SpecOptions, Violation};
 use crate::ratelimit::{Limiter, Rate};
-use crate::upstream::Upstream;
+use crate::upstream::{Outgoing, Upstream};
 
 /// Most devices whose rate state one route keeps.
 const MAX_TRACKED_DEVICES: usize = 100_000;
@@ -514,13 +514,15 @@ fn bump(c: &AtomicU64) {
 
 /// Paths an upstream might normalise into another route's space are refused outright.
 fn suspicious(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    path.split('/').any(|seg| seg == ".." || seg == ".")
-        || path.contains("//")
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
+    let b = path.as_bytes();
+    let escaped = |i: usize| {
+        let (hi, lo) = (b.get(i + 1).copied(), b.get(i + 2).map(u8::to_ascii_lowercase));
+        matches!((hi, lo), (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c')))
+    };
+    b.iter()
+        .enumerate()
+        .any(|(i, &c)| c == b'\\' || (c == b'%' && escaped(i)) || (c == b'/' && b.get(i + 1) == Some(&b'/')))
+        || b.split(|&c| c == b'/').any(|seg| seg == b".." || seg == b".")
 }
 
 const X_PORTCULLIS_DEVICE: HeaderName = HeaderName::from_static("x-portcullis-device");
@@ -907,13 +909,14 @@ async fn forward<'r>(
 
     let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let mut parts = parts;
-    let body = match buffered {
-        Some(bytes) => {
-            parts.headers.remove(header::TRANSFER_ENCODING);
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            Body::from(bytes)
+    // The upstream exchange writes its own framing (Content-Length or chunked).
+    let limit = usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX);
+    let outgoing = match (buffered, body.take()) {
+        (Some(bytes), _) => Outgoing::Full(bytes),
+        (None, Some(b)) if !b.is_end_stream() => {
+            Outgoing::Stream(Body::new(http_body_util::Limited::new(b, limit)))
         }
-        None => body.take().unwrap_or_default(),
+        (None, _) => Outgoing::Full(bytes::Bytes::new()),
     };
     strip(&mut parts.headers, true);
     let h = &mut parts.headers;
@@ -980,12 +983,7 @@ async fn forward<'r>(
     {
         parts.headers.insert(header::HOST, v);
     }
-    parts.version = http::Version::HTTP_11;
-    let limited =
-        http_body_util::Limited::new(body, usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX));
-    let upstream_req = http::Request::from_parts(parts, Body::new(limited));
-
-    match tokio::time::timeout(route.cfg.timeout, route.upstream.send(upstream_req)).await {
+    match tokio::time::timeout(route.cfg.timeout, route.upstream.send(&parts, outgoing)).await {
         Ok(Ok(resp)) => {
             bump(&c.forwarded);
             let (mut parts, body) = resp.into_parts();
@@ -1113,10 +1111,24 @@ mod tests {
 
     #[test]
     fn suspicious_paths() {
-        for p in ["/api/../admin", "/api/./x", "/api//x", "/api/%2e%2e/x", "/api/a%2Fb", "/api\\x"] {
+        for p in [
+            "/api/../admin",
+            "/api/./x",
+            "/api//x",
+            "/api/%2e%2e/x",
+            "/api/a%2Fb",
+            "/api\\x",
+            "/api/%5C",
+            "/api/..",
+            "/.",
+        ] {
             assert!(suspicious(p), "{p}");
         }
-        assert!(!suspicious("/api/devices/cam-01/telemetry"));
+        for p in
+            ["/api/devices/cam-01/telemetry", "/api/x/", "/api/a.b/..c/...", "/api/100%25", "/api/%2", "/"]
+        {
+            assert!(!suspicious(p), "{p}");
+        }
     }
 
     #[test]
