@@ -46,7 +46,10 @@ pub fn router(authority: Arc<Authority>, firmware: Arc<Firmware>) -> Router {
 
 type Peer = Option<axum::Extension<PeerCertificate>>;
 
-async fn device(ctx: &Ctx, peer: &Peer) -> Result<portcullis_pki::AuthenticatedDevice, Response> {
+async fn device(
+    ctx: &Ctx,
+    peer: &Peer,
+) -> Result<std::sync::Arc<portcullis_pki::AuthenticatedDevice>, Response> {
     ctx.authority
         .authenticate(peer.as_deref())
         .await

@@ -77,6 +77,8 @@ struct Node {
     enum_: Option<Vec<Value>>,
     props: Vec<(String, Node)>,
     required: Vec<String>,
+    /// For each of `props`, its bit in the `required` mask (0 if it is optional).
+    prop_bits: Vec<u64>,
     additional: bool,
     items: Option<Box<Node>>,
     min_items: Option<usize>,
@@ -314,6 +316,13 @@ fn compile_node(doc: &Value, v: &Value, draft4: bool, depth: usize) -> R<Node> {
         let union = n.branches.iter().fold(0u8, |a, b| a | b.types.0);
         n.types = Types(n.types.0 & union);
     }
+    n.prop_bits = n
+        .props
+        .iter()
+        .map(|(name, _)| {
+            n.required.iter().position(|r| r == name).filter(|&i| i < 64).map_or(0, |i| 1u64 << i)
+        })
+        .collect();
     Ok(n)
 }
 
@@ -332,6 +341,20 @@ impl FastSchema {
         }
     }
 }
+
+/// Bytes that end the fast scan of a string: the closing quote, an escape, a control
+/// character.
+static STOPS_STRING: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
 
 /// Integers beyond this are compared as floats by JSON Schema implementations; leave them
 /// to the general validator.
@@ -401,7 +424,7 @@ impl<'a> Scan<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
-        let len = self.b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        let len = self.b[start..].iter().position(|&c| STOPS_STRING[usize::from(c)])?;
         self.i = start + len;
         if self.b[self.i] != b'"' {
             return None;
@@ -546,12 +569,18 @@ impl<'a> Scan<'a> {
                 self.ws();
                 self.eat(b':')?;
                 self.ws();
-                if let Some(i) = n.required.iter().position(|r| r == key) {
-                    seen |= 1 << i;
-                }
-                match n.props.iter().find(|(name, _)| name == key) {
-                    Some((_, schema)) => self.value(schema, depth + 1)?,
-                    None if n.additional => self.value(&ANY, depth + 1)?,
+                match n.props.iter().position(|(name, _)| name == key) {
+                    Some(p) => {
+                        seen |= n.prop_bits[p];
+                        self.value(&n.props[p].1, depth + 1)?;
+                    }
+                    None if n.additional => {
+                        // A required key the schema gives no property schema for.
+                        if let Some(i) = n.required.iter().position(|r| r == key) {
+                            seen |= 1 << i;
+                        }
+                        self.value(&ANY, depth + 1)?;
+                    }
                     None => return None,
                 }
                 self.ws();
@@ -580,6 +609,7 @@ static ANY: Node = Node {
     enum_: None,
     props: Vec::new(),
     required: Vec::new(),
+    prop_bits: Vec::new(),
     additional: true,
     items: None,
     min_items: None,

@@ -137,6 +137,7 @@ pub async fn serve(
                 }
             };
             rt.block_on(async move {
+                tokio::spawn(upkeep(shared.gateway.clone()));
                 match TcpListener::from_std(socket) {
                     Ok(listener) => accept_loop(listener, shared, shutdown).await,
                     Err(e) => tracing::error!(error = %e, "device port: worker cannot register the socket"),
@@ -187,6 +188,24 @@ impl Shared {
             )
             .into_response(),
         }
+    }
+}
+
+/// A worker's once-a-second chores: closing idle upstream connections that expired or
+/// were closed by the upstream.
+///
+/// Its timer also keeps the worker's next timer wake-up within a second. Tokio's time
+/// driver writes to the runtime's eventfd whenever a newly registered deadline is earlier
+/// than the one it last parked with, and a request registers deadlines of different
+/// lengths (10 s for the next request head, 30 s for the request, the route's upstream
+/// timeout): without a nearer timer, about one request in three paid a system call and
+/// an extra wake-up for that (measured with `perf stat -e syscalls:sys_enter_write`).
+async fn upkeep(gateway: Arc<crate::Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        gateway.evict_idle();
     }
 }
 

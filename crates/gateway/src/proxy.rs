@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use portcullis_core::{DeviceId, GroupName};
-use portcullis_pki::{Authority, PeerCertificate, Problem, est};
+use portcullis_pki::{AuthenticatedDevice, Authority, PeerCertificate, Problem, est};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -162,16 +162,15 @@ fn compile_binding(prefix: &str, t: &str) -> Result<Vec<Seg>, RouteError> {
 
 /// If `path` matches a binding template, the device segment it names; `None` otherwise.
 fn bound_device<'p>(bindings: &[Vec<Seg>], path: &'p str) -> Option<&'p str> {
-    let segs: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    let rest = path.strip_prefix('/')?;
     bindings.iter().find_map(|t| {
-        if segs.len() < t.len() {
-            return None;
-        }
+        let mut segs = rest.split('/');
         let mut named = None;
-        for (seg, want) in segs.iter().zip(t) {
+        for want in t {
+            let seg = segs.next()?;
             match want {
                 Seg::Lit(l) if l != seg => return None,
-                Seg::Device => named = Some(*seg),
+                Seg::Device => named = Some(seg),
                 _ => {}
             }
         }
@@ -206,11 +205,13 @@ struct Route {
     latency: Histogram,
     bindings: Vec<Vec<Seg>>,
     base: Uri,
+    /// `Host` for the upstream: the authority of `base`.
+    host: Option<HeaderValue>,
     limiter: Option<Limiter<DeviceId>>,
     counters: Counters,
     spec: Option<Spec>,
-    /// Pooled upstream connections, one pool per device-port worker, so a request, its
-    /// upstream connection and that connection's task stay on one thread.
+    /// Pooled upstream connections, one pool per device-port worker, so a request and
+    /// its upstream connection stay on one thread.
     upstream: Upstream,
 }
 
@@ -289,6 +290,7 @@ impl RouteTable {
                 latency: Histogram::new(std::iter::empty()),
                 cfg,
                 bindings,
+                host: base.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
                 base,
                 limiter,
                 counters: Counters::default(),
@@ -477,6 +479,14 @@ impl Gateway {
         self.table.read().map(|t| t.clone()).unwrap_or_default()
     }
 
+    /// Closes the calling worker's idle upstream connections that timed out or that their
+    /// upstream closed.
+    pub(crate) fn evict_idle(&self) {
+        for route in &self.current().routes {
+            route.upstream.evict_idle();
+        }
+    }
+
     /// The routes and their counters, for the admin API.
     pub fn describe(&self) -> serde_json::Value {
         let table = self.current();
@@ -515,14 +525,29 @@ fn bump(c: &AtomicU64) {
 /// Paths an upstream might normalise into another route's space are refused outright.
 fn suspicious(path: &str) -> bool {
     let b = path.as_bytes();
-    let escaped = |i: usize| {
-        let (hi, lo) = (b.get(i + 1).copied(), b.get(i + 2).map(u8::to_ascii_lowercase));
-        matches!((hi, lo), (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c')))
-    };
-    b.iter()
-        .enumerate()
-        .any(|(i, &c)| c == b'\\' || (c == b'%' && escaped(i)) || (c == b'/' && b.get(i + 1) == Some(&b'/')))
-        || b.split(|&c| c == b'/').any(|seg| seg == b".." || seg == b".")
+    let dots = |seg: &[u8]| seg == b"." || seg == b"..";
+    // Start of the current segment: just after the last '/'.
+    let mut seg = 0;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'\\' => return true,
+            b'%' => {
+                let (hi, lo) = (b.get(i + 1).copied(), b.get(i + 2).map(u8::to_ascii_lowercase));
+                if matches!((hi, lo), (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c'))) {
+                    return true;
+                }
+            }
+            b'/' => {
+                // An empty segment between two slashes, or a dot segment.
+                if (i > 0 && seg == i) || dots(&b[seg..i]) {
+                    return true;
+                }
+                seg = i + 1;
+            }
+            _ => {}
+        }
+    }
+    dots(&b[seg..])
 }
 
 const X_PORTCULLIS_DEVICE: HeaderName = HeaderName::from_static("x-portcullis-device");
@@ -562,9 +587,10 @@ fn strip(headers: &mut HeaderMap, owned: bool) {
         let mut n = 0;
         for key in headers.keys() {
             let k = key.as_str();
-            let hop = is_hop_by_hop(k)
-                || (owned && owned_by_gateway(k))
-                || tokens[..count].iter().chain(&spilled).any(|t| t.eq_ignore_ascii_case(k));
+            // Every fixed name starts with one of these letters: most names need no compare.
+            let listed = matches!(k.as_bytes().first(), Some(b'c' | b'f' | b'k' | b'p' | b't' | b'u' | b'x'))
+                && (is_hop_by_hop(k) || (owned && owned_by_gateway(k)));
+            let hop = listed || tokens[..count].iter().chain(&spilled).any(|t| t.eq_ignore_ascii_case(k));
             if hop {
                 if n < doomed.len() {
                     doomed[n] = Some(key.clone());
@@ -664,7 +690,7 @@ async fn proxy(gw: &Gateway, req: Request) -> Response {
         target: "portcullis::access",
         route = %route.cfg.prefix,
         path = %path,
-        device = outcome.device.as_ref().map(|d| d.as_str()).unwrap_or("-"),
+        device = outcome.device.as_ref().map(|d| d.id.as_str()).unwrap_or("-"),
         operation = outcome.operation.unwrap_or("-"),
         status = resp.status().as_u16(),
         outcome = outcome.reason,
@@ -691,7 +717,7 @@ fn too_many(wait: Duration, what: &str) -> Response {
 }
 
 struct Outcome<'r> {
-    device: Option<DeviceId>,
+    device: Option<Arc<AuthenticatedDevice>>,
     reason: &'static str,
     operation: Option<&'r str>,
     /// A violation forwarded in log mode.
@@ -699,7 +725,7 @@ struct Outcome<'r> {
 }
 
 impl Outcome<'_> {
-    fn of(device: Option<DeviceId>, reason: &'static str) -> Self {
+    fn of(device: Option<Arc<AuthenticatedDevice>>, reason: &'static str) -> Self {
         Self { device, reason, operation: None, logged: None }
     }
 }
@@ -736,7 +762,7 @@ async fn forward<'r>(
     body: &mut Option<Body>,
 ) -> (Outcome<'r>, Response) {
     let c = &route.counters;
-    let reject = |device: Option<DeviceId>, reason: &'static str, p: Problem| {
+    let reject = |device: Option<Arc<AuthenticatedDevice>>, reason: &'static str, p: Problem| {
         (Outcome::of(device, reason), p.into_response())
     };
 
@@ -776,7 +802,7 @@ async fn forward<'r>(
             );
         }
     };
-    let id = Some(device.id.clone());
+    let id = Some(device.clone());
     if let Some(named) = bound_device(&route.bindings, parts.uri.path())
         && named != device.id.as_str()
     {
@@ -978,10 +1004,8 @@ async fn forward<'r>(
             );
         }
     };
-    if let Some(a) = route.base.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        parts.headers.insert(header::HOST, v);
+    if let Some(host) = &route.host {
+        parts.headers.insert(header::HOST, host.clone());
     }
     match tokio::time::timeout(route.cfg.timeout, route.upstream.send(&parts, outgoing)).await {
         Ok(Ok(resp)) => {

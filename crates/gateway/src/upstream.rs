@@ -134,6 +134,14 @@ impl Upstream {
         None
     }
 
+    /// Closes this worker's idle connections that are too old or that the upstream
+    /// closed (run every second by the worker's upkeep task).
+    pub(crate) fn evict_idle(&self) {
+        if let Ok(mut idle) = self.pool().lock() {
+            idle.retain_mut(|c| c.since.elapsed() <= IDLE_TIMEOUT && quiet(&mut c.io));
+        }
+    }
+
     async fn connect(&self) -> Result<Io, UpstreamError> {
         let io = self.connector.clone().oneshot(self.target.clone()).await.map_err(UpstreamError::Connect)?;
         Ok(Box::new(TokioIo::new(io)))
@@ -367,13 +375,24 @@ pub(crate) fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<H
         }
         let status = StatusCode::from_u16(code).map_err(|_| "invalid status code")?;
         let http11 = parsed.version == Some(1);
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-        for f in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| "invalid header name")?;
-            let value = HeaderValue::from_bytes(f.value).map_err(|_| "invalid header value")?;
+        // Where each field sits in the head, so that the values can share the head's
+        // bytes instead of each being copied into an allocation of its own.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let count = parsed.headers.len();
+        for (span, f) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+            *span = (at(f.name.as_bytes()), f.name.len() as u32, at(f.value), f.value.len() as u32);
+        }
+        let head = buf.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, nl, vs, vl) in &spans[..count] {
+            let name = &head[ns as usize..(ns + nl) as usize];
+            let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..(vs + vl) as usize))
+                .map_err(|_| "invalid header value")?;
             headers.append(name, value);
         }
-        buf.advance(n);
         let (framing, framed) = framing(&headers, status, head_only)?;
         let keep_alive = http11 && !has_token(&headers, header::CONNECTION, "close");
         let mut resp = Response::new(());

@@ -324,7 +324,7 @@ impl Authority {
     pub async fn authenticate(
         &self,
         peer: Option<&PeerCertificate>,
-    ) -> Result<AuthenticatedDevice, AuthError> {
+    ) -> Result<Arc<AuthenticatedDevice>, AuthError> {
         let r = self.authenticate_inner(peer).await;
         self.metrics.client_auth(match &r {
             Ok(_) => "ok",
@@ -342,7 +342,7 @@ impl Authority {
     async fn authenticate_inner(
         &self,
         peer: Option<&PeerCertificate>,
-    ) -> Result<AuthenticatedDevice, AuthError> {
+    ) -> Result<Arc<AuthenticatedDevice>, AuthError> {
         let peer = peer.ok_or(AuthError::NoCertificate)?;
         // Reuse this connection's last answer while no registry state has changed since:
         // every suspension, resumption and revocation bumps the generation first, so
@@ -357,7 +357,7 @@ impl Authority {
             }
             return Ok(device.clone());
         }
-        let device = self.authenticate_fresh(peer).await?;
+        let device = Arc::new(self.authenticate_fresh(peer).await?);
         if let Ok(mut cached) = peer.cached.lock() {
             *cached = Some((generation, device.clone()));
         }

@@ -30,8 +30,11 @@ pub struct PeerCertificate {
     pub verified: Result<(), String>,
     /// The connection's last successful authentication, tagged with the registry
     /// generation it was made under (see [`crate::Authority::authenticate`]).
-    pub(crate) cached: Arc<std::sync::Mutex<Option<(u64, crate::AuthenticatedDevice)>>>,
+    pub(crate) cached: Arc<std::sync::Mutex<Option<CachedAuth>>>,
 }
+
+/// A connection's last successful authentication and the registry generation it was made under.
+pub(crate) type CachedAuth = (u64, Arc<crate::AuthenticatedDevice>);
 
 impl PeerCertificate {
     /// The certificate a connection presented and the outcome of verifying it.
