@@ -24,3 +24,5 @@ mod upstream;
 pub use listener::{DeviceApp, ListenerConfig, serve};
 pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable};
 pub use ratelimit::{Limiter, Rate};
+#[doc(hidden)]
+pub use upstream::parse_response_for_fuzzing;

@@ -112,7 +112,7 @@ pub async fn serve(
         built_in_prefixes: app.built_in_prefixes,
         gateway: app.gateway,
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
-        per_ip: cfg.handshakes_per_ip.map(|r| Limiter::<IpAddr>::new(r, 100_000)),
+        per_ip: cfg.handshakes_per_ip.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000))),
         cfg: cfg.clone(),
     });
     let mut finished = Vec::new();
@@ -125,7 +125,7 @@ pub async fn serve(
             }
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let shared = shared.clone();
+        let shared = Arc::new(Shared::clone(&shared));
         let shutdown = shutdown.clone();
         let spawned = std::thread::Builder::new().name(format!("device-port-{index}")).spawn(move || {
             WORKER.with(|w| w.set(index));
@@ -155,7 +155,10 @@ pub async fn serve(
     }
 }
 
-/// What every worker shares.
+/// What every worker shares. Each worker holds its own copy (the fields are handles to
+/// the shared state), so the per-request clone of its `Arc` never bounces a reference
+/// count between cores.
+#[derive(Clone)]
 struct Shared {
     acceptor: TlsAcceptor,
     verifier: ClientCertVerifier,
@@ -164,7 +167,7 @@ struct Shared {
     built_in_prefixes: Vec<&'static str>,
     gateway: Arc<crate::Gateway>,
     permits: Arc<Semaphore>,
-    per_ip: Option<Limiter<IpAddr>>,
+    per_ip: Option<Arc<Limiter<IpAddr>>>,
     cfg: ListenerConfig,
 }
 
