@@ -7,7 +7,7 @@
 # Every request is a POST of the same valid reading. Load: ApacheBench (Debian
 # apache2-utils) with a device certificate (-E): keep-alive (-k) for requests/s and
 # latency, then one new mTLS connection per request for handshakes/s.
-#   [WORKERS=n] [NGINX_WORKERS=n] [ROUNDS=n] bench/gateway.sh [REQUESTS] [CONCURRENCY] [HANDSHAKES]
+#   [WORKERS=n] [NGINX_WORKERS=n] [NGINX_REUSEPORT=1] [ROUNDS=n] bench/gateway.sh [REQUESTS] [CONCURRENCY] [HANDSHAKES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-50000}
@@ -70,13 +70,19 @@ echo "portcullis answers an invalid reading with $bad"
 cpu() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
 sys() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $15}' "/proc/$p/stat"))); done; echo "$t"; }
 ng_pids() { pgrep -P "$ng_master" | tr '\n' ' '; }
+# The /proc stat file of each worker: nginx's worker processes, Portcullis's device-port
+# threads. How evenly their CPU time splits shows how evenly connections were spread.
+ng_workers() { local p; for p in $(ng_pids); do echo "/proc/$p/stat"; done; }
+pc_workers() { grep -l '^device-port' /proc/"$pid"/task/*/comm | sed 's/comm$/stat/'; }
+ticks_of() { local f; for f in "$@"; do awk '{printf "%d ", $14+$15}' "$f"; done; }
 ticks=$(getconf CLK_TCK)
 
 run() {
   local name=$1 url=$2; shift 2
   local procs=${SERVER_PIDS:-}
-  local before=0 sys_before=0
+  local before=0 sys_before=0 workers=() split_before=""
   [ -n "$procs" ] && before=$(cpu $procs) && sys_before=$(sys $procs)
+  [ -n "${WORKER_STATS:-}" ] && workers=($WORKER_STATS) && split_before=$(ticks_of "${workers[@]}")
   $CLIENT_CPU ab -q -n "$N" -c "$C" -p "$work/reading.json" -T application/json "$@" "$url" 2>&1 | awk -v name="$name" '
     /Requests per second/ {rps=$4}
     /Failed requests/ {failed=$3}
@@ -88,6 +94,11 @@ run() {
     awk -v t="$used" -v k="$sys_used" -v hz="$ticks" -v n="$N" \
       'BEGIN {printf "  server CPU %.1f us/request (%.0f%% kernel)", t / hz * 1e6 / n, t ? 100 * k / t : 0}'
   fi
+  if [ ${#workers[@]} -gt 1 ]; then
+    awk -v a="$split_before" -v b="$(ticks_of "${workers[@]}")" 'BEGIN {
+      n = split(a, x, " "); split(b, y, " "); for (i = 1; i <= n; i++) { d[i] = y[i] - x[i]; t += d[i] }
+      printf "  workers"; for (i = 1; i <= n; i++) printf "%s%d%%", (i > 1 ? "/" : " "), t ? 100 * d[i] / t : 0 }'
+  fi
   echo
 }
 # Warm both up (connections, pools, caches), then alternate: this machine is shared, so
@@ -97,8 +108,8 @@ ab -q -k -n 2000 -c "$C" -p "$work/reading.json" -T application/json -E "$work/c
 echo "== keep-alive, $N POSTs, concurrency $C (ab -k), ${ROUNDS:-3} rounds; portcullis workers: ${WORKERS:-0} (0 = one per CPU), nginx worker_processes: ${NGINX_WORKERS:-2}"
 run "upstream direct (ceiling)" "http://127.0.0.1:$up_port$path" -k
 for r in $(seq "${ROUNDS:-3}"); do
-  SERVER_PIDS="$(ng_pids)" run "[$r] nginx mTLS proxy (no validation)" "https://127.0.0.1:$ng_port$path" -k -E "$work/client.pem"
-  SERVER_PIDS="$pid" run "[$r] portcullis gateway (mTLS, auth, OpenAPI)" "https://$dev$path" -k -E "$work/client.pem"
+  WORKER_STATS="$(ng_workers)" SERVER_PIDS="$(ng_pids)" run "[$r] nginx mTLS proxy (no validation)" "https://127.0.0.1:$ng_port$path" -k -E "$work/client.pem"
+  WORKER_STATS="$(pc_workers)" SERVER_PIDS="$pid" run "[$r] portcullis gateway (mTLS, auth, OpenAPI)" "https://$dev$path" -k -E "$work/client.pem"
 done
 echo "== new mTLS connection per request, $H POSTs, concurrency $C"
 N=$H

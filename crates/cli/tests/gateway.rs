@@ -344,3 +344,74 @@ fn upstream_connections_are_pooled_and_closed_ones_replaced() {
     // The first twenty share one pooled upstream connection; the close forces one more.
     assert_eq!(up.connections(), 2);
 }
+
+/// `portcullis_device_connections{worker="…"}` for each worker, from `/metrics`.
+fn open_per_worker(s: &Server, workers: usize) -> Vec<i64> {
+    let text = s.metrics_now();
+    (0..workers)
+        .map(|w| {
+            let series = format!("portcullis_device_connections{{worker=\"{w}\"}} ");
+            let line =
+                text.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("{series}: {text}"));
+            line[series.len()..].trim().parse().unwrap()
+        })
+        .collect()
+}
+
+/// A TLS connection to the device port that has been served one request and stays open.
+fn served_connection(
+    s: &Server,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let conn = rustls::ClientConnection::new(cfg.clone(), "localhost".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(s.device).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream.write_all(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
+/// Waits up to 10 s for the per-worker connection counts to be `want`.
+fn wait_for_open(s: &Server, want: &[i64]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = open_per_worker(s, want.len());
+        if now == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "open connections per worker: {now:?}, want {want:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A burst of connections lands on whichever worker wakes first; the port hands each
+/// new connection to the worker with the fewest open ones, so long-lived device
+/// connections end up spread evenly, and every handed-over connection is served.
+#[test]
+fn connections_are_spread_evenly_over_the_workers() {
+    let s = Server::start_with_config("[device]\nworkers = 3\n");
+    let cfg = tls_client(&s.root_pem());
+    // Each is served before the next is opened, so each was counted before the next
+    // accept.
+    let mut open: Vec<_> = (0..9).map(|_| served_connection(&s, &cfg)).collect();
+    assert_eq!(open_per_worker(&s, 3), vec![3, 3, 3]);
+    // The first two (on two different workers) leave; the next two fill those gaps.
+    drop(open.drain(..2));
+    let after: i64 = 7;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open_per_worker(&s, 3).iter().sum::<i64>() != after {
+        assert!(std::time::Instant::now() < deadline, "{:?}", open_per_worker(&s, 3));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut counts = open_per_worker(&s, 3);
+    counts.sort_unstable();
+    assert_eq!(counts, vec![2, 2, 3]);
+    open.extend((0..2).map(|_| served_connection(&s, &cfg)));
+    assert_eq!(open_per_worker(&s, 3), vec![3, 3, 3]);
+    drop(open);
+    wait_for_open(&s, &[0, 0, 0]);
+}

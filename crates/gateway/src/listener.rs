@@ -1,5 +1,6 @@
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::convert::Infallible;
@@ -12,8 +13,10 @@ use http::StatusCode;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use portcullis_pki::{ClientCertVerifier, PeerCertificate};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutLayer;
@@ -84,9 +87,11 @@ pub struct DeviceApp {
 /// and gives open connections up to 5 seconds to finish.
 ///
 /// Connections are served thread-per-core, the way nginx runs its workers: each worker
-/// thread accepts on the shared socket and serves what it accepted on its own
-/// single-threaded runtime, so a request, its upstream connection and its response never
-/// hop between threads. Shared state (registry, route table, limits) is `Sync`.
+/// thread accepts on the shared socket and serves connections on its own single-threaded
+/// runtime, so a request, its upstream connection and its response never hop between
+/// threads. A worker hands a connection it accepted to the worker with the fewest open
+/// connections before the TLS handshake (see [`Balance`]). Shared state (registry, route
+/// table, limits) is `Sync`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -115,8 +120,10 @@ pub async fn serve(
         per_ip: cfg.handshakes_per_ip.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000))),
         cfg: cfg.clone(),
     });
+    let workers = worker_count(cfg.workers);
+    let (balance, inboxes) = Balance::new(workers, shared.gateway.authority().metrics());
     let mut finished = Vec::new();
-    for index in 0..worker_count(cfg.workers) {
+    for (index, inbox) in inboxes.into_iter().enumerate() {
         let socket = match std_listener.try_clone() {
             Ok(s) => s,
             Err(e) => {
@@ -127,6 +134,7 @@ pub async fn serve(
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let shared = Arc::new(Shared::clone(&shared));
         let shutdown = shutdown.clone();
+        let balance = balance.clone();
         let spawned = std::thread::Builder::new().name(format!("device-port-{index}")).spawn(move || {
             WORKER.with(|w| w.set(index));
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -139,7 +147,7 @@ pub async fn serve(
             rt.block_on(async move {
                 tokio::spawn(upkeep(shared.gateway.clone()));
                 match TcpListener::from_std(socket) {
-                    Ok(listener) => accept_loop(listener, shared, shutdown).await,
+                    Ok(listener) => accept_loop(listener, shared, shutdown, index, balance, inbox).await,
                     Err(e) => tracing::error!(error = %e, "device port: worker cannot register the socket"),
                 }
             });
@@ -212,8 +220,120 @@ async fn upkeep(gateway: Arc<crate::Gateway>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Spreads connections over the workers so each serves as many as the others (Envoy's
+/// "exact balance"), and counts them for `/metrics`.
+///
+/// Every worker's epoll is woken by a new connection and the first to call `accept` gets
+/// it, so a burst of connections tends to land on one worker: measured with ab's 32
+/// keep-alive connections, one worker often served most of them while the other idled,
+/// and the split changed from run to run. Long-lived device connections make such a
+/// split last. Instead, the worker that accepted a connection hands it to the worker
+/// with the fewest open connections (itself on a tie); the socket moves between the
+/// runtimes before the TLS handshake, so everything after stays on one thread.
+struct Balance {
+    /// Open connections per worker (`portcullis_device_connections{worker}`).
+    open: Vec<Gauge>,
+    /// Each worker's inbox of connections handed to it.
+    inbox: Vec<mpsc::UnboundedSender<Handoff>>,
+    /// Workers whose inbox is closed (failed to start, or stopped).
+    gone: Vec<AtomicBool>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
+/// A connection accepted by one worker and handed to another.
+struct Handoff {
+    tcp: std::net::TcpStream,
+    remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    open: Open,
+}
+
+/// Counts a connection as open on a worker until it ends.
+struct Open(Gauge);
+
+impl Open {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Balance {
+    /// A balance for `workers` workers with its gauges registered in `metrics`, and each
+    /// worker's inbox.
+    fn new(
+        workers: usize,
+        metrics: &portcullis_pki::Metrics,
+    ) -> (Arc<Self>, Vec<mpsc::UnboundedReceiver<Handoff>>) {
+        let (senders, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+        let family = Family::<WorkerLabel, Gauge>::default();
+        let open = (0..workers)
+            .map(|i| family.get_or_create(&WorkerLabel { worker: i.to_string() }).clone())
+            .collect();
+        metrics
+            .register(|r| r.register("device_connections", "Open device-port connections by worker", family));
+        let gone = (0..workers).map(|_| AtomicBool::new(false)).collect();
+        (Arc::new(Self { open, inbox: senders, gone }), receivers)
+    }
+
+    /// The worker that should serve the next connection: the one with the fewest open
+    /// connections, `me` when it is among them.
+    fn pick(&self, me: usize) -> usize {
+        let mut best = me;
+        let mut fewest = self.open[me].get();
+        for (i, gauge) in self.open.iter().enumerate() {
+            let n = gauge.get();
+            if n < fewest && !self.gone[i].load(Ordering::Relaxed) {
+                best = i;
+                fewest = n;
+            }
+        }
+        best
+    }
+}
+
+/// One worker: accepts on the shared socket, serves what it accepted or hands it to a
+/// less busy worker, and serves what other workers handed to it.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    me: usize,
+    balance: Arc<Balance>,
+    inbox: mpsc::UnboundedReceiver<Handoff>,
+) {
     let (conn_done_tx, mut conn_done_rx) = watch::channel(());
+    {
+        let mut inbox = inbox;
+        let shared = shared.clone();
+        let mut shutdown = shutdown.clone();
+        let done = conn_done_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let handoff = tokio::select! {
+                    h = inbox.recv() => match h { Some(h) => h, None => break },
+                    _ = shutdown.changed() => break,
+                };
+                let Handoff { tcp, remote, permit, open } = handoff;
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => serve_connection(tcp, remote, permit, open, &shared, &shutdown, &done),
+                    Err(e) => {
+                        tracing::warn!(peer = %remote, error = %e, "worker cannot register a connection")
+                    }
+                }
+            }
+        });
+    }
     loop {
         if *shutdown.borrow() {
             break;
@@ -241,75 +361,136 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let acceptor = shared.acceptor.clone();
-        let verifier = shared.verifier.clone();
-        let shared = shared.clone();
-        let cfg = shared.cfg.clone();
-        let mut shutdown = shutdown.clone();
-        let done = conn_done_tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _done = done;
-            let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let peer = tls.get_ref().1.peer_certificates().map(|chain| {
-                let chain: Vec<_> = chain.iter().map(|c| c.clone().into_owned()).collect();
-                let verified = verifier.verify(&chain);
-                if let Err(e) = &verified {
-                    tracing::info!(peer = %remote, error = %e, "client certificate not verified");
-                }
-                PeerCertificate::new(chain, verified)
-            });
-            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let mut req = req.map(Body::new);
-                if let Some(p) = &peer {
-                    req.extensions_mut().insert(p.clone());
-                }
-                req.extensions_mut().insert(ConnectInfo(remote));
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(shared.respond(req).await) }
-            });
-            // HTTP/2 when ALPN says so (or the client sends its preface), else HTTP/1.1.
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(cfg.header_timeout)
-                .max_buf_size(64 * 1024);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(128)
-                .max_header_list_size(64 * 1024)
-                .keep_alive_interval(Some(cfg.header_timeout))
-                .keep_alive_timeout(cfg.header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(peer = %remote, error = %e, "connection ended with error");
-                    }
-                }
-                _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        let target = balance.pick(me);
+        let open = Open::new(&balance.open[target]);
+        if target == me {
+            serve_connection(tcp, remote, permit, open, &shared, &shutdown, &conn_done_tx);
+            continue;
+        }
+        let handoff = match tcp.into_std() {
+            Ok(tcp) => Handoff { tcp, remote, permit, open },
+            Err(e) => {
+                tracing::warn!(peer = %remote, error = %e, "cannot hand a connection to another worker");
+                continue;
             }
-        });
+        };
+        if let Err(refused) = balance.inbox[target].send(handoff) {
+            // That worker never started or has stopped: never pick it again, and serve
+            // this connection here.
+            balance.gone[target].store(true, Ordering::Relaxed);
+            let Handoff { tcp, remote, permit, open } = refused.0;
+            drop(open);
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => {
+                    let open = Open::new(&balance.open[me]);
+                    serve_connection(tcp, remote, permit, open, &shared, &shutdown, &conn_done_tx);
+                }
+                Err(e) => tracing::warn!(peer = %remote, error = %e, "worker cannot register a connection"),
+            }
+        }
     }
     drop(conn_done_tx);
     // Every connection task holds a clone of the sender; wait for them to finish.
     let _ =
         tokio::time::timeout(Duration::from_secs(5), async { while conn_done_rx.changed().await.is_ok() {} })
             .await;
+}
+
+/// Runs one connection on the current worker: TLS handshake, client certificate check,
+/// then HTTP/1.1 or HTTP/2 until the peer leaves or the port shuts down.
+fn serve_connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    open: Open,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+    done: &watch::Sender<()>,
+) {
+    let acceptor = shared.acceptor.clone();
+    let verifier = shared.verifier.clone();
+    let shared = shared.clone();
+    let cfg = shared.cfg.clone();
+    let mut shutdown = shutdown.clone();
+    let done = done.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _open = open;
+        let _done = done;
+        let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        let peer = tls.get_ref().1.peer_certificates().map(|chain| {
+            let chain: Vec<_> = chain.iter().map(|c| c.clone().into_owned()).collect();
+            let verified = verifier.verify(&chain);
+            if let Err(e) = &verified {
+                tracing::info!(peer = %remote, error = %e, "client certificate not verified");
+            }
+            PeerCertificate::new(chain, verified)
+        });
+        let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let mut req = req.map(Body::new);
+            if let Some(p) = &peer {
+                req.extensions_mut().insert(p.clone());
+            }
+            req.extensions_mut().insert(ConnectInfo(remote));
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(shared.respond(req).await) }
+        });
+        // HTTP/2 when ALPN says so (or the client sends its preface), else HTTP/1.1.
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(128)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(Some(cfg.header_timeout))
+            .keep_alive_timeout(cfg.header_timeout);
+        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %remote, error = %e, "connection ended with error");
+                }
+            }
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_worker_with_fewest_connections_and_never_a_gone_one() {
+        let metrics = portcullis_pki::Metrics::default();
+        let (b, _inboxes) = Balance::new(3, &metrics);
+        assert_eq!(b.pick(1), 1, "a tie keeps the connection where it was accepted");
+        let held: Vec<Open> = [0, 0, 1].iter().map(|&w| Open::new(&b.open[w])).collect();
+        assert_eq!(b.pick(0), 2);
+        assert_eq!(b.pick(1), 2);
+        b.gone[2].store(true, Ordering::Relaxed);
+        assert_eq!(b.pick(0), 1);
+        drop(held);
+        assert_eq!(b.open.iter().map(Gauge::get).collect::<Vec<_>>(), vec![0, 0, 0]);
+        assert!(metrics.encode().contains("portcullis_device_connections{worker=\"2\"} 0"), "{}", metrics.encode());
+    }
 }

@@ -467,6 +467,11 @@ impl Gateway {
         }
     }
 
+    /// The authority that authenticates devices (and holds the metrics registry).
+    pub(crate) fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// Swaps in a new table; requests in flight finish on the old one.
     pub fn replace(&self, mut table: RouteTable) {
         self.metrics.bind(&mut table);
