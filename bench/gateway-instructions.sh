@@ -53,7 +53,7 @@ measure() {
   f=$(ls -t "$work"/"$4".out.* | head -1)
   total=$(awk '/^(summary|totals):/ {print $2; exit}' "$f")
   # KEEP=DIR keeps the profiles for callgrind_annotate.
-  if [ -n "${KEEP:-}" ]; then cp "$f" "$KEEP/$4.callgrind"; fi
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$f" "$KEEP/$4.callgrind"; fi
   printf '%-44s %8d instructions/request (user space)\n' "$1" $((total / N))
 }
 echo "== $N keep-alive POSTs, concurrency 8, one worker each"

@@ -107,9 +107,16 @@ ab -q -k -n 2000 -c "$C" -p "$work/reading.json" -T application/json -E "$work/c
 ab -q -k -n 2000 -c "$C" -p "$work/reading.json" -T application/json -E "$work/client.pem" "https://$dev$path" >/dev/null 2>&1
 echo "== keep-alive, $N POSTs, concurrency $C (ab -k), ${ROUNDS:-3} rounds; portcullis workers: ${WORKERS:-0} (0 = one per CPU), nginx worker_processes: ${NGINX_WORKERS:-2}"
 run "upstream direct (ceiling)" "http://127.0.0.1:$up_port$path" -k
+# Odd rounds run nginx first, even rounds Portcullis first, so neither always inherits
+# the other's leftovers (sockets in TIME_WAIT, a warm or cold CPU).
+nginx_round() {
+  WORKER_STATS="$(ng_workers)" SERVER_PIDS="$(ng_pids)" run "[$1] nginx mTLS proxy (no validation)" "https://127.0.0.1:$ng_port$path" -k -E "$work/client.pem"
+}
+portcullis_round() {
+  WORKER_STATS="$(pc_workers)" SERVER_PIDS="$pid" run "[$1] portcullis gateway (mTLS, auth, OpenAPI)" "https://$dev$path" -k -E "$work/client.pem"
+}
 for r in $(seq "${ROUNDS:-3}"); do
-  WORKER_STATS="$(ng_workers)" SERVER_PIDS="$(ng_pids)" run "[$r] nginx mTLS proxy (no validation)" "https://127.0.0.1:$ng_port$path" -k -E "$work/client.pem"
-  WORKER_STATS="$(pc_workers)" SERVER_PIDS="$pid" run "[$r] portcullis gateway (mTLS, auth, OpenAPI)" "https://$dev$path" -k -E "$work/client.pem"
+  if [ $((r % 2)) = 1 ]; then nginx_round "$r"; portcullis_round "$r"; else portcullis_round "$r"; nginx_round "$r"; fi
 done
 echo "== new mTLS connection per request, $H POSTs, concurrency $C"
 N=$H

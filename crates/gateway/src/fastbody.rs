@@ -670,16 +670,24 @@ fn date_time_ok(s: &str) -> bool {
     }
 }
 
+/// Dotted-quad IPv4 (what the general validator accepts for `format: ipv4`): four decimal
+/// parts of 0–255, no leading zeros. One pass over the bytes.
 fn ipv4_ok(s: &str) -> bool {
-    let mut parts = 0;
-    for p in s.split('.') {
-        parts += 1;
-        let ok = !p.is_empty()
-            && p.len() <= 3
-            && p.bytes().all(|c| c.is_ascii_digit())
-            && (p.len() == 1 || !p.starts_with('0'))
-            && p.parse::<u16>().is_ok_and(|v| v <= 255);
-        if !ok || parts > 4 {
+    let (mut parts, mut value, mut digits, mut first) = (0, 0u32, 0, 0u8);
+    for &c in s.as_bytes().iter().chain(std::iter::once(&b'.')) {
+        if c == b'.' {
+            if digits == 0 || (digits > 1 && first == b'0') || value > 255 {
+                return false;
+            }
+            parts += 1;
+            (value, digits) = (0, 0);
+        } else if c.is_ascii_digit() && digits < 3 {
+            if digits == 0 {
+                first = c;
+            }
+            value = value * 10 + u32::from(c - b'0');
+            digits += 1;
+        } else {
             return false;
         }
     }
@@ -718,6 +726,39 @@ fn scalar_enum_ok(n: &Node, v: &Value) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn ipv4_matches_the_standard_parser() {
+        let mut cases: Vec<String> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.30.40",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1.2.3.4.",
+            ".1.2.3.4",
+            "1..2.3",
+            "01.2.3.4",
+            "1.2.3.00",
+            "256.1.1.1",
+            "1.2.3.1000",
+            "",
+            "a.b.c.d",
+            "1.2.3.-4",
+            "1.2.3.4 ",
+            "१.2.3.4",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for a in [0, 1, 9, 10, 99, 100, 199, 249, 250, 255, 256, 999] {
+            cases.push(format!("{a}.{a}.1.{a}"));
+            cases.push(format!("0{a}.1.1.1"));
+        }
+        for c in &cases {
+            assert_eq!(ipv4_ok(c), c.parse::<std::net::Ipv4Addr>().is_ok(), "{c:?}");
+        }
+    }
 
     #[test]
     fn accepts_only_what_is_certainly_valid() {

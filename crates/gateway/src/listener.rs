@@ -491,6 +491,10 @@ mod tests {
         assert_eq!(b.pick(0), 1);
         drop(held);
         assert_eq!(b.open.iter().map(Gauge::get).collect::<Vec<_>>(), vec![0, 0, 0]);
-        assert!(metrics.encode().contains("portcullis_device_connections{worker=\"2\"} 0"), "{}", metrics.encode());
+        assert!(
+            metrics.encode().contains("portcullis_device_connections{worker=\"2\"} 0"),
+            "{}",
+            metrics.encode()
+        );
     }
 }

@@ -876,7 +876,7 @@ fn is_json_type(mt: &str) -> bool {
 /// The media type of a Content-Type value, lowercased, without parameters; borrowed when
 /// it already is (`application/json`, the usual case).
 fn media_type_of(ct: &str) -> std::borrow::Cow<'_, str> {
-    let mt = ct.split_once(';').map_or(ct, |(t, _)| t).trim();
+    let mt = ct.as_bytes().iter().position(|&b| b == b';').map_or(ct, |i| &ct[..i]).trim();
     if mt.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(mt.to_ascii_lowercase())
     } else {
@@ -1079,6 +1079,31 @@ mod memo {
     }
 }
 
+/// The `/`-separated segments of a path (without its leading `/`), percent-decoded;
+/// borrowed unless a segment has escapes. `None` if a decoded segment is not UTF-8.
+/// One pass over the bytes: a path is split on every request.
+fn path_segments(path: &str) -> Option<Vec<std::borrow::Cow<'_, str>>> {
+    let bytes = path.as_bytes();
+    let mut segments = Vec::with_capacity(8);
+    let (mut start, mut escaped) = (0, false);
+    for i in 0..=bytes.len() {
+        match bytes.get(i) {
+            Some(b'%') => escaped = true,
+            Some(b'/') | None => {
+                let seg = &path[start..i];
+                segments.push(if escaped {
+                    percent_decode_str(seg).decode_utf8().ok()?
+                } else {
+                    std::borrow::Cow::Borrowed(seg)
+                });
+                (start, escaped) = (i + 1, false);
+            }
+            Some(_) => {}
+        }
+    }
+    Some(segments)
+}
+
 impl Spec {
     /// Matches a request to its operation and checks its path, query, header and cookie
     /// parameters, the operation's groups and identity bindings. `path` is the raw
@@ -1112,26 +1137,18 @@ impl Spec {
                 _ => return Err(not_found()),
             }
         };
-        let seg_count = rel[1..].split('/').count();
-        let Some(candidates) = self.by_len.get(&seg_count) else { return Err(not_found()) };
-        // Borrowed unless a segment has percent-escapes.
-        let mut decoded: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(seg_count);
-        for s in rel[1..].split('/') {
-            match percent_decode_str(s).decode_utf8() {
-                Ok(d) => decoded.push(d),
-                Err(_) => {
-                    return Err((
-                        None,
-                        Violation::new(
-                            StatusCode::BAD_REQUEST,
-                            "invalid-request",
-                            "invalid_params",
-                            "path: a segment is not valid UTF-8 after percent-decoding".into(),
-                        ),
-                    ));
-                }
-            }
-        }
+        let Some(decoded) = path_segments(&rel[1..]) else {
+            return Err((
+                None,
+                Violation::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid-request",
+                    "invalid_params",
+                    "path: a segment is not valid UTF-8 after percent-decoding".into(),
+                ),
+            ));
+        };
+        let Some(candidates) = self.by_len.get(&decoded.len()) else { return Err(not_found()) };
         let mut path_values: Vec<(&str, &str)> = Vec::new();
         let item = candidates.iter().find(|item| {
             path_values.clear();
@@ -1396,6 +1413,21 @@ pub fn too_large(limit: u64, route: &str) -> Violation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_segments_split_and_decode() {
+        let segs = |p| path_segments(p).map(|v| v.into_iter().map(|c| c.into_owned()).collect::<Vec<_>>());
+        assert_eq!(
+            segs("devices/cam-01/telemetry"),
+            Some(vec!["devices".into(), "cam-01".into(), "telemetry".into()])
+        );
+        assert_eq!(segs(""), Some(vec![String::new()]));
+        assert_eq!(segs("a/"), Some(vec!["a".into(), String::new()]));
+        assert_eq!(segs("a%2Fb/c%20d"), Some(vec!["a/b".into(), "c d".into()]));
+        assert_eq!(segs("%E2%9C%93/x"), Some(vec!["\u{2713}".into(), "x".into()]));
+        assert_eq!(segs("ok/%FF"), None);
+        assert!(matches!(path_segments("a/b").unwrap()[0], std::borrow::Cow::Borrowed(_)));
+    }
 
     const TELEMETRY: &str = include_str!("../../../examples/telemetry.openapi.yaml");
     const ME: Caller<'static> = Caller { device: "cam-01", group: "cameras" };

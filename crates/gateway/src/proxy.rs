@@ -666,10 +666,12 @@ impl Gateway {
 
 async fn proxy(gw: &Gateway, req: Request) -> Response {
     let started = Instant::now();
-    let path = req.uri().path().to_owned();
+    // A clone of the URI shares its bytes (for the access log after `parts` is moved).
+    let uri = req.uri().clone();
+    let path = uri.path();
     let table = gw.current();
     let (parts, body) = req.into_parts();
-    let Some(route) = table.find(&path) else {
+    let Some(route) = table.find(path) else {
         gw.metrics.requests.get_or_create(&RequestLabels { route: "none".into(), outcome: "no_route" }).inc();
         est::drain(body).await;
         return Problem::new(StatusCode::NOT_FOUND, "no-route", format!("no route for {path}"))
