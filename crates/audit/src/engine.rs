@@ -207,10 +207,33 @@ impl Progress {
     }
 }
 
+/// A device running older firmware than the newest published for its hardware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outdated {
+    /// The device.
+    pub device: String,
+    /// Its hardware model, as its agent reported it.
+    pub hardware: String,
+    /// The version it last reported running.
+    pub installed: String,
+    /// The newest version published for that hardware.
+    pub newest: String,
+}
+
+/// Where the audit learns which devices run outdated firmware: the firmware service's
+/// fleet view (what each device's agent last reported against the published targets).
+pub trait FirmwareView: Send + Sync {
+    /// Every device behind the newest published version of its hardware.
+    fn outdated(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Outdated>, String>> + Send + '_>>;
+}
+
 /// Runs audits against the inventory in `store`; one at a time.
 pub struct Auditor {
     store: Arc<dyn Store>,
     log_dir: Option<PathBuf>,
+    firmware: Option<Arc<dyn FirmwareView>>,
     current: Mutex<Option<(i64, Arc<Progress>)>>,
     /// Held while a run is being registered, so two starts cannot both pass the check.
     starting: tokio::sync::Mutex<()>,
@@ -232,9 +255,20 @@ pub enum Started {
 }
 
 impl Auditor {
-    /// An auditor over `store`, writing each run's probe log into `log_dir`.
-    pub fn new(store: Arc<dyn Store>, log_dir: Option<PathBuf>) -> Arc<Self> {
-        Arc::new(Self { store, log_dir, current: Mutex::new(None), starting: tokio::sync::Mutex::new(()) })
+    /// An auditor over `store`, writing each run's probe log into `log_dir`; with
+    /// `firmware`, a run also reports devices behind the newest published firmware.
+    pub fn new(
+        store: Arc<dyn Store>,
+        log_dir: Option<PathBuf>,
+        firmware: Option<Arc<dyn FirmwareView>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            log_dir,
+            firmware,
+            current: Mutex::new(None),
+            starting: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// Resolves a request against the inventory. Every probed address is a host
@@ -331,9 +365,9 @@ impl Auditor {
                 }
             }
         }
-        notes.push(
-            "firmware: skipped; this build has no firmware rollout capability to compare against".to_owned(),
-        );
+        if self.firmware.is_none() {
+            notes.push("firmware: skipped; no firmware service to compare against".to_owned());
+        }
         Ok(Plan {
             targets,
             ports,
@@ -442,6 +476,28 @@ impl Auditor {
             findings.extend(device_findings.iter().cloned());
             findings.extend(identity_checks(t, *seen, &certs, now, plan.expiry_days));
         }
+        // Firmware currency, from the firmware service's fleet view. If it cannot be read,
+        // earlier firmware findings stay open (not resolved by a check that did not run).
+        let firmware_check = match &self.firmware {
+            None => "skipped: no firmware service".to_owned(),
+            Some(view) => match view.outdated().await {
+                Ok(outdated) => {
+                    let by_device: BTreeMap<&str, &Outdated> =
+                        outdated.iter().map(|o| (o.device.as_str(), o)).collect();
+                    for (t, _, _) in &results {
+                        if let Some(o) = by_device.get(t.device.id.as_str()) {
+                            findings.push(firmware_finding(o));
+                        }
+                    }
+                    "ran".to_owned()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit: firmware fleet view unavailable; firmware check skipped");
+                    format!("failed: {e}")
+                }
+            },
+        };
+        let firmware_ran = firmware_check == "ran";
         progress.phase("saving");
         let scanned_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
         let devices: Vec<String> = results.iter().map(|(t, _, _)| t.device.id.to_string()).collect();
@@ -456,7 +512,7 @@ impl Auditor {
             // A previous finding is resolved only if this run looked where it was seen.
             let port = f.target.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
             match port {
-                None => true,
+                None => f.check != "firmware" || firmware_ran,
                 Some(p) => {
                     scanned_devices.contains(&f.device)
                         && scanned_ports.contains(&p)
@@ -497,7 +553,7 @@ impl Auditor {
                 "tls": if plan.scan_only { "skipped (scan only)" } else { "ran" },
                 "credentials": if credentials_ran { "ran" } else { "skipped" },
                 "identity": "ran",
-                "firmware": "skipped: no firmware rollout capability in this build",
+                "firmware": firmware_check,
             },
             "notes": plan.notes,
             "probe_log": ctx.log.path.as_ref().map(|p| p.display().to_string()),
@@ -977,6 +1033,27 @@ fn default_credential(id: &str, addr: SocketAddr, svc: &Service, user: &str, nth
             "Set a unique password for {user} (or disable password login), and make the firmware refuse to run with its factory default."
         ),
         &[b::ETSI_5_1_1, b::OWASP_I1],
+    )
+}
+
+fn firmware_finding(o: &Outdated) -> Finding {
+    finding(
+        &o.device,
+        "firmware/outdated".into(),
+        "firmware",
+        Severity::Medium,
+        "firmware older than the newest published for its hardware".into(),
+        o.device.clone(),
+        format!(
+            "running {} (last report of its agent); newest published for hardware {}: {}",
+            o.installed, o.hardware, o.newest
+        ),
+        "Published firmware usually fixes vulnerabilities; a device that does not take it keeps them, and an outdated fleet is how botnets recruit.",
+        format!(
+            "Roll the update out to it (`portcullis firmware rollout create --hardware {} --version {}`), or find out why its agent does not install it (`portcullis firmware status --hardware {}`).",
+            o.hardware, o.newest, o.hardware
+        ),
+        &[b::ETSI_5_3_8, b::ETSI_5_3_2, b::OWASP_I4, b::OWASP_I5],
     )
 }
 

@@ -50,6 +50,8 @@ pub mod baseline {
     pub const ETSI_5_1_1: &str = "ETSI EN 303 645 5.1-1 (no universal default passwords)";
     /// Keep software updated.
     pub const ETSI_5_3_2: &str = "ETSI EN 303 645 5.3-2 (secure update mechanism)";
+    /// Timely security updates.
+    pub const ETSI_5_3_8: &str = "ETSI EN 303 645 5.3-8 (security updates shall be timely)";
     /// No hard-coded critical security parameters.
     pub const ETSI_5_4_3: &str = "ETSI EN 303 645 5.4-3 (no hard-coded critical security parameters)";
     /// Communicate securely.

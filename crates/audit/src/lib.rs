@@ -20,5 +20,7 @@ pub mod ssh;
 pub mod tlscheck;
 pub mod wire;
 
-pub use engine::{AuditError, AuditRequest, Auditor, Plan, Started, compress, limits};
+pub use engine::{
+    AuditError, AuditRequest, Auditor, FirmwareView, Outdated, Plan, Started, compress, limits,
+};
 pub use profile::Profile;

@@ -8,6 +8,44 @@ use anyhow::Context;
 use portcullis_admin::AdminClient;
 use serde_json::{Value, json};
 
+/// The firmware service's fleet view, as the audit reads it.
+struct FirmwareFleet(std::sync::Arc<portcullis_firmware::service::Firmware>);
+
+impl portcullis_audit::FirmwareView for FirmwareFleet {
+    fn outdated(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<portcullis_audit::Outdated>, String>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let rows = self.0.outdated().await.map_err(|e| e.to_string())?;
+            Ok(rows
+                .into_iter()
+                .map(|(device, hardware, installed, newest)| portcullis_audit::Outdated {
+                    device,
+                    hardware,
+                    installed,
+                    newest,
+                })
+                .collect())
+        })
+    }
+}
+
+/// An auditor over `store` that also reports devices behind the newest published
+/// firmware.
+pub fn auditor(
+    store: std::sync::Arc<dyn portcullis_store::Store>,
+    data_dir: &Path,
+    firmware: &std::sync::Arc<portcullis_firmware::service::Firmware>,
+) -> std::sync::Arc<portcullis_audit::Auditor> {
+    portcullis_audit::Auditor::new(
+        store,
+        Some(data_dir.join("audit")),
+        Some(std::sync::Arc::new(FirmwareFleet(firmware.clone()))),
+    )
+}
+
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }

@@ -24,8 +24,8 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     }
     let lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
-    let audit = portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit")));
     let firmware = portcullis_firmware::service::Firmware::open(&cfg.data_dir, authority.store().clone())?;
+    let audit = crate::audit::auditor(authority.store().clone(), &cfg.data_dir, &firmware);
     let router = portcullis_admin::router(
         authority,
         portcullis_admin::AdminToken::new(&token),

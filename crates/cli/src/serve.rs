@@ -206,7 +206,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         AdminToken::new(&token),
         "admin-api",
         Some(hooks),
-        portcullis_audit::Auditor::new(authority.store().clone(), Some(cfg.data_dir.join("audit"))),
+        crate::audit::auditor(authority.store().clone(), &cfg.data_dir, &firmware),
         firmware.clone(),
     );
     let mut admin_stop = stop_rx.clone();

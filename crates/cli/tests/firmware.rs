@@ -117,6 +117,25 @@ fn publish_roll_out_update_confirm_and_python_tuf_conformance() {
     );
     assert_eq!(t["sha256"].as_str().unwrap(), sha256(&bytes));
 
+    // The audit reads the fleet view: cam-01 is behind the newest published version.
+    let audit_firmware = |status: &str| {
+        let v: Value = serde_json::from_str(&s.cli_ok(&["audit", "run", "--json"])).unwrap();
+        assert_eq!(v["run"]["summary"]["checks"]["firmware"], "ran", "{v}");
+        let f: Vec<&Value> =
+            v["findings"].as_array().unwrap().iter().filter(|f| f["check"] == "firmware").collect();
+        assert_eq!(f.len(), 1, "{v}");
+        assert_eq!(
+            (f[0]["device"].as_str(), f[0]["key"].as_str(), f[0]["status"].as_str()),
+            (Some("cam-01"), Some("firmware/outdated"), Some(status)),
+            "{v}"
+        );
+        assert_eq!(
+            f[0]["evidence"],
+            "running 1.0.0 (last report of its agent); newest published for hardware cam: 1.1.0"
+        );
+    };
+    audit_firmware("new");
+
     // No rollout yet: nothing directed.
     assert_eq!(agent_ok(&["update", "--dir", dir]).trim(), "up to date: running 1.0.0");
     let r: Value = serde_json::from_str(&s.cli_ok(&[
@@ -146,6 +165,8 @@ fn publish_roll_out_update_confirm_and_python_tuf_conformance() {
     assert!(err.contains("version 1.1.0 is installed in slot b and waits for confirmation"), "{err}");
     assert_eq!(agent_ok(&["confirm", "--dir", dir]).trim(), "confirmed: running 1.1.0 from slot b");
     assert_eq!(agent_ok(&["update", "--dir", dir]).trim(), "up to date: running 1.1.0");
+    // Updated: the next audit resolves the finding.
+    audit_firmware("resolved");
 
     // The fleet view saw every state change, with reasons.
     let st: Value = serde_json::from_str(&s.cli_ok(&["firmware", "status", "--json"])).unwrap();

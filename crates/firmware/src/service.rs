@@ -405,6 +405,30 @@ impl Firmware {
         }))
     }
 
+    /// Every device whose last report names an older version than the newest published
+    /// for its hardware: `(device, hardware, installed, newest)`, by device id.
+    pub async fn outdated(&self) -> Result<Vec<(String, String, String, String)>, Error> {
+        let targets = self.repo.targets()?;
+        let mut newest: HashMap<&str, &semver::Version> = HashMap::new();
+        for t in &targets {
+            let n = newest.entry(t.hardware.as_str()).or_insert(&t.version);
+            if t.version > **n {
+                *n = &t.version;
+            }
+        }
+        let mut out: Vec<_> = self
+            .devices_fw()
+            .await?
+            .into_iter()
+            .filter_map(|(id, d)| {
+                let n = newest.get(d.hardware.as_str())?;
+                is_behind(&d.installed, Some(*n)).then(|| (id, d.hardware, d.installed, n.to_string()))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// The fleet view: per hardware model, devices per version, who is behind, failures,
     /// rollouts; per device the last report.
     pub async fn status(&self, hardware: Option<&str>) -> Result<Value, Error> {
@@ -431,10 +455,7 @@ impl Firmware {
             let mut per_device = Vec::new();
             for (id, d) in &devices {
                 *versions.entry(d.installed.clone()).or_default() += 1;
-                let v = d.installed.parse::<semver::Version>().ok();
-                if let (Some(n), Some(v)) = (&newest, &v)
-                    && v < n
-                {
+                if is_behind(&d.installed, newest.as_ref()) {
                     behind.push((*id).clone());
                 }
                 if d.last.as_ref().and_then(|l| l.get("state")).and_then(Value::as_str) == Some("failed") {
@@ -458,5 +479,14 @@ impl Firmware {
             }));
         }
         Ok(json!({ "hardware": out, "repository": self.repo.describe()? }))
+    }
+}
+
+/// Whether a device reporting `installed` runs an older version than `newest`. A version
+/// that is not semver is never called behind (nothing to compare).
+fn is_behind(installed: &str, newest: Option<&semver::Version>) -> bool {
+    match (newest, installed.parse::<semver::Version>()) {
+        (Some(n), Ok(v)) => v < *n,
+        _ => false,
     }
 }
