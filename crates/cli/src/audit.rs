@@ -164,20 +164,50 @@ pub async fn device_profile(c: &AdminClient, id: &str, profile: Option<&str>) ->
     Ok(())
 }
 
+/// `portcullis audit run`'s flags.
+#[derive(clap::Args)]
 pub struct RunFlags {
+    /// Only this device.
+    #[arg(long, conflicts_with = "group")]
     pub device: Option<String>,
+    /// Only the devices of this group.
+    #[arg(long)]
     pub group: Option<String>,
+    /// Only this address (must belong to an inventory device); repeatable.
+    #[arg(long = "address")]
     pub addresses: Vec<String>,
+    /// Ports: `default` (the IoT list), lists and ranges (`22,80,8000-8100`), or `all`.
+    #[arg(long)]
     pub ports: Option<String>,
+    /// Global cap on probes per second [default: 10000].
+    #[arg(long)]
     pub rate: Option<u32>,
+    /// Concurrent probes per device [default: 64].
+    #[arg(long)]
     pub per_device: Option<usize>,
+    /// TCP connect timeout in milliseconds [default: 1500].
+    #[arg(long = "connect-timeout")]
     pub connect_timeout_ms: Option<u64>,
+    /// Login attempts per device over all its services [default: 150].
+    #[arg(long)]
     pub attempts: Option<u32>,
+    /// Extra credentials to try, `user:password` per line.
+    #[arg(long)]
     pub credentials: Option<std::path::PathBuf>,
+    /// Skip the default-credential check.
+    #[arg(long)]
     pub no_credentials: bool,
+    /// Exposure check alone: connect scan, no identification, TLS checks or logins.
+    #[arg(long)]
     pub scan_only: bool,
+    /// Device certificates expiring within this many days are findings [default: 7].
+    #[arg(long)]
     pub cert_expiry_days: Option<u32>,
+    /// Print the planned probes and stop.
+    #[arg(long)]
     pub dry_run: bool,
+    /// The finished run and its findings as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

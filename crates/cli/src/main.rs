@@ -208,47 +208,7 @@ enum ProfileCmd {
 #[derive(Subcommand)]
 enum AuditCmd {
     /// Probe inventory devices and report findings (only registered device addresses).
-    Run {
-        #[arg(long, conflicts_with = "group")]
-        device: Option<String>,
-        #[arg(long)]
-        group: Option<String>,
-        /// Only this address (must belong to an inventory device); repeatable.
-        #[arg(long = "address")]
-        addresses: Vec<String>,
-        /// Ports: `default` (the IoT list), lists and ranges (`22,80,8000-8100`), or `all`.
-        #[arg(long)]
-        ports: Option<String>,
-        /// Global cap on probes per second [default: 10000].
-        #[arg(long)]
-        rate: Option<u32>,
-        /// Concurrent probes per device [default: 64].
-        #[arg(long)]
-        per_device: Option<usize>,
-        /// TCP connect timeout in milliseconds [default: 1500].
-        #[arg(long)]
-        connect_timeout: Option<u64>,
-        /// Login attempts per device over all its services [default: 150].
-        #[arg(long)]
-        attempts: Option<u32>,
-        /// Extra credentials to try, `user:password` per line.
-        #[arg(long)]
-        credentials: Option<PathBuf>,
-        /// Skip the default-credential check.
-        #[arg(long)]
-        no_credentials: bool,
-        /// Exposure check alone: connect scan, no identification, TLS checks or logins.
-        #[arg(long)]
-        scan_only: bool,
-        /// Device certificates expiring within this many days are findings [default: 7].
-        #[arg(long)]
-        cert_expiry_days: Option<u32>,
-        /// Print the planned probes and stop.
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Run(audit::RunFlags),
     /// A run's report [default: the latest finished run].
     Report {
         run: Option<String>,
@@ -436,40 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Audit(cmd) => {
             let c = manage::client(&cfg).await?;
             match cmd {
-                AuditCmd::Run {
-                    device,
-                    group,
-                    addresses,
-                    ports,
-                    rate,
-                    per_device,
-                    connect_timeout,
-                    attempts,
-                    credentials,
-                    no_credentials,
-                    scan_only,
-                    cert_expiry_days,
-                    dry_run,
-                    json,
-                } => {
-                    let f = audit::RunFlags {
-                        device,
-                        group,
-                        addresses,
-                        ports,
-                        rate,
-                        per_device,
-                        connect_timeout_ms: connect_timeout,
-                        attempts,
-                        credentials,
-                        no_credentials,
-                        scan_only,
-                        cert_expiry_days,
-                        dry_run,
-                        json,
-                    };
-                    audit::run(&c, f).await
-                }
+                AuditCmd::Run(f) => audit::run(&c, f).await,
                 AuditCmd::Report { run, format } => audit::report(&c, run.as_deref(), &format).await,
                 AuditCmd::Runs { json } => audit::runs(&c, json).await,
             }
