@@ -478,8 +478,8 @@ impl Auditor {
         }
         // Firmware currency, from the firmware service's fleet view. If it cannot be read,
         // earlier firmware findings stay open (not resolved by a check that did not run).
-        let firmware_check = match &self.firmware {
-            None => "skipped: no firmware service".to_owned(),
+        let (firmware_ran, firmware_check) = match &self.firmware {
+            None => (false, "skipped: no firmware service".to_owned()),
             Some(view) => match view.outdated().await {
                 Ok(outdated) => {
                     let by_device: BTreeMap<&str, &Outdated> =
@@ -489,15 +489,14 @@ impl Auditor {
                             findings.push(firmware_finding(o));
                         }
                     }
-                    "ran".to_owned()
+                    (true, "ran".to_owned())
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "audit: firmware fleet view unavailable; firmware check skipped");
-                    format!("failed: {e}")
+                    (false, format!("failed: {e}"))
                 }
             },
         };
-        let firmware_ran = firmware_check == "ran";
         progress.phase("saving");
         let scanned_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
         let devices: Vec<String> = results.iter().map(|(t, _, _)| t.device.id.to_string()).collect();

@@ -21,11 +21,11 @@ impl portcullis_audit::FirmwareView for FirmwareFleet {
             let rows = self.0.outdated().await.map_err(|e| e.to_string())?;
             Ok(rows
                 .into_iter()
-                .map(|(device, hardware, installed, newest)| portcullis_audit::Outdated {
-                    device,
-                    hardware,
-                    installed,
-                    newest,
+                .map(|b| portcullis_audit::Outdated {
+                    device: b.device,
+                    hardware: b.hardware,
+                    installed: b.installed,
+                    newest: b.newest,
                 })
                 .collect())
         })

@@ -375,15 +375,15 @@ fn served_connection(
     stream
 }
 
-/// Waits up to 10 s for the per-worker connection counts to be `want`.
-fn wait_for_open(s: &Server, want: &[i64]) {
+/// Waits up to 10 s for the per-worker connection counts to satisfy `done`; returns them.
+fn wait_for_open(s: &Server, workers: usize, done: impl Fn(&[i64]) -> bool) -> Vec<i64> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let now = open_per_worker(s, want.len());
-        if now == want {
-            return;
+        let now = open_per_worker(s, workers);
+        if done(&now) {
+            return now;
         }
-        assert!(std::time::Instant::now() < deadline, "open connections per worker: {now:?}, want {want:?}");
+        assert!(std::time::Instant::now() < deadline, "open connections per worker: {now:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -401,17 +401,11 @@ fn connections_are_spread_evenly_over_the_workers() {
     assert_eq!(open_per_worker(&s, 3), vec![3, 3, 3]);
     // The first two (on two different workers) leave; the next two fill those gaps.
     drop(open.drain(..2));
-    let after: i64 = 7;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while open_per_worker(&s, 3).iter().sum::<i64>() != after {
-        assert!(std::time::Instant::now() < deadline, "{:?}", open_per_worker(&s, 3));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut counts = open_per_worker(&s, 3);
+    let mut counts = wait_for_open(&s, 3, |n| n.iter().sum::<i64>() == 7);
     counts.sort_unstable();
     assert_eq!(counts, vec![2, 2, 3]);
     open.extend((0..2).map(|_| served_connection(&s, &cfg)));
     assert_eq!(open_per_worker(&s, 3), vec![3, 3, 3]);
     drop(open);
-    wait_for_open(&s, &[0, 0, 0]);
+    wait_for_open(&s, 3, |n| n == [0, 0, 0]);
 }

@@ -406,8 +406,8 @@ impl Firmware {
     }
 
     /// Every device whose last report names an older version than the newest published
-    /// for its hardware: `(device, hardware, installed, newest)`, by device id.
-    pub async fn outdated(&self) -> Result<Vec<(String, String, String, String)>, Error> {
+    /// for its hardware, by device id.
+    pub async fn outdated(&self) -> Result<Vec<Behind>, Error> {
         let targets = self.repo.targets()?;
         let mut newest: HashMap<&str, &semver::Version> = HashMap::new();
         for t in &targets {
@@ -422,10 +422,15 @@ impl Firmware {
             .into_iter()
             .filter_map(|(id, d)| {
                 let n = newest.get(d.hardware.as_str())?;
-                is_behind(&d.installed, Some(*n)).then(|| (id, d.hardware, d.installed, n.to_string()))
+                is_behind(&d.installed, Some(*n)).then(|| Behind {
+                    device: id,
+                    hardware: d.hardware,
+                    installed: d.installed,
+                    newest: n.to_string(),
+                })
             })
             .collect();
-        out.sort();
+        out.sort_by(|a, b| a.device.cmp(&b.device));
         Ok(out)
     }
 
@@ -480,6 +485,19 @@ impl Firmware {
         }
         Ok(json!({ "hardware": out, "repository": self.repo.describe()? }))
     }
+}
+
+/// A device behind the newest firmware published for its hardware.
+#[derive(Debug, Clone)]
+pub struct Behind {
+    /// The device.
+    pub device: String,
+    /// Its hardware model.
+    pub hardware: String,
+    /// The version its agent last reported.
+    pub installed: String,
+    /// The newest version published for that hardware.
+    pub newest: String,
 }
 
 /// Whether a device reporting `installed` runs an older version than `newest`. A version
