@@ -37,6 +37,12 @@ struct RawDns {
     unknown_clients: String,
     default_policy: Option<String>,
     per_client: Option<RawRate>,
+    max_tcp_connections: usize,
+    tcp_connections_per_ip: usize,
+    tcp_idle_timeout: String,
+    tcp_session_timeout: String,
+    max_udp_in_flight: usize,
+    max_upstream_in_flight: usize,
     cache: RawDnsCache,
     log_queries: bool,
     log_retention: String,
@@ -57,6 +63,12 @@ impl Default for RawDns {
             unknown_clients: "refuse".into(),
             default_policy: None,
             per_client: None,
+            max_tcp_connections: 1_000,
+            tcp_connections_per_ip: 16,
+            tcp_idle_timeout: "10s".into(),
+            tcp_session_timeout: "2m".into(),
+            max_udp_in_flight: 1_024,
+            max_upstream_in_flight: 1_024,
             cache: RawDnsCache::default(),
             log_queries: true,
             log_retention: "7d".into(),
@@ -160,6 +172,7 @@ struct RawDevice {
     header_timeout: String,
     request_timeout: String,
     max_connections: usize,
+    max_connections_per_ip: usize,
     handshakes_per_ip: Option<RawRate>,
     workers: usize,
 }
@@ -173,6 +186,7 @@ impl Default for RawDevice {
             header_timeout: "10s".into(),
             request_timeout: "30s".into(),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
             handshakes_per_ip: None,
             workers: 0,
         }
@@ -246,6 +260,18 @@ pub struct DnsConfig {
     /// Policy for devices whose group has none.
     pub default_policy: Option<String>,
     pub per_client: Option<Rate>,
+    /// TCP and DoT connections at once (each listener).
+    pub max_tcp_connections: usize,
+    /// TCP and DoT connections at once from one address.
+    pub tcp_connections_per_ip: usize,
+    /// Most time between two queries on a TCP/DoT connection.
+    pub tcp_idle_timeout: Duration,
+    /// Most time a TCP/DoT connection stays open, however busy.
+    pub tcp_session_timeout: Duration,
+    /// UDP queries being answered at once; beyond it new ones are dropped (counted).
+    pub max_udp_in_flight: usize,
+    /// Queries waiting for an upstream at once (each holds a socket or a stream slot).
+    pub max_upstream_in_flight: usize,
     pub cache: portcullis_dns::CacheConfig,
     /// Persist every query in the query log.
     pub log_queries: bool,
@@ -354,6 +380,12 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
             Some(r) => rate("dns.per_client", Some(r))?,
             None => Some(Rate { per_second: 200.0, burst: 400 }),
         },
+        max_tcp_connections: raw.max_tcp_connections.max(1),
+        tcp_connections_per_ip: raw.tcp_connections_per_ip.max(1),
+        tcp_idle_timeout: dur("dns.tcp_idle_timeout", &raw.tcp_idle_timeout)?,
+        tcp_session_timeout: dur("dns.tcp_session_timeout", &raw.tcp_session_timeout)?,
+        max_udp_in_flight: raw.max_udp_in_flight.max(1),
+        max_upstream_in_flight: raw.max_upstream_in_flight.max(1),
         cache: portcullis_dns::CacheConfig {
             max_entries: raw.cache.max_entries.max(1),
             min_ttl: ttl("min_ttl", &raw.cache.min_ttl)?,
@@ -526,6 +558,8 @@ impl Config {
                 header_timeout: dur("device.header_timeout", &raw.device.header_timeout)?,
                 request_timeout: dur("device.request_timeout", &raw.device.request_timeout)?,
                 max_connections: raw.device.max_connections,
+                max_connections_per_ip: raw.device.max_connections_per_ip.max(1),
+                conn_metrics: Default::default(),
                 handshakes_per_ip: rate("device.handshakes_per_ip", raw.device.handshakes_per_ip)?,
                 workers: raw.device.workers,
             },

@@ -658,11 +658,13 @@ pub fn tls_attribution(
             let verified = verifier.verify(&c);
             portcullis_pki::PeerCertificate::new(c, verified)
         });
+        let verified = peer.as_ref().is_some_and(|p| p.verified.is_ok());
         let (authority, profiles) = (authority.clone(), profiles.clone());
-        Arc::new(move || {
+        let attribution: portcullis_dns::ConnAttribution = Arc::new(move || {
             let (authority, profiles, peer) = (authority.clone(), profiles.clone(), peer.clone());
             Box::pin(async move { attribute_peer(&authority, &profiles, peer.as_ref()).await })
-        })
+        });
+        (attribution, verified)
     })
 }
 

@@ -77,6 +77,10 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         None => None,
     };
     let profiles = crate::dns::ProfilePolicies::default();
+    // One set of connection-admission counters for every listener (labelled by name).
+    let conn_metrics = portcullis_gateway::conns::ConnMetrics::default();
+    authority.metrics().register(|r| conn_metrics.register(r));
+    raise_descriptor_limit(&cfg);
     let dns = match dns_cfg {
         Some((d, (udp, tcp))) => {
             let (lists, table) = crate::dns::DnsLists::new(d, cfg.data_dir.join("dns-lists"))?;
@@ -90,10 +94,11 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 portcullis_dns::Resolver::new(
                     table,
                     identify,
-                    portcullis_dns::Upstreams {
-                        servers: crate::dns::upstreams(d)?,
-                        timeout: d.upstream_timeout,
-                    },
+                    portcullis_dns::Upstreams::new(
+                        crate::dns::upstreams(d)?,
+                        d.upstream_timeout,
+                        d.max_upstream_in_flight,
+                    ),
                     portcullis_dns::Cache::new(d.cache),
                 )
                 .on_query(on_query),
@@ -120,7 +125,16 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 dns_stop_rx.clone(),
             ));
             dns_lists = Some(lists);
-            Some((resolver, udp, tcp, d.per_client, dot))
+            let serve_cfg = portcullis_dns::ServeConfig {
+                per_client: d.per_client,
+                max_tcp_connections: d.max_tcp_connections,
+                tcp_connections_per_ip: d.tcp_connections_per_ip,
+                tcp_idle_timeout: d.tcp_idle_timeout,
+                tcp_session_timeout: d.tcp_session_timeout,
+                max_udp_in_flight: d.max_udp_in_flight,
+                conn_metrics: conn_metrics.clone(),
+            };
+            Some((resolver, udp, tcp, serve_cfg, dot))
         }
         None => None,
     };
@@ -197,7 +211,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
             built_in_prefixes: vec![portcullis_firmware::http::PREFIX],
             gateway,
         },
-        cfg.listener.clone(),
+        portcullis_gateway::ListenerConfig { conn_metrics: conn_metrics.clone(), ..cfg.listener.clone() },
         stop_rx.clone(),
     ));
     let hup = spawn_reload_on_sighup(hup, reload, stop_rx.clone());
@@ -225,8 +239,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let dns_task = tokio::spawn({
         let stop = stop_rx.clone();
         async move {
-            if let Some((resolver, udp, tcp, per_client, dot)) = dns {
-                let serve_cfg = portcullis_dns::ServeConfig { per_client, ..Default::default() };
+            if let Some((resolver, udp, tcp, serve_cfg, dot)) = dns {
                 let dot_task = dot.map(|l| {
                     tokio::spawn(resolver.clone().serve_tls(
                         l,
@@ -255,6 +268,24 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let _ = std::fs::remove_file(inst.admin_addr_path());
     eprintln!("portcullis: stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit (as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do): the connection caps are only real if the
+/// process can hold that many sockets. Warns when even the hard limit is below them.
+fn raise_descriptor_limit(cfg: &Config) {
+    let want = cfg.listener.max_connections as u64
+        + cfg.dns.as_ref().map_or(0, |d| 2 * d.max_tcp_connections as u64 + d.max_upstream_in_flight as u64)
+        + 256;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < want => tracing::warn!(
+            limit = n,
+            needed = want,
+            "open-file limit is below the connection caps; raise it (LimitNOFILE=) or lower device.max_connections"
+        ),
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// SIGHUP re-reads the gateway routes; a failure is logged and changes nothing.

@@ -8,12 +8,14 @@
 
 pub mod cache;
 pub mod lists;
+mod pipeline;
 pub mod policy;
 mod server;
 pub mod upstream;
 
 pub use cache::{Cache, CacheConfig};
 pub use lists::{DomainSet, ListStats};
+pub use pipeline::Pipeline;
 pub use policy::{BlockResponse, Mode, Policy, Verdict};
 pub use server::{
     Attribution, Client, ConnAttribution, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig,

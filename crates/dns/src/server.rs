@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, HINFO};
 use hickory_proto::rr::{RData, Record, RecordType};
+use portcullis_gateway::conns::{ConnLimits, ConnMetrics, Conns, Slot};
 use portcullis_gateway::{Limiter, Rate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::cache::Cache;
 use crate::policy::{BlockResponse, Policy, Verdict};
@@ -52,9 +53,11 @@ pub type ConnAttribution =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Attribution> + Send>> + Send + Sync>;
 
 /// Makes the [`ConnAttribution`] of a new DoT connection from the client certificate
-/// chain it presented (if any).
-pub type TlsAttribution =
-    Arc<dyn Fn(Option<Vec<rustls::pki_types::CertificateDer<'static>>>) -> ConnAttribution + Send + Sync>;
+/// chain it presented (if any), and says whether that chain verified against the CA (the
+/// connection then belongs to a device and is never shed).
+pub type TlsAttribution = Arc<
+    dyn Fn(Option<Vec<rustls::pki_types::CertificateDer<'static>>>) -> (ConnAttribution, bool) + Send + Sync,
+>;
 
 /// One answered query, for the query log and metrics.
 #[derive(Debug, Clone)]
@@ -98,10 +101,20 @@ pub struct PolicyTable {
 pub struct ServeConfig {
     /// Queries per second per source address (beyond it they are dropped).
     pub per_client: Option<Rate>,
-    /// TCP connections at once.
+    /// TCP connections at once (and DoT connections at once, separately). At the cap
+    /// the oldest idle connection without a device certificate is closed for a new one.
     pub max_tcp_connections: usize,
-    /// Idle time before a TCP connection is closed.
+    /// TCP (and DoT) connections at once from one address.
+    pub tcp_connections_per_ip: usize,
+    /// Most time from the end of an answer (or the handshake) to the whole next query:
+    /// a client that trickles bytes gets no more than this per query.
     pub tcp_idle_timeout: Duration,
+    /// Most time one TCP or DoT connection stays open, however busy.
+    pub tcp_session_timeout: Duration,
+    /// UDP queries being answered at once; beyond it new ones are dropped (counted).
+    pub max_udp_in_flight: usize,
+    /// Where connection admissions are counted.
+    pub conn_metrics: ConnMetrics,
 }
 
 impl Default for ServeConfig {
@@ -109,10 +122,18 @@ impl Default for ServeConfig {
         Self {
             per_client: Some(Rate { per_second: 200.0, burst: 400 }),
             max_tcp_connections: 1_000,
+            tcp_connections_per_ip: 16,
             tcp_idle_timeout: Duration::from_secs(10),
+            tcp_session_timeout: Duration::from_secs(300),
+            max_udp_in_flight: 1_024,
+            conn_metrics: ConnMetrics::default(),
         }
     }
 }
+
+/// Queries answered at once on one TCP or DoT connection (RFC 7766 pipelining); the
+/// connection is not read further while this many are in flight.
+const PIPELINE: usize = 32;
 
 /// Counters of what the resolver did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -131,6 +152,8 @@ pub struct Stats {
     pub malformed: AtomicU64,
     /// Queries dropped by the per-client rate limit.
     pub rate_limited: AtomicU64,
+    /// UDP queries dropped because `max_udp_in_flight` were being answered.
+    pub dropped_overload: AtomicU64,
 }
 
 /// The filtering resolver.
@@ -379,7 +402,13 @@ impl Resolver {
         shutdown: watch::Receiver<bool>,
     ) {
         let limiter = cfg.per_client.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000)));
-        let udp = tokio::spawn(self.clone().serve_udp(Arc::new(sock), limiter.clone(), shutdown.clone()));
+        let in_flight = Arc::new(Semaphore::new(cfg.max_udp_in_flight.max(1)));
+        let udp = tokio::spawn(self.clone().serve_udp(
+            Arc::new(sock),
+            limiter.clone(),
+            in_flight,
+            shutdown.clone(),
+        ));
         let tcp = tokio::spawn(self.serve_tcp(tcp, cfg, limiter, shutdown));
         let _ = tokio::join!(udp, tcp);
     }
@@ -396,6 +425,7 @@ impl Resolver {
         self: Arc<Self>,
         sock: Arc<UdpSocket>,
         limiter: Option<Arc<Limiter<IpAddr>>>,
+        in_flight: Arc<Semaphore>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut buf = vec![0u8; 4096];
@@ -413,9 +443,17 @@ impl Resolver {
             if !self.admit(&limiter, src.ip()) {
                 continue;
             }
+            // Each query being answered holds memory and, on a cache miss, an upstream
+            // socket: beyond the bound new ones are dropped (the client retries), never
+            // queued without limit.
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                bump(&self.stats.dropped_overload);
+                continue;
+            };
             let packet = buf[..n].to_vec();
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Some(out) = me.answer(&packet, src.ip(), true).await {
                     let _ = sock.send_to(&out, src).await;
                 }
@@ -430,13 +468,13 @@ impl Resolver {
         limiter: Option<Arc<Limiter<IpAddr>>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let permits = Arc::new(Semaphore::new(cfg.max_tcp_connections));
+        let conns = Conns::new(
+            "dns_tcp",
+            ConnLimits { max: cfg.max_tcp_connections, per_ip: cfg.tcp_connections_per_ip },
+            cfg.conn_metrics.clone(),
+        );
         loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = shutdown.changed() => return,
-            };
-            let (mut stream, src): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            let (stream, src): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(r) => r,
                     Err(e) => {
@@ -447,12 +485,13 @@ impl Resolver {
                 },
                 _ = shutdown.changed() => return,
             };
+            let Ok(slot) = conns.admit(src.ip()) else { continue };
             let me = self.clone();
             let limiter = limiter.clone();
-            let idle = cfg.tcp_idle_timeout;
+            let cfg = cfg.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                me.serve_stream(&mut stream, src.ip(), idle, &limiter, None).await;
+                let session_end = tokio::time::Instant::now() + cfg.tcp_session_timeout;
+                me.serve_stream(stream, src.ip(), &cfg, session_end, limiter, None, slot).await;
             });
         }
     }
@@ -460,37 +499,79 @@ impl Resolver {
 
 impl Resolver {
     /// Answers length-prefixed messages (RFC 1035 section 4.2.2; RFC 7858) on one
-    /// connection until it idles out, closes, or its client exceeds its rate. `who`
-    /// attributes each query (DoT: the certificate); `None`: by address.
-    async fn serve_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-        &self,
-        stream: &mut S,
+    /// connection until it idles out, closes, reaches its session deadline, is shed, or
+    /// its client exceeds its rate. Queries are answered concurrently (up to
+    /// [`PIPELINE`]) and each answer is written as soon as it is ready (RFC 7766
+    /// section 6.2.1.1), so one slow name does not hold up the others. `who` attributes
+    /// each query (DoT: the certificate); `None`: by address.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(
+        self: Arc<Self>,
+        stream: S,
         src: IpAddr,
-        idle: Duration,
-        limiter: &Option<Arc<Limiter<IpAddr>>>,
-        who: Option<&ConnAttribution>,
+        cfg: &ServeConfig,
+        session_end: tokio::time::Instant,
+        limiter: Option<Arc<Limiter<IpAddr>>>,
+        who: Option<ConnAttribution>,
+        slot: Slot,
     ) {
-        loop {
-            let Ok(Ok(len)) = tokio::time::timeout(idle, stream.read_u16()).await else { return };
-            let mut msg = vec![0u8; usize::from(len)];
-            if !matches!(tokio::time::timeout(idle, stream.read_exact(&mut msg)).await, Ok(Ok(_))) {
-                return;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PIPELINE);
+        let pipeline = Arc::new(Semaphore::new(PIPELINE));
+        let idle = cfg.tcp_idle_timeout;
+        let slot = Arc::new(slot);
+        let reader = {
+            let slot = slot.clone();
+            async move {
+                loop {
+                    // The whole next query, length and body, within the idle deadline:
+                    // trickling a byte at a time buys no extra time.
+                    let next = async {
+                        let len = rd.read_u16().await?;
+                        let mut msg = vec![0u8; usize::from(len)];
+                        rd.read_exact(&mut msg).await?;
+                        Ok::<_, std::io::Error>(msg)
+                    };
+                    let deadline = (tokio::time::Instant::now() + idle).min(session_end);
+                    let Ok(Ok(msg)) = tokio::time::timeout_at(deadline, next).await else {
+                        slot.conns().closed_idle("dns_idle");
+                        return;
+                    };
+                    if !self.admit(&limiter, src) || tx.is_closed() {
+                        return;
+                    }
+                    let Ok(permit) = pipeline.clone().acquire_owned().await else { return };
+                    let busy = slot.busy();
+                    let (me, tx, who) = (self.clone(), tx.clone(), who.clone());
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let _busy = busy;
+                        let attribution = match &who {
+                            Some(w) => w().await,
+                            None => Attribution::ByAddress,
+                        };
+                        let Some(out) = me.answer_for(&msg, src, false, attribution).await else { return };
+                        let Ok(n) = u16::try_from(out.len()) else { return };
+                        let mut framed = Vec::with_capacity(out.len() + 2);
+                        framed.extend_from_slice(&n.to_be_bytes());
+                        framed.extend_from_slice(&out);
+                        let _ = tx.send(framed).await;
+                    });
+                }
             }
-            if !self.admit(limiter, src) {
-                return;
+        };
+        // Ends when the reader and every answer it started are done (all senders gone).
+        let writer = async move {
+            while let Some(framed) = rx.recv().await {
+                if wr.write_all(&framed).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
             }
-            let attribution = match who {
-                Some(w) => w().await,
-                None => Attribution::ByAddress,
-            };
-            let Some(out) = self.answer_for(&msg, src, false, attribution).await else { return };
-            let Ok(n) = u16::try_from(out.len()) else { return };
-            let mut framed = Vec::with_capacity(out.len() + 2);
-            framed.extend_from_slice(&n.to_be_bytes());
-            framed.extend_from_slice(&out);
-            if stream.write_all(&framed).await.is_err() || stream.flush().await.is_err() {
-                return;
-            }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(reader, writer) } => {}
+            _ = tokio::time::sleep_until(session_end) => {}
+            _ = slot.shed() => {}
         }
     }
 
@@ -504,13 +585,13 @@ impl Resolver {
         cfg: ServeConfig,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let permits = Arc::new(Semaphore::new(cfg.max_tcp_connections));
+        let conns = Conns::new(
+            "dns_tls",
+            ConnLimits { max: cfg.max_tcp_connections, per_ip: cfg.tcp_connections_per_ip },
+            cfg.conn_metrics.clone(),
+        );
         let limiter = cfg.per_client.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000)));
         loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = shutdown.changed() => return,
-            };
             let (tcp, src) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(r) => r,
@@ -522,25 +603,34 @@ impl Resolver {
                 },
                 _ = shutdown.changed() => return,
             };
+            let Ok(slot) = conns.admit(src.ip()) else { continue };
             let (me, acceptor, attribute, limiter) =
                 (self.clone(), acceptor.clone(), attribute.clone(), limiter.clone());
-            let idle = cfg.tcp_idle_timeout;
+            let cfg = cfg.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let mut stream = match tokio::time::timeout(idle, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    _ => {
-                        tracing::debug!(client = %src, "dns-over-tls handshake failed or timed out");
-                        return;
-                    }
+                let session_end = tokio::time::Instant::now() + cfg.tcp_session_timeout;
+                let handshake = tokio::time::timeout(cfg.tcp_idle_timeout, acceptor.accept(tcp));
+                let stream = tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        _ => {
+                            tracing::debug!(client = %src, "dns-over-tls handshake failed or timed out");
+                            return;
+                        }
+                    },
+                    _ = slot.shed() => return,
                 };
                 let chain = stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>());
-                let who = attribute(chain);
-                me.serve_stream(&mut stream, src.ip(), idle, &limiter, Some(&who)).await;
+                let (who, verified) = attribute(chain);
+                if verified {
+                    // A certificate of our CA: a device's connection, never shed.
+                    slot.identified();
+                }
+                me.serve_stream(stream, src.ip(), &cfg, session_end, limiter, Some(who), slot).await;
             });
         }
     }

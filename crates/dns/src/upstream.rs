@@ -1,7 +1,10 @@
 //! Forwarding to upstream resolvers: plain DNS over UDP (TCP when the answer is
-//! truncated), DNS over TLS (RFC 7858, one kept-alive connection per upstream) and DNS
-//! over HTTPS (RFC 8484, pooled), each tried in turn with its own deadline until one
-//! answers. Encrypted upstreams are always verified.
+//! truncated), DNS over TCP and DNS over TLS (RFC 7858; one kept-alive connection per
+//! upstream with queries pipelined on it, see [`crate::pipeline`]) and DNS over HTTPS
+//! (RFC 8484, pooled), each tried in turn with its own deadline until one answers.
+//! Encrypted upstreams are always verified. The queries waiting for upstreams at once
+//! are bounded: each holds a socket or a slot on a stream, and a flood of names in a
+//! slow zone must not run the process out of descriptors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +14,8 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio_rustls::client::TlsStream;
+
+use crate::pipeline::{Pipeline, Stream};
 
 /// Why no upstream answered.
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +26,16 @@ pub enum UpstreamError {
     /// Every upstream failed; the last failure.
     #[error("all upstream resolvers failed; last: {0}")]
     AllFailed(String),
+    /// Too many queries already wait for the upstreams.
+    #[error("{0} queries already wait for the upstreams")]
+    Overloaded(usize),
 }
 
 /// Why an upstream spec does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream {0:?}: expected IP[:port], tls://IP[:port]#server-name or https://host[:port]/path")]
+#[error(
+    "upstream {0:?}: expected IP[:port], tcp://IP[:port], tls://IP[:port]#server-name or https://host[:port]/path"
+)]
 pub struct BadUpstream(pub String);
 
 type HttpsClient = hyper_util::client::legacy::Client<
@@ -38,6 +47,13 @@ type HttpsClient = hyper_util::client::legacy::Client<
 pub enum Upstream {
     /// Plain DNS, UDP then TCP on truncation.
     Plain(SocketAddr),
+    /// Plain DNS over TCP only, pipelined on a kept-alive connection.
+    Tcp {
+        /// Where.
+        addr: SocketAddr,
+        /// The kept-alive connection.
+        pipe: Box<Pipeline>,
+    },
     /// DNS over TLS, verified for `name`.
     Tls {
         /// Where.
@@ -47,7 +63,7 @@ pub enum Upstream {
         /// Client TLS (ALPN `dot`).
         tls: tokio_rustls::TlsConnector,
         /// The kept-alive connection.
-        conn: Box<tokio::sync::Mutex<Option<TlsStream<TcpStream>>>>,
+        pipe: Box<Pipeline>,
     },
     /// DNS over HTTPS (POST).
     Https {
@@ -65,7 +81,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Parses `IP[:port]` (port 53), `tls://IP[:port]#name` (port 853; the name the
+    /// Parses `IP[:port]` (port 53), `tcp://IP[:port]` (port 53), `tls://IP[:port]#name` (port 853; the name the
     /// certificate must carry, default the IP) or `https://host[:port]/path`; encrypted
     /// upstreams are verified against `roots`.
     pub fn parse(spec: &str, roots: &Arc<rustls::RootCertStore>) -> Result<Self, BadUpstream> {
@@ -94,7 +110,14 @@ impl Upstream {
                 None => ServerName::from(addr.ip()),
             };
             let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&[b"dot"])?));
-            return Ok(Self::Tls { addr, name, tls, conn: Box::new(tokio::sync::Mutex::new(None)) });
+            return Ok(Self::Tls { addr, name, tls, pipe: Box::default() });
+        }
+        if let Some(host) = spec.strip_prefix("tcp://") {
+            let addr = host
+                .parse::<SocketAddr>()
+                .or_else(|_| host.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| bad())?;
+            return Ok(Self::Tcp { addr, pipe: Box::default() });
         }
         if spec.starts_with("https://") {
             let url: http::Uri = spec.parse().map_err(|_| bad())?;
@@ -124,6 +147,7 @@ impl Upstream {
     pub fn label(&self) -> String {
         match self {
             Self::Plain(a) => a.to_string(),
+            Self::Tcp { addr, .. } => format!("tcp://{addr}"),
             Self::Tls { addr, name, .. } => format!("tls://{addr}#{}", name.to_str()),
             Self::Https { url, .. } => url.to_string(),
         }
@@ -134,12 +158,15 @@ impl Upstream {
 #[derive(Debug)]
 pub struct Upstreams {
     /// Tried in this order.
-    pub servers: Vec<Upstream>,
+    servers: Vec<Upstream>,
     /// Deadline for one server's answer.
-    pub timeout: Duration,
+    timeout: Duration,
+    /// Queries waiting for an upstream at once.
+    in_flight: tokio::sync::Semaphore,
+    max_in_flight: usize,
 }
 
-fn random_id() -> u16 {
+pub(crate) fn random_id() -> u16 {
     let mut b = [0u8; 2];
     // SystemRandom only fails if the OS has no randomness; a fixed id then still works
     // since answers are matched on the question and the socket as well.
@@ -180,14 +207,29 @@ async fn framed_exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
 }
 
 impl Upstreams {
+    /// `servers`, tried in order, each given `timeout` to answer; at most
+    /// `max_in_flight` queries wait for them at once (more fail at once).
+    pub fn new(servers: Vec<Upstream>, timeout: Duration, max_in_flight: usize) -> Self {
+        let max_in_flight = max_in_flight.max(1);
+        Self { servers, timeout, in_flight: tokio::sync::Semaphore::new(max_in_flight), max_in_flight }
+    }
+
+    /// Queries waiting for an upstream now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
+    }
+
     /// Resolves `query` (recursion desired) through the first upstream that answers.
     pub async fn resolve(&self, query: &Query) -> Result<Message, UpstreamError> {
         if self.servers.is_empty() {
             return Err(UpstreamError::NoUpstreams);
         }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(UpstreamError::Overloaded(self.max_in_flight));
+        };
         let mut last = String::new();
         for server in &self.servers {
-            match tokio::time::timeout(self.timeout, ask(server, query)).await {
+            match tokio::time::timeout(self.timeout, ask(server, query, self.timeout)).await {
                 Ok(Ok(m)) => return Ok(m),
                 Ok(Err(e)) => last = format!("{}: {e}", server.label()),
                 Err(_) => {
@@ -200,26 +242,36 @@ impl Upstreams {
     }
 }
 
-async fn ask(server: &Upstream, query: &Query) -> Result<Message, String> {
+async fn ask(server: &Upstream, query: &Query, deadline: Duration) -> Result<Message, String> {
     let id = random_id();
     let bytes = request(id, query)?;
+    let parse = |buf: Vec<u8>| -> Result<Message, String> {
+        let resp = Message::from_vec(&buf).map_err(|e| e.to_string())?;
+        // The pipeline matched the id; the question must match too.
+        if resp.queries.first() != Some(query) {
+            return Err("answer does not match the question".into());
+        }
+        Ok(resp)
+    };
     match server {
         Upstream::Plain(addr) => ask_udp(*addr, &bytes, id, query).await,
-        Upstream::Tls { addr, name, tls, conn } => {
-            let mut held = conn.lock().await;
-            // The kept connection first; if the upstream closed it, one fresh try.
-            if let Some(s) = held.as_mut()
-                && let Ok(buf) = framed_exchange(s, &bytes).await
-            {
-                return check(Message::from_vec(&buf).map_err(|e| e.to_string())?, id, query);
-            }
-            *held = None;
-            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-            let _ = tcp.set_nodelay(true);
-            let mut s = tls.connect(name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
-            let buf = framed_exchange(&mut s, &bytes).await?;
-            *held = Some(s);
-            check(Message::from_vec(&buf).map_err(|e| e.to_string())?, id, query)
+        Upstream::Tcp { addr, pipe } => {
+            let addr = *addr;
+            let connect = || async move {
+                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp) as Box<dyn Stream>)
+            };
+            parse(pipe.exchange(&bytes, deadline, connect).await?)
+        }
+        Upstream::Tls { addr, name, tls, pipe } => {
+            let connect = || async {
+                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                let s = tls.connect(name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                Ok(Box::new(s) as Box<dyn Stream>)
+            };
+            parse(pipe.exchange(&bytes, deadline, connect).await?)
         }
         Upstream::Https { url, client } => {
             use http_body_util::BodyExt;

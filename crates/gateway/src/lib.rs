@@ -14,6 +14,7 @@
 //! (or shadow mode), gateway-owned headers stripped and identity headers set, pooled
 //! http or verified https upstream connections, 502/504 as problem documents.
 
+pub mod conns;
 mod fastbody;
 mod listener;
 pub mod openapi;

@@ -16,11 +16,12 @@ use portcullis_pki::{ClientCertVerifier, PeerCertificate};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::conns::{Busy, ConnLimits, ConnMetrics, Conns, Slot};
 use crate::ratelimit::{Limiter, Rate};
 
 /// Limits of the device port.
@@ -28,12 +29,20 @@ use crate::ratelimit::{Limiter, Rate};
 pub struct ListenerConfig {
     /// Deadline for the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Deadline for receiving a request head (also bounds idle keep-alive waits).
+    /// Deadline for a request head, counted from the end of the handshake or of the
+    /// previous response: it bounds the wait for the first request, keep-alive idle time
+    /// (HTTP/1.1) and an HTTP/2 connection with no open stream.
     pub header_timeout: Duration,
     /// Deadline for a whole request, body included; exceeded → 408.
     pub request_timeout: Duration,
-    /// Most concurrent connections; more wait in the kernel's accept queue.
+    /// Most concurrent connections. At the cap the oldest idle connection without a
+    /// device identity is closed to admit a new one; with none left the new one is
+    /// closed at once.
     pub max_connections: usize,
+    /// Most concurrent connections from one source address.
+    pub max_connections_per_ip: usize,
+    /// Where admissions, refusals and deadline closes are counted.
+    pub conn_metrics: ConnMetrics,
     /// New connections (TLS handshakes) per source IP; beyond it the connection is
     /// closed before any TLS work. `None`: no limit.
     pub handshakes_per_ip: Option<Rate>,
@@ -63,6 +72,8 @@ impl Default for ListenerConfig {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
+            conn_metrics: ConnMetrics::default(),
             handshakes_per_ip: None,
             workers: 0,
         }
@@ -116,7 +127,11 @@ pub async fn serve(
         built_in_paths: app.built_in_paths,
         built_in_prefixes: app.built_in_prefixes,
         gateway: app.gateway,
-        permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        conns: Conns::new(
+            "device",
+            ConnLimits { max: cfg.max_connections, per_ip: cfg.max_connections_per_ip },
+            cfg.conn_metrics.clone(),
+        ),
         per_ip: cfg.handshakes_per_ip.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000))),
         cfg: cfg.clone(),
     });
@@ -174,7 +189,7 @@ struct Shared {
     built_in_paths: Vec<&'static str>,
     built_in_prefixes: Vec<&'static str>,
     gateway: Arc<crate::Gateway>,
-    permits: Arc<Semaphore>,
+    conns: Arc<Conns>,
     per_ip: Option<Arc<Limiter<IpAddr>>>,
     cfg: ListenerConfig,
 }
@@ -248,7 +263,7 @@ struct WorkerLabel {
 struct Handoff {
     tcp: std::net::TcpStream,
     remote: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     open: Open,
 }
 
@@ -324,9 +339,9 @@ async fn accept_loop(
                     h = inbox.recv() => match h { Some(h) => h, None => break },
                     _ = shutdown.changed() => break,
                 };
-                let Handoff { tcp, remote, permit, open } = handoff;
+                let Handoff { tcp, remote, slot, open } = handoff;
                 match TcpStream::from_std(tcp) {
-                    Ok(tcp) => serve_connection(tcp, remote, permit, open, &shared, &shutdown, &done),
+                    Ok(tcp) => serve_connection(tcp, remote, slot, open, &shared, &shutdown, &done),
                     Err(e) => {
                         tracing::warn!(peer = %remote, error = %e, "worker cannot register a connection")
                     }
@@ -338,10 +353,9 @@ async fn accept_loop(
         if *shutdown.borrow() {
             break;
         }
-        let permit = tokio::select! {
-            p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
+        // Accept at once, always: a connection beyond the caps is closed here, counted,
+        // instead of waiting in the kernel's queue where it would hold up everyone
+        // behind it.
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(r) => r,
@@ -360,15 +374,22 @@ async fn accept_loop(
             tracing::debug!(peer = %remote, "handshake rate limit exceeded; connection closed");
             continue;
         }
+        let slot = match shared.conns.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(peer = %remote, reason = why.label(), "connection refused at the cap");
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let target = balance.pick(me);
         let open = Open::new(&balance.open[target]);
         if target == me {
-            serve_connection(tcp, remote, permit, open, &shared, &shutdown, &conn_done_tx);
+            serve_connection(tcp, remote, slot, open, &shared, &shutdown, &conn_done_tx);
             continue;
         }
         let handoff = match tcp.into_std() {
-            Ok(tcp) => Handoff { tcp, remote, permit, open },
+            Ok(tcp) => Handoff { tcp, remote, slot, open },
             Err(e) => {
                 tracing::warn!(peer = %remote, error = %e, "cannot hand a connection to another worker");
                 continue;
@@ -378,12 +399,12 @@ async fn accept_loop(
             // That worker never started or has stopped: never pick it again, and serve
             // this connection here.
             balance.gone[target].store(true, Ordering::Relaxed);
-            let Handoff { tcp, remote, permit, open } = refused.0;
+            let Handoff { tcp, remote, slot, open } = refused.0;
             drop(open);
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => {
                     let open = Open::new(&balance.open[me]);
-                    serve_connection(tcp, remote, permit, open, &shared, &shutdown, &conn_done_tx);
+                    serve_connection(tcp, remote, slot, open, &shared, &shutdown, &conn_done_tx);
                 }
                 Err(e) => tracing::warn!(peer = %remote, error = %e, "worker cannot register a connection"),
             }
@@ -397,11 +418,12 @@ async fn accept_loop(
 }
 
 /// Runs one connection on the current worker: TLS handshake, client certificate check,
-/// then HTTP/1.1 or HTTP/2 until the peer leaves or the port shuts down.
+/// then HTTP/1.1 or HTTP/2 (as ALPN chose) until the peer leaves, a deadline passes, the
+/// admission table sheds it, or the port shuts down.
 fn serve_connection(
     tcp: TcpStream,
     remote: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     open: Open,
     shared: &Arc<Shared>,
     shutdown: &watch::Receiver<bool>,
@@ -414,19 +436,23 @@ fn serve_connection(
     let mut shutdown = shutdown.clone();
     let done = done.clone();
     tokio::spawn(async move {
-        let _permit = permit;
         let _open = open;
         let _done = done;
-        let tls = match tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(peer = %remote, "TLS handshake timed out");
-                return;
-            }
+        let slot = Arc::new(slot);
+        let tls = tokio::select! {
+            r = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(tcp)) => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    slot.conns().closed_idle("handshake");
+                    tracing::debug!(peer = %remote, "TLS handshake timed out");
+                    return;
+                }
+            },
+            _ = slot.shed() => return,
         };
         let peer = tls.get_ref().1.peer_certificates().map(|chain| {
             let chain: Vec<_> = chain.iter().map(|c| c.clone().into_owned()).collect();
@@ -436,43 +462,111 @@ fn serve_connection(
             }
             PeerCertificate::new(chain, verified)
         });
+        if peer.as_ref().is_some_and(|p| p.verified.is_ok()) {
+            // A certificate of our CA: a device (or one that was), never shed.
+            slot.identified();
+        }
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let in_flight = slot.clone();
         let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let busy = in_flight.busy();
             let mut req = req.map(Body::new);
             if let Some(p) = &peer {
                 req.extensions_mut().insert(p.clone());
             }
             req.extensions_mut().insert(ConnectInfo(remote));
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.respond(req).await) }
+            async move { Ok::<_, Infallible>(shared.respond(req).await.map(|body| Tracked { body, _busy: busy })) }
         });
-        // HTTP/2 when ALPN says so (or the client sends its preface), else HTTP/1.1.
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_timeout)
-            .max_buf_size(64 * 1024);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(128)
-            .max_header_list_size(64 * 1024)
-            .keep_alive_interval(Some(cfg.header_timeout))
-            .keep_alive_timeout(cfg.header_timeout);
-        let conn = builder.serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(peer = %remote, error = %e, "connection ended with error");
+        let io = TokioIo::new(tls);
+        if h2 {
+            // HTTP/2 only when ALPN chose it: no waiting to sniff a preface.
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(128)
+                .max_header_list_size(64 * 1024)
+                .keep_alive_interval(Some(cfg.header_timeout))
+                .keep_alive_timeout(cfg.header_timeout)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(peer = %remote, error = %e, "connection ended with error");
+                    }
+                    return;
                 }
+                _ = idle(&slot, cfg.header_timeout) => slot.conns().closed_idle("http2_idle"),
+                _ = shutdown.changed() => {}
+                _ = slot.shed() => return,
             }
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+            // GOAWAY, then a bounded wait for streams still open.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        } else {
+            // hyper's head deadline runs from the start of the connection and again after
+            // every response: it bounds the first request and keep-alive idle time.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.header_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        if e.is_timeout() {
+                            slot.conns().closed_idle("http1_idle");
+                        }
+                        tracing::debug!(peer = %remote, error = %e, "connection ended with error");
+                    }
+                }
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+                _ = slot.shed() => {}
             }
         }
     });
+}
+
+/// Completes once the connection has had no request in flight for `limit`.
+async fn idle(slot: &Slot, limit: Duration) {
+    loop {
+        match slot.idle_for() {
+            Some(d) if d >= limit => return,
+            Some(d) => tokio::time::sleep(limit - d).await,
+            None => tokio::time::sleep(limit).await,
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is sent or
+/// dropped, so a long download is not taken for an idle connection.
+struct Tracked {
+    body: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,15 @@
 //! Per-key GCRA (generic cell rate algorithm): `burst` requests at once, then one every
-//! `1 / per_second`. State is one instant per key; idle keys are evicted so the map stays
-//! bounded by the number of recently active devices.
+//! `1 / per_second`. State is one instant per key, kept in shards so that the workers
+//! that share a limiter rarely wait for one another.
+//!
+//! The number of keys is bounded. A key that is not tracked is never admitted blindly:
+//! when a shard is full, keys whose theoretical arrival time has passed (they carry no
+//! debt, so forgetting them changes nothing) are dropped first; if every key still owes
+//! time, the one closest to being idle is forgotten to make room for the new key. A flood
+//! of new source addresses therefore costs the oldest state, never the limit itself.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,30 +22,38 @@ pub struct Rate {
     pub burst: u32,
 }
 
+/// Shards of a limiter. A power of two, more than any machine this runs on has cores
+/// sharing one limiter, so two workers rarely meet on one lock.
+const SHARDS: usize = 32;
+
 /// A keyed GCRA limiter.
 #[derive(Debug)]
 pub struct Limiter<K> {
     interval: Duration,
     tolerance: Duration,
-    max_keys: usize,
-    tat: Mutex<HashMap<K, Instant>>,
+    per_shard: usize,
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<K, Instant>>]>,
 }
 
 impl<K: Eq + Hash + Clone> Limiter<K> {
-    /// A limiter for `rate`, keeping at most `max_keys` keys before evicting idle ones.
+    /// A limiter for `rate`, keeping at most about `max_keys` keys (rounded up to a
+    /// multiple of the shard count).
     pub fn new(rate: Rate, max_keys: usize) -> Self {
         let interval = Duration::from_secs_f64(1.0 / rate.per_second.max(1e-6));
         Self {
             interval,
             tolerance: interval * rate.burst.max(1),
-            max_keys: max_keys.max(1),
-            tat: Mutex::new(HashMap::new()),
+            per_shard: max_keys.max(1).div_ceil(SHARDS),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
     /// Admits one request for `key` at `now`, or says how long to wait.
     pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        let Ok(mut map) = self.tat.lock() else {
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) & (SHARDS - 1)];
+        let Ok(mut map) = shard.lock() else {
             // A poisoned lock means a panic elsewhere; refuse rather than admit blindly.
             return Err(self.interval);
         };
@@ -49,19 +63,32 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
         if now < allow_at {
             return Err(allow_at - now);
         }
-        if map.len() >= self.max_keys && !map.contains_key(key) {
+        if let Some(t) = map.get_mut(key) {
+            *t = new_tat;
+            return Ok(());
+        }
+        if map.len() >= self.per_shard {
             // Keys whose theoretical arrival time has passed hold no state worth keeping.
             map.retain(|_, t| *t > now);
+            if map.len() >= self.per_shard {
+                // Every key still owes time: forget the one closest to being idle.
+                if let Some(oldest) = map.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
+                    map.remove(&oldest);
+                }
+            }
         }
-        if map.len() < self.max_keys || map.contains_key(key) {
-            map.insert(key.clone(), new_tat);
-        }
+        map.insert(key.clone(), new_tat);
         Ok(())
     }
 
     /// Keys currently tracked.
     pub fn tracked(&self) -> usize {
-        self.tat.lock().map(|m| m.len()).unwrap_or(0)
+        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+    }
+
+    /// Most keys it keeps.
+    pub fn capacity(&self) -> usize {
+        self.per_shard * SHARDS
     }
 }
 
@@ -86,14 +113,35 @@ mod tests {
 
     #[test]
     fn idle_keys_are_evicted() {
-        let l = Limiter::new(Rate { per_second: 100.0, burst: 1 }, 10);
+        let l = Limiter::new(Rate { per_second: 100.0, burst: 1 }, 10 * SHARDS);
         let t0 = Instant::now();
-        for i in 0..10 {
+        for i in 0..10 * SHARDS {
             assert!(l.check(&i, t0).is_ok());
         }
-        assert_eq!(l.tracked(), 10);
-        // A second later every key is idle; a new key evicts them instead of growing.
-        assert!(l.check(&99, t0 + Duration::from_secs(1)).is_ok());
-        assert_eq!(l.tracked(), 1);
+        let full = l.tracked();
+        assert!(full > 5 * SHARDS, "{full}");
+        // A second later every key is idle; new keys evict them instead of growing.
+        for i in 0..10 * SHARDS {
+            assert!(l.check(&(100_000 + i), t0 + Duration::from_secs(1)).is_ok());
+        }
+        assert!(l.tracked() <= l.capacity());
+    }
+
+    /// The limiter used to admit a new key untracked once it was full: a flood of fresh
+    /// keys then turned the limit off for every newcomer.
+    #[test]
+    fn a_full_limiter_still_limits_new_keys() {
+        let l = Limiter::new(Rate { per_second: 1.0, burst: 1 }, 64);
+        let t0 = Instant::now();
+        // Fill it with keys that all still owe time (none is idle).
+        for i in 0..10_000u32 {
+            let _ = l.check(&i, t0);
+        }
+        assert!(l.tracked() <= l.capacity());
+        // Every newcomer gets its burst, then is limited: it was tracked.
+        for i in 20_000..20_100u32 {
+            assert!(l.check(&i, t0).is_ok());
+            assert!(l.check(&i, t0).is_err(), "key {i} admitted twice: untracked");
+        }
     }
 }
