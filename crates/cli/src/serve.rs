@@ -103,6 +103,18 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 )
                 .on_query(on_query),
             );
+            authority.metrics().register(|r| {
+                r.register(
+                    "dns_dropped_overload",
+                    "UDP queries dropped because dns.max_udp_in_flight were waiting for upstreams",
+                    resolver.stats.dropped_overload.clone(),
+                );
+                r.register(
+                    "dns_rate_limited",
+                    "DNS queries dropped by the per-client rate limit",
+                    resolver.stats.rate_limited.clone(),
+                );
+            });
             if d.upstreams.is_empty() {
                 tracing::warn!(
                     "dns: no upstream resolver (none configured, none in /etc/resolv.conf): answers will be SERVFAIL"

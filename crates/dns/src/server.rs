@@ -2,6 +2,7 @@
 //! cache or the upstreams, inspect the CNAME chain; served over UDP and TCP.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -136,7 +137,7 @@ impl Default for ServeConfig {
 const PIPELINE: usize = 32;
 
 /// Counters of what the resolver did.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default)]
 pub struct Stats {
     /// Queries answered (any outcome).
     pub queries: AtomicU64,
@@ -150,10 +151,11 @@ pub struct Stats {
     pub upstream_failures: AtomicU64,
     /// Malformed queries (FORMERR or dropped).
     pub malformed: AtomicU64,
-    /// Queries dropped by the per-client rate limit.
-    pub rate_limited: AtomicU64,
-    /// UDP queries dropped because `max_udp_in_flight` were being answered.
-    pub dropped_overload: AtomicU64,
+    /// Queries dropped by the per-client rate limit (shared with `/metrics`).
+    pub rate_limited: prometheus_client::metrics::counter::Counter,
+    /// UDP queries dropped because `max_udp_in_flight` were waiting for upstreams
+    /// (shared with `/metrics`).
+    pub dropped_overload: prometheus_client::metrics::counter::Counter,
 }
 
 /// The filtering resolver.
@@ -359,8 +361,15 @@ impl Resolver {
                 }
                 Err(e) => {
                     bump(&self.stats.upstream_failures);
-                    tracing::warn!(target: "portcullis::dns", client = %src, name = %name, error = %e,
-                        "no upstream answered");
+                    if matches!(e, crate::UpstreamError::Overloaded(_)) {
+                        // Under a flood this is every query: counted and logged per query
+                        // in the query log, not as a warning each.
+                        tracing::debug!(target: "portcullis::dns", client = %src, name = %name, error = %e,
+                            "no upstream asked");
+                    } else {
+                        tracing::warn!(target: "portcullis::dns", client = %src, name = %name, error = %e,
+                            "no upstream answered");
+                    }
                     resp.metadata.response_code = ResponseCode::ServFail;
                     let us = started.elapsed().as_micros() as u64;
                     self.emit(event("failed", e.to_string(), ResponseCode::ServFail, Some(us)));
@@ -416,7 +425,7 @@ impl Resolver {
     fn admit(&self, limiter: &Option<Arc<Limiter<IpAddr>>>, ip: IpAddr) -> bool {
         let ok = limiter.as_ref().is_none_or(|l| l.check(&ip, Instant::now()).is_ok());
         if !ok {
-            bump(&self.stats.rate_limited);
+            self.stats.rate_limited.inc();
         }
         ok
     }
@@ -443,19 +452,34 @@ impl Resolver {
             if !self.admit(&limiter, src.ip()) {
                 continue;
             }
-            // Each query being answered holds memory and, on a cache miss, an upstream
-            // socket: beyond the bound new ones are dropped (the client retries), never
-            // queued without limit.
+            // Whatever can be answered at once (policy, cache, refusal, FORMERR) is, here,
+            // without a task: polled once, the answer is ready unless an upstream has to
+            // be asked.
+            let packet = buf[..n].to_vec();
+            let me = self.clone();
+            let mut answering =
+                Box::pin(async move { me.answer(&packet, src.ip(), true).await.map(|out| (out, src)) });
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match answering.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(Some((out, to))) => {
+                    let _ = sock.try_send_to(&out, to);
+                    continue;
+                }
+                std::task::Poll::Ready(None) => continue,
+                std::task::Poll::Pending => {}
+            }
+            // A query waiting for an upstream holds memory and a socket: beyond the bound
+            // it is dropped (the client retries), never queued without limit. Cached and
+            // blocked names keep being answered above whatever the flood.
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-                bump(&self.stats.dropped_overload);
+                self.stats.dropped_overload.inc();
                 continue;
             };
-            let packet = buf[..n].to_vec();
-            let (me, sock) = (self.clone(), sock.clone());
+            let sock = sock.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Some(out) = me.answer(&packet, src.ip(), true).await {
-                    let _ = sock.send_to(&out, src).await;
+                if let Some((out, to)) = answering.await {
+                    let _ = sock.send_to(&out, to).await;
                 }
             });
         }
@@ -528,6 +552,11 @@ impl Resolver {
                     // trickling a byte at a time buys no extra time.
                     let next = async {
                         let len = rd.read_u16().await?;
+                        if usize::from(len) < 12 {
+                            // Shorter than a DNS header: nothing to answer, and a client
+                            // that sends such frames is not speaking DNS. Close.
+                            return Err(std::io::ErrorKind::InvalidData.into());
+                        }
                         let mut msg = vec![0u8; usize::from(len)];
                         rd.read_exact(&mut msg).await?;
                         Ok::<_, std::io::Error>(msg)

@@ -1,5 +1,8 @@
 //! An authoritative-style DNS server on 127.0.0.1 (UDP and TCP) answering from a fixed
-//! table, counting the questions it gets: the upstream the resolver forwards to.
+//! table, counting the questions it gets: the upstream the resolver forwards to. Names
+//! under `stall.test.` are answered only after [`STALL`]; every other question is answered
+//! at once, also on a TCP connection where a stalled one is pending (answers out of
+//! order, as RFC 7766 lets a server do).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -9,6 +12,13 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::{A, CNAME, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long names under `stall.test.` wait for their answer.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn stalls(q: &Message) -> bool {
+    q.queries.first().is_some_and(|q| q.name.to_ascii().to_ascii_lowercase().ends_with("stall.test."))
+}
 
 pub struct DnsUpstream {
     pub addr: SocketAddr,
@@ -96,40 +106,59 @@ impl DnsUpstream {
                 let seen_tcp = seen.clone();
                 tokio::spawn(async move {
                     loop {
-                        let Ok((mut s, _)) = tcp.accept().await else { return };
+                        let Ok((s, _)) = tcp.accept().await else { return };
                         let seen = seen_tcp.clone();
                         tokio::spawn(async move {
-                            while let Ok(n) = s.read_u16().await {
+                            let (mut rd, wr) = tokio::io::split(s);
+                            let wr = Arc::new(tokio::sync::Mutex::new(wr));
+                            while let Ok(n) = rd.read_u16().await {
                                 let mut buf = vec![0u8; usize::from(n)];
-                                if s.read_exact(&mut buf).await.is_err() {
+                                if rd.read_exact(&mut buf).await.is_err() {
                                     return;
                                 }
                                 let Ok(q) = Message::from_vec(&buf) else { return };
                                 count(&seen, &q);
-                                let out = answer(&q).to_vec().unwrap();
-                                let mut framed = (out.len() as u16).to_be_bytes().to_vec();
-                                framed.extend_from_slice(&out);
-                                if s.write_all(&framed).await.is_err() {
-                                    return;
-                                }
+                                let wr = wr.clone();
+                                tokio::spawn(async move {
+                                    if stalls(&q) {
+                                        tokio::time::sleep(STALL).await;
+                                    }
+                                    let out = answer(&q).to_vec().unwrap();
+                                    let mut framed = (out.len() as u16).to_be_bytes().to_vec();
+                                    framed.extend_from_slice(&out);
+                                    let _ = wr.lock().await.write_all(&framed).await;
+                                });
                             }
                         });
                     }
                 });
+                let udp = Arc::new(udp);
                 let mut buf = vec![0u8; 4096];
                 loop {
                     let Ok((n, src)) = udp.recv_from(&mut buf).await else { continue };
                     let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
                     count(&seen, &q);
-                    let resp = answer(&q);
-                    let mut out = resp.to_vec().unwrap();
-                    let limit = q.edns.as_ref().map_or(512, |e| usize::from(e.max_payload()));
-                    if out.len() > limit {
-                        let mut t = resp.truncate();
-                        t.metadata.truncation = true;
-                        out = t.to_vec().unwrap();
+                    let udp = udp.clone();
+                    let stall = stalls(&q);
+                    let reply = async move {
+                        let resp = answer(&q);
+                        let mut out = resp.to_vec().unwrap();
+                        let limit = q.edns.as_ref().map_or(512, |e| usize::from(e.max_payload()));
+                        if out.len() > limit {
+                            let mut t = resp.truncate();
+                            t.metadata.truncation = true;
+                            out = t.to_vec().unwrap();
+                        }
+                        let _ = udp.send_to(&out, src).await;
+                    };
+                    if stall {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(STALL).await;
+                            reply.await;
+                        });
+                    } else {
+                        reply.await;
                     }
-                    let _ = udp.send_to(&out, src).await;
                 }
             });
         });
