@@ -173,7 +173,7 @@ upstream = "http://{}"
     );
     assert!(flood_time < deadline, "the flood took longer than the deadline; the test proves nothing");
     assert_eq!(idle.len(), total, "every connection was admitted (older idle ones shed for newer)");
-    assert!(open_now <= 10_000.0 && open_now >= 9_000.0, "open {open_now}");
+    assert!((9_000.0..=10_000.0).contains(&open_now), "open {open_now}");
     assert!(shed >= (total - 10_000) as f64, "shed {shed}");
     assert!(per_conn < 96.0 * 1024.0, "RSS per idle connection {per_conn} bytes");
 
