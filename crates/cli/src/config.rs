@@ -66,7 +66,7 @@ impl Default for RawDns {
             max_tcp_connections: 1_000,
             tcp_connections_per_ip: 16,
             tcp_idle_timeout: "10s".into(),
-            tcp_session_timeout: "2m".into(),
+            tcp_session_timeout: "5m".into(),
             max_udp_in_flight: 1_024,
             max_upstream_in_flight: 1_024,
             cache: RawDnsCache::default(),
