@@ -20,7 +20,7 @@ fn resolver() -> &'static (Resolver, tokio::runtime::Runtime) {
             block: BlockResponse::Null,
         });
         let table = PolicyTable { unknown: Some(policy), ..Default::default() };
-        let upstreams = Upstreams { servers: vec![], timeout: std::time::Duration::from_millis(1) };
+        let upstreams = Upstreams::new(vec![], std::time::Duration::from_millis(1), 16);
         let r = Resolver::new(table, Arc::new(|_| None), upstreams, Cache::new(CacheConfig::default()));
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         (r, rt)

@@ -16,6 +16,8 @@ pub mod upstream;
 pub use cache::{Cache, CacheConfig};
 pub use lists::{DomainSet, ListStats};
 pub use pipeline::Pipeline;
+#[doc(hidden)]
+pub use pipeline::exchange_for_fuzzing as pipeline_for_fuzzing;
 pub use policy::{BlockResponse, Mode, Policy, Verdict};
 pub use server::{
     Attribution, Client, ConnAttribution, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig,
