@@ -268,7 +268,12 @@ impl Resolver {
         resp.metadata.recursion_desired = req.metadata.recursion_desired;
         resp.metadata.recursion_available = true;
         resp.metadata.checking_disabled = req.metadata.checking_disabled;
-        resp.add_queries(req.queries.iter().cloned());
+        // The question is echoed only when there is exactly one: a query with many
+        // (compressed) questions gets FORMERR below, and echoing them would make a small
+        // datagram a large answer (found by the dns_query fuzz target).
+        if req.queries.len() == 1 {
+            resp.add_queries(req.queries.iter().cloned());
+        }
         if req.edns.is_some() {
             let mut edns = Edns::new();
             edns.set_max_payload(MAX_UDP as u16);
@@ -704,12 +709,52 @@ fn encode(resp: Message, limit: usize) -> Option<Vec<u8>> {
     }
     let mut short = resp.truncate();
     short.metadata.truncation = true;
-    short.to_vec().ok()
+    let bytes = short.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    // Even the question does not fit: the header alone, with TC.
+    let mut bare = Message::response(short.metadata.id, short.metadata.op_code);
+    bare.metadata = short.metadata;
+    bare.to_vec().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the dns_query fuzz target: 48 questions whose names point into one another
+    /// made a 200-byte datagram a FORMERR answer of several KiB (an amplifier).
+    #[tokio::test]
+    async fn many_questions_never_make_a_large_answer() {
+        let policy = Arc::new(Policy {
+            name: "t".into(),
+            mode: crate::Mode::Blocklist,
+            lists: vec![],
+            allow: crate::DomainSet::new(),
+            deny: crate::DomainSet::new(),
+            block: BlockResponse::Nxdomain,
+        });
+        let table = PolicyTable { unknown: Some(policy), ..Default::default() };
+        let r = Resolver::new(
+            table,
+            Arc::new(|_| None),
+            Upstreams::new(vec![], Duration::from_millis(1), 4),
+            Cache::new(crate::CacheConfig::default()),
+        );
+        let mut q = Message::query();
+        q.metadata.id = 7;
+        for i in 0..48 {
+            let name = format!("{}.{}.example.", "a".repeat(60), i);
+            q.add_query(Query::query(hickory_proto::rr::Name::from_ascii(&name).unwrap(), RecordType::A));
+        }
+        let wire = q.to_vec().unwrap();
+        let out = r.answer(&wire, IpAddr::from([127, 0, 0, 1]), true).await.unwrap();
+        assert!(out.len() <= CLASSIC_UDP, "{} bytes answered to a query of {}", out.len(), wire.len());
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(m.metadata.id, 7);
+    }
 
     #[test]
     fn formerr_keeps_the_id_and_ignores_responses() {
