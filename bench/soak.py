@@ -222,7 +222,7 @@ bind_device = ["/api/devices/{{device}}"]
 upstreams = ["127.0.0.1:{PORTS['upstream']}"]
 upstream_timeout = "1s"
 default_policy = "fleet"
-per_client = { per_second = 5000, burst = 5000 }
+per_client = {{ per_second = 5000, burst = 5000 }}
 unknown_clients = "fleet"
 
 [[dns.policies]]
