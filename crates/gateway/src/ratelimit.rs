@@ -8,9 +8,10 @@
 //! time, the one closest to being idle is forgotten to make room for the new key. A flood
 //! of new source addresses therefore costs the oldest state, never the limit itself.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Mutex;
+
+use hashbrown::HashTable;
 use std::time::{Duration, Instant};
 
 /// A rate: sustained requests per second and the burst allowed on top.
@@ -27,14 +28,20 @@ pub struct Rate {
 const SHARDS: usize = 32;
 
 /// A keyed GCRA limiter.
+///
+/// A key is hashed once per check: the hash picks the shard (from bits the tables do not
+/// use for their buckets) and finds the key in that shard's table.
 #[derive(Debug)]
 pub struct Limiter<K> {
     interval: Duration,
     tolerance: Duration,
     per_shard: usize,
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<K, Instant>>]>,
+    shards: Box<[Shard<K>]>,
 }
+
+/// One shard: keys with their theoretical arrival times.
+type Shard<K> = Mutex<HashTable<(K, Instant)>>;
 
 impl<K: Eq + Hash + Clone> Limiter<K> {
     /// A limiter for `rate`, keeping at most about `max_keys` keys (rounded up to a
@@ -46,38 +53,44 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
             tolerance: interval * rate.burst.max(1),
             per_shard: max_keys.max(1).div_ceil(SHARDS),
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
         }
     }
 
     /// Admits one request for `key` at `now`, or says how long to wait.
     pub fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        let shard = &self.shards[(self.hasher.hash_one(key) as usize) & (SHARDS - 1)];
-        let Ok(mut map) = shard.lock() else {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[((hash >> 32) as usize) & (SHARDS - 1)];
+        let Ok(mut table) = shard.lock() else {
             // A poisoned lock means a panic elsewhere; refuse rather than admit blindly.
             return Err(self.interval);
         };
-        let tat = map.get(key).copied().unwrap_or(now).max(now);
-        let new_tat = tat + self.interval;
-        let allow_at = new_tat.checked_sub(self.tolerance).unwrap_or(now);
-        if now < allow_at {
-            return Err(allow_at - now);
-        }
-        if let Some(t) = map.get_mut(key) {
-            *t = new_tat;
+        if let Some((_, tat)) = table.find_mut(hash, |(k, _)| k == key) {
+            let new_tat = (*tat).max(now) + self.interval;
+            let allow_at = new_tat.checked_sub(self.tolerance).unwrap_or(now);
+            if now < allow_at {
+                return Err(allow_at - now);
+            }
+            *tat = new_tat;
             return Ok(());
         }
-        if map.len() >= self.per_shard {
+        // A new key starts with a full burst: admitted (`tolerance` >= `interval`).
+        let rehash = |(k, _): &(K, Instant)| self.hasher.hash_one(k);
+        if table.len() >= self.per_shard {
             // Keys whose theoretical arrival time has passed hold no state worth keeping.
-            map.retain(|_, t| *t > now);
-            if map.len() >= self.per_shard {
+            table.retain(|(_, t)| *t > now);
+            if table.len() >= self.per_shard {
                 // Every key still owes time: forget the one closest to being idle.
-                if let Some(oldest) = map.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
-                    map.remove(&oldest);
+                let oldest =
+                    table.iter().min_by_key(|(_, t)| *t).map(|(k, _)| (self.hasher.hash_one(k), k.clone()));
+                if let Some((h, k)) = oldest
+                    && let Ok(entry) = table.find_entry(h, |(x, _)| *x == k)
+                {
+                    entry.remove();
                 }
             }
         }
-        map.insert(key.clone(), new_tat);
+        table.insert_unique(hash, (key.clone(), now + self.interval), rehash);
         Ok(())
     }
 
