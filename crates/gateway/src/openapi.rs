@@ -627,7 +627,9 @@ impl<'d> Compiler<'d> {
                 None if s.contains('}') => return err(format!("path {template:?}: stray '}}' in {s:?}")),
                 None => segs.push(PathSeg::Lit(s.to_owned())),
                 Some(open) => {
-                    let Some(close) = s.find('}') else {
+                    // The first '}' after the '{' (one before it, as in `s}{x}`, is a
+                    // stray caught below; found by the openapi_load fuzz target).
+                    let Some(close) = s[open..].find('}').map(|c| open + c) else {
                         return err(format!("path {template:?}: unclosed '{{' in {s:?}"));
                     };
                     let (prefix, name, suffix) = (&s[..open], &s[open + 1..close], &s[close + 1..]);
@@ -1431,6 +1433,19 @@ mod tests {
 
     const TELEMETRY: &str = include_str!("../../../examples/telemetry.openapi.yaml");
     const ME: Caller<'static> = Caller { device: "cam-01", group: "cameras" };
+
+    /// Found by the openapi_load fuzz target: a '}' before the '{' in one segment sliced
+    /// the template backwards and panicked. Every malformed template is an error.
+    #[test]
+    fn malformed_path_templates_are_errors_not_panics() {
+        for template in ["/sites/s}{tei/devices", "/a/}{", "/a/{x", "/a/x}", "/a/{}", "/a/{x}{y}", "/a/}{x}"]
+        {
+            let doc = format!(
+                r#"{{"openapi":"3.1.0","info":{{"title":"t","version":"1"}},"paths":{{"{template}":{{"get":{{"responses":{{"200":{{"description":"ok"}}}}}}}}}}}}"#
+            );
+            assert!(Spec::load(doc.as_bytes(), &SpecOptions::default()).is_err(), "{template} loaded");
+        }
+    }
 
     fn spec() -> Spec {
         Spec::load(TELEMETRY.as_bytes(), &SpecOptions::default()).unwrap()
