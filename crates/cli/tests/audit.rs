@@ -321,7 +321,13 @@ fn a_profile_from_a_mud_file_drives_the_audit_and_the_dns_allowlist() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.split("status: ").nth(1).and_then(|r| r.split(',').next()).unwrap_or("?").to_owned()
     };
-    assert_eq!(dig("cloud.acme.example"), "NOERROR");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut first = dig("cloud.acme.example");
+    while first != "NOERROR" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        first = dig("cloud.acme.example");
+    }
+    assert_eq!(first, "NOERROR", "the device's address was not attributed within 10 s");
     assert_eq!(dig("eu.cloud.acme.example"), "NOERROR");
     assert_eq!(dig("pool.ntp.org"), "NOERROR");
     assert_eq!(dig("botnet-c2.example"), "NXDOMAIN");
@@ -330,8 +336,15 @@ fn a_profile_from_a_mud_file_drives_the_audit_and_the_dns_allowlist() {
     assert!(log.contains("botnet-c2.example") && log.contains("profile:acme-cam-2000"), "{log}");
     // Taking the profile away gives the device back to its group's policy at once.
     s.cli_ok(&["device", "profile", "cam-9", "--clear"]);
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    assert_ne!(dig("botnet-c2.example"), "NXDOMAIN");
+    // Within moments (the attribution table follows the registry within 250 ms; on a
+    // loaded machine give it up to 10 s rather than a fixed sleep).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = dig("botnet-c2.example");
+    while last == "NXDOMAIN" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        last = dig("botnet-c2.example");
+    }
+    assert_ne!(last, "NXDOMAIN", "the profile still applied 10 s after it was cleared");
 }
 
 /// The SSH login probe against OpenSSH's sshd (Debian openssh-server), on its own loopback
