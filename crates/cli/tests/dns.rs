@@ -7,23 +7,12 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::Server;
 use harness::dns_upstream::DnsUpstream;
+use harness::{Server, dig_at};
 
 /// `dig @server NAME TYPE` with extra flags; the whole output.
 fn dig(s: &Server, args: &[&str]) -> String {
     dig_at(s.dns.expect("dns port"), args)
-}
-
-/// `dig` against `addr` (any transport the flags choose); the whole output.
-fn dig_at(addr: std::net::SocketAddr, args: &[&str]) -> String {
-    let out = Command::new("dig")
-        .arg(format!("@{}", addr.ip()))
-        .args(["-p", &addr.port().to_string(), "+time=3", "+tries=1"])
-        .args(args)
-        .output()
-        .expect("dig (Debian dnsutils) is installed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn status(out: &str) -> &str {

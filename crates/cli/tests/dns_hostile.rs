@@ -6,21 +6,10 @@
 mod harness;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::Server;
 use harness::dns_upstream::{DnsUpstream, STALL};
-
-fn dig_at(addr: SocketAddr, args: &[&str]) -> String {
-    let out = Command::new("dig")
-        .arg(format!("@{}", addr.ip()))
-        .args(["-p", &addr.port().to_string(), "+time=3", "+tries=1"])
-        .args(args)
-        .output()
-        .expect("dig (Debian dnsutils) is installed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use harness::{Server, dig_at};
 
 fn status(out: &str) -> String {
     out.split("status: ").nth(1).and_then(|r| r.split(',').next()).unwrap_or("no answer").to_owned()

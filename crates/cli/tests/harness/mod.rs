@@ -236,6 +236,17 @@ impl Drop for Server {
     }
 }
 
+/// `dig` against `addr` (any transport the flags choose); the whole output.
+pub fn dig_at(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", addr.ip()))
+        .args(["-p", &addr.port().to_string(), "+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (Debian dnsutils) is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs a command, asserting success; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
