@@ -154,6 +154,8 @@ struct RawRoute {
     upstream_ca: Option<PathBuf>,
     #[serde(default)]
     bind_device: Vec<String>,
+    #[serde(default)]
+    allow_override_headers: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -538,6 +540,7 @@ impl Config {
                 action,
                 upstream_ca: r.upstream_ca.map(|p| dir.join(p)),
                 bind_device: r.bind_device,
+                allow_override_headers: r.allow_override_headers,
             });
         }
         // On unless configured otherwise: a flood without credentials gets 429s, not work.

@@ -563,6 +563,12 @@ impl<'a> Scan<'a> {
         self.eat(b'{')?;
         self.ws();
         let mut seen = 0u64;
+        // Keys met so far, to refuse duplicates (the general parser does, and a
+        // first-wins backend would read another value than the one checked): one bit per
+        // declared property, a short list of the others. Beyond what these hold, doubt.
+        let mut props_met = 0u64;
+        let mut others: [&str; 16] = [""; 16];
+        let mut others_met = 0;
         if self.eat(b'}').is_none() {
             loop {
                 let key = self.string()?;
@@ -571,10 +577,20 @@ impl<'a> Scan<'a> {
                 self.ws();
                 match n.props.iter().position(|(name, _)| name == key) {
                     Some(p) => {
+                        let bit = 1u64.checked_shl(u32::try_from(p).ok()?)?;
+                        if props_met & bit != 0 {
+                            return None;
+                        }
+                        props_met |= bit;
                         seen |= n.prop_bits[p];
                         self.value(&n.props[p].1, depth + 1)?;
                     }
                     None if n.additional => {
+                        if others_met == others.len() || others[..others_met].contains(&key) {
+                            return None;
+                        }
+                        others[others_met] = key;
+                        others_met += 1;
                         // A required key the schema gives no property schema for.
                         if let Some(i) = n.required.iter().position(|r| r == key) {
                             seen |= 1 << i;
@@ -798,9 +814,15 @@ mod tests {
             r#"{"t": 1, "at": "2026-11-25T10:00:00Z"} trailing"#,
             r#"[1]"#,
             r#"{"t": 1, "at": "#,
+            r#"{"t": 1, "t": 2, "at": "2026-11-25T10:00:00Z"}"#,
         ] {
             assert!(!f.accepts(doubtful.as_bytes()), "{doubtful}");
         }
+        // Free-form objects: duplicate keys are doubted at any depth.
+        let free = compile(&doc, &json!({"type": "object"}), true).unwrap();
+        assert!(free.accepts(br#"{"a": {"x": 1, "y": 2}, "b": 1}"#));
+        assert!(!free.accepts(br#"{"a": 1, "b": 2, "a": 3}"#));
+        assert!(!free.accepts(br#"{"a": {"x": 1, "x": 2}}"#));
     }
 
     #[test]

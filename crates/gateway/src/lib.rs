@@ -20,6 +20,7 @@ mod listener;
 pub mod openapi;
 mod proxy;
 mod ratelimit;
+mod strictjson;
 mod upstream;
 
 pub use listener::{DeviceApp, ListenerConfig, serve};

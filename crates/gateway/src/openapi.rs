@@ -984,7 +984,7 @@ impl Report {
         let value = match p.shape {
             Shape::Json => {
                 let Some(s) = raw.first() else { return };
-                match serde_json::from_str::<Value>(s) {
+                match crate::strictjson::from_str(s) {
                     Ok(v) => v,
                     Err(e) => return self.push(p.label.clone(), format!("not valid JSON: {e}")),
                 }
@@ -1353,7 +1353,7 @@ impl BodyPlan<'_> {
     #[doc(hidden)]
     pub fn fast_path_verdicts(&self, bytes: &[u8]) -> Option<(bool, bool)> {
         let Plan::Json(v, _, Some(fast)) = &self.0 else { return None };
-        let full = serde_json::from_slice::<Value>(bytes).is_ok_and(|value| v.is_valid(&value));
+        let full = crate::strictjson::from_slice(bytes).is_ok_and(|value| v.is_valid(&value));
         Some((fast.accepts(bytes), full))
     }
 
@@ -1364,16 +1364,22 @@ impl BodyPlan<'_> {
             Plan::Forward => return Ok(()),
             // Certainly valid: no tree, no walk.
             Plan::Json(_, _, Some(fast)) if fast.accepts(bytes) => return Ok(()),
-            Plan::Json(v, secrets, _) => match serde_json::from_slice::<Value>(bytes) {
+            Plan::Json(v, secrets, _) => match crate::strictjson::from_slice(bytes) {
                 Ok(value) => report.validate_masking("body", v, &value, false, Some(secrets)),
                 Err(e) => report.push("body".into(), format!("not valid JSON: {e}")),
             },
             Plan::Form(v, fields, secrets) => {
+                // Values grouped by field in one pass (a field's position by hash: a body of
+                // many distinct fields must not cost a scan per field).
                 let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
+                let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
                 for (k, val) in form_urlencoded::parse(bytes) {
-                    match grouped.iter_mut().find(|(n, _)| *n == k) {
-                        Some((_, vals)) => vals.push(val.into_owned()),
-                        None => grouped.push((k.into_owned(), vec![val.into_owned()])),
+                    match at.get(k.as_ref()) {
+                        Some(&i) => grouped[i].1.push(val.into_owned()),
+                        None => {
+                            at.insert(k.clone().into_owned(), grouped.len());
+                            grouped.push((k.into_owned(), vec![val.into_owned()]));
+                        }
                     }
                 }
                 let mut obj = Map::new();
@@ -1382,7 +1388,7 @@ impl BodyPlan<'_> {
                         Some(Shape::Array { item, .. }) => {
                             Value::Array(vals.iter().map(|x| coerce(*item, x)).collect())
                         }
-                        Some(Shape::Json) => match serde_json::from_str(&vals[0]) {
+                        Some(Shape::Json) => match crate::strictjson::from_str(&vals[0]) {
                             Ok(v) => v,
                             Err(_) => Value::String(vals[0].clone()),
                         },
@@ -1552,7 +1558,7 @@ mod tests {
                 }
             }
             let body = format!("{{{}}}", fields.join(", "));
-            let full = serde_json::from_slice::<Value>(body.as_bytes()).is_ok_and(|v| validator.is_valid(&v));
+            let full = crate::strictjson::from_slice(body.as_bytes()).is_ok_and(|v| validator.is_valid(&v));
             valid += usize::from(full);
             if fast.accepts(body.as_bytes()) {
                 accepted += 1;

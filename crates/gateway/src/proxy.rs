@@ -2,6 +2,7 @@
 //! against the live registry, check its group and rate, strip every header the gateway
 //! owns, set the identity headers, forward with pooled connections.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -130,6 +131,10 @@ pub struct RouteConfig {
     /// request whose path matches a template must name the calling device there (403
     /// otherwise). `{*}` matches any one segment.
     pub bind_device: Vec<String>,
+    /// Forward method and path override headers (`X-HTTP-Method-Override`,
+    /// `X-Original-URL`, …); off by default, because the upstream would then act on a
+    /// method or path the gateway never checked.
+    pub allow_override_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -160,17 +165,19 @@ fn compile_binding(prefix: &str, t: &str) -> Result<Vec<Seg>, RouteError> {
     Ok(segs)
 }
 
-/// If `path` matches a binding template, the device segment it names; `None` otherwise.
-fn bound_device<'p>(bindings: &[Vec<Seg>], path: &'p str) -> Option<&'p str> {
+/// If `path` matches a binding template, the device segment it names, percent-decoded
+/// (as OpenAPI matching and the upstream read it); `None` otherwise.
+fn bound_device<'p>(bindings: &[Vec<Seg>], path: &'p str) -> Option<Cow<'p, str>> {
     let rest = path.strip_prefix('/')?;
+    let decode = |seg: &'p str| percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
     bindings.iter().find_map(|t| {
         let mut segs = rest.split('/');
         let mut named = None;
         for want in t {
             let seg = segs.next()?;
             match want {
-                Seg::Lit(l) if l != seg => return None,
-                Seg::Device => named = Some(seg),
+                Seg::Lit(l) if *l != decode(seg) => return None,
+                Seg::Device => named = Some(decode(seg)),
                 _ => {}
             }
         }
@@ -527,32 +534,53 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Paths an upstream might normalise into another route's space are refused outright.
-fn suspicious(path: &str) -> bool {
+/// Why a request path is refused before any decision is made on it; `None` for a
+/// canonical path.
+///
+/// Every decision (routing, identity binding, OpenAPI matching) and the upstream must see
+/// the same path, so every form that some backend normalises into something else is
+/// refused with 400 rather than canonicalised: dot and empty segments, backslashes,
+/// `;` path parameters (Tomcat and Spring strip them: `/api/..;/admin` walks upward
+/// there), percent-encoded `/`, `\`, `.`, other unreserved characters (`%64evices` is
+/// `devices` to every backend) and control characters, and malformed escapes. What
+/// passes has escapes only for characters that mean the same encoded or not to every
+/// RFC 3986 normaliser, so the raw path is the canonical one.
+fn path_problem(path: &str) -> Option<&'static str> {
     let b = path.as_bytes();
     let dots = |seg: &[u8]| seg == b"." || seg == b"..";
     // Start of the current segment: just after the last '/'.
     let mut seg = 0;
     for (i, &c) in b.iter().enumerate() {
         match c {
-            b'\\' => return true,
+            b'\\' => return Some("path contains a backslash"),
+            b';' => return Some("path parameters (';') are not accepted"),
             b'%' => {
-                let (hi, lo) = (b.get(i + 1).copied(), b.get(i + 2).map(u8::to_ascii_lowercase));
-                if matches!((hi, lo), (Some(b'2'), Some(b'e' | b'f')) | (Some(b'5'), Some(b'c'))) {
-                    return true;
+                let hex = |j: usize| b.get(j).and_then(|&h| char::from(h).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                    return Some("path contains a malformed percent escape");
+                };
+                let decoded = (hi * 16 + lo) as u8;
+                if matches!(decoded, b'/' | b'\\' | b'.' | b';') {
+                    return Some("path contains an encoded '/', '\\', '.' or ';'");
+                }
+                if decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'_' | b'~') {
+                    return Some("path contains a percent-encoded unreserved character; send it unencoded");
+                }
+                if decoded < 0x20 || decoded == 0x7f {
+                    return Some("path contains an encoded control character");
                 }
             }
             b'/' => {
                 // An empty segment between two slashes, or a dot segment.
                 if (i > 0 && seg == i) || dots(&b[seg..i]) {
-                    return true;
+                    return Some("path contains dot segments or empty segments");
                 }
                 seg = i + 1;
             }
             _ => {}
         }
     }
-    dots(&b[seg..])
+    dots(&b[seg..]).then_some("path contains dot segments or empty segments")
 }
 
 const X_PORTCULLIS_DEVICE: HeaderName = HeaderName::from_static("x-portcullis-device");
@@ -561,17 +589,56 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
 
+/// Headers only the gateway may set: identity, forwarding, client certificate, and the
+/// client-address claims some backends trust.
 fn owned_by_gateway(name: &str) -> bool {
     name.starts_with("x-portcullis-")
         || name.starts_with("x-forwarded-")
-        || matches!(name, "forwarded" | "client-cert" | "client-cert-chain" | "x-real-ip")
+        || matches!(
+            name,
+            "forwarded"
+                | "client-cert"
+                | "client-cert-chain"
+                | "x-real-ip"
+                | "true-client-ip"
+                | "cf-connecting-ip"
+                | "x-client-ip"
+                | "x-cluster-client-ip"
+        )
+}
+
+/// Headers that make a backend act on another method or path than the one checked.
+fn overrides_request(name: &str) -> bool {
+    matches!(
+        name,
+        "x-http-method-override" | "x-http-method" | "x-method-override" | "x-original-url" | "x-rewrite-url"
+    )
+}
+
+/// What [`strip`] removes besides hop-by-hop headers.
+#[derive(Clone, Copy)]
+enum Strip {
+    /// A response: hop-by-hop headers only.
+    HopByHop,
+    /// A request: also gateway-owned headers, and override headers unless `keep_overrides`.
+    Request { keep_overrides: bool },
+}
+
+/// True if a request header must not reach the upstream. Names are compared after
+/// mapping `_` to `-`: CGI, Rack, PHP and WSGI backends read `X_Portcullis_Device` as
+/// the real `X-Portcullis-Device`.
+fn doomed_request_header(k: &str, keep_overrides: bool) -> bool {
+    let check =
+        |n: &str| is_hop_by_hop(n) || owned_by_gateway(n) || (!keep_overrides && overrides_request(n));
+    if k.contains('_') { check(&k.replace('_', "-")) } else { check(k) }
 }
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1: the fixed list and every header the
-/// Connection header names) and, when `owned`, every header the gateway owns. Runs twice
-/// per proxied request (request and response): one pass over the names with string
-/// compares, removals by `HeaderName` (no re-parsing), no allocation for up to eight.
-fn strip(headers: &mut HeaderMap, owned: bool) {
+/// Connection header names) and, for a request, every header the gateway owns or that
+/// overrides the method or path. Runs twice per proxied request (request and response):
+/// one pass over the names with string compares, removals by `HeaderName` (no
+/// re-parsing), no allocation for up to eight.
+fn strip(headers: &mut HeaderMap, what: Strip) {
     let mut doomed: [Option<HeaderName>; 8] = Default::default();
     let mut more: Vec<HeaderName> = Vec::new();
     {
@@ -594,7 +661,10 @@ fn strip(headers: &mut HeaderMap, owned: bool) {
             let k = key.as_str();
             // Every fixed name starts with one of these letters: most names need no compare.
             let listed = matches!(k.as_bytes().first(), Some(b'c' | b'f' | b'k' | b'p' | b't' | b'u' | b'x'))
-                && (is_hop_by_hop(k) || (owned && owned_by_gateway(k)));
+                && match what {
+                    Strip::HopByHop => is_hop_by_hop(k),
+                    Strip::Request { keep_overrides } => doomed_request_header(k, keep_overrides),
+                };
             let hop = listed || tokens[..count].iter().chain(&spilled).any(|t| t.eq_ignore_ascii_case(k));
             if hop {
                 if n < doomed.len() {
@@ -773,17 +843,9 @@ async fn forward<'r>(
         (Outcome::of(device, reason), p.into_response())
     };
 
-    if suspicious(parts.uri.path()) {
+    if let Some(why) = path_problem(parts.uri.path()) {
         bump(&c.bad_path);
-        return reject(
-            None,
-            "bad_path",
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "bad-path",
-                "path contains dot segments, empty segments or encoded separators",
-            ),
-        );
+        return reject(None, "bad_path", Problem::new(StatusCode::BAD_REQUEST, "bad-path", why));
     }
     let peer = parts.extensions.get::<PeerCertificate>().cloned();
     let device = match gw.authority.authenticate(peer.as_ref()).await {
@@ -842,6 +904,16 @@ async fn forward<'r>(
         bump(&c.rate_limited);
         let what = format!("requests of this device on route {}", route.cfg.prefix);
         return (Outcome::of(id, "rate_limited"), too_many(wait, &what));
+    }
+    // The body is validated under the first Content-Type; a last-wins backend would read
+    // it under another.
+    if parts.headers.get_all(header::CONTENT_TYPE).iter().nth(1).is_some() {
+        bump(&c.invalid_request);
+        return reject(
+            id,
+            "duplicate_header",
+            Problem::new(StatusCode::BAD_REQUEST, "duplicate-header", "Content-Type is given more than once"),
+        );
     }
     let declared = parts
         .headers
@@ -951,7 +1023,7 @@ async fn forward<'r>(
         }
         (None, _) => Outgoing::Full(bytes::Bytes::new()),
     };
-    strip(&mut parts.headers, true);
+    strip(&mut parts.headers, Strip::Request { keep_overrides: route.cfg.allow_override_headers });
     let h = &mut parts.headers;
     let set = |h: &mut HeaderMap, name: HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
@@ -1018,7 +1090,7 @@ async fn forward<'r>(
         Ok(Ok(resp)) => {
             bump(&c.forwarded);
             let (mut parts, body) = resp.into_parts();
-            strip(&mut parts.headers, false);
+            strip(&mut parts.headers, Strip::HopByHop);
             (outcome, Response::from_parts(parts, Body::new(body)))
         }
         Ok(Err(e)) => {
@@ -1086,18 +1158,20 @@ mod tests {
             action: Action::Block,
             upstream_ca: None,
             bind_device: vec![],
+            allow_override_headers: false,
         }
     }
 
     #[test]
     fn identity_binding_templates() {
         let b = vec![compile_binding("/api/", "/api/devices/{device}").unwrap()];
-        assert_eq!(bound_device(&b, "/api/devices/cam-01/telemetry"), Some("cam-01"));
-        assert_eq!(bound_device(&b, "/api/devices/cam-01"), Some("cam-01"));
+        assert_eq!(bound_device(&b, "/api/devices/cam-01/telemetry").as_deref(), Some("cam-01"));
+        assert_eq!(bound_device(&b, "/api/devices/cam-01").as_deref(), Some("cam-01"));
+        assert_eq!(bound_device(&b, "/api/devices/cam%2001").as_deref(), Some("cam 01"));
         assert_eq!(bound_device(&b, "/api/devices"), None);
         assert_eq!(bound_device(&b, "/api/other/cam-01"), None);
         let any = vec![compile_binding("/", "/{*}/by-device/{device}").unwrap()];
-        assert_eq!(bound_device(&any, "/v1/by-device/x/y"), Some("x"));
+        assert_eq!(bound_device(&any, "/v1/by-device/x/y").as_deref(), Some("x"));
         assert!(compile_binding("/", "/no/placeholder").is_err());
         assert!(compile_binding("/", "/{device}/{device}").is_err());
         assert!(compile_binding("/", "relative/{device}").is_err());
@@ -1141,7 +1215,7 @@ mod tests {
     }
 
     #[test]
-    fn suspicious_paths() {
+    fn non_canonical_paths_are_refused() {
         for p in [
             "/api/../admin",
             "/api/./x",
@@ -1152,34 +1226,89 @@ mod tests {
             "/api/%5C",
             "/api/..",
             "/.",
+            "/api/%64evices/cam-02",
+            "/api/cam%2D01",
+            "/api/%7e",
+            "/api/devices;x/cam-02",
+            "/api/..;/admin",
+            "/api/%3b",
+            "/api/%00",
+            "/api/%2",
+            "/api/%zz",
         ] {
-            assert!(suspicious(p), "{p}");
+            assert!(path_problem(p).is_some(), "{p}");
         }
-        for p in
-            ["/api/devices/cam-01/telemetry", "/api/x/", "/api/a.b/..c/...", "/api/100%25", "/api/%2", "/"]
-        {
-            assert!(!suspicious(p), "{p}");
+        for p in [
+            "/api/devices/cam-01/telemetry",
+            "/api/x/",
+            "/api/a.b/..c/...",
+            "/api/100%25",
+            "/api/%C3%A9",
+            "/",
+        ] {
+            assert_eq!(path_problem(p), None, "{p}");
         }
     }
 
     #[test]
     fn gateway_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        for n in [
+        let strip_request = |names: &[&str], keep_overrides: bool| {
+            let mut h = HeaderMap::new();
+            for n in names {
+                h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static("v"));
+            }
+            h.insert(header::CONNECTION, HeaderValue::from_static("x-keep"));
+            h.insert("accept", HeaderValue::from_static("*/*"));
+            strip(&mut h, Strip::Request { keep_overrides });
+            h.keys().map(|k| k.as_str().to_owned()).collect::<Vec<_>>()
+        };
+        let owned = [
             "x-portcullis-device",
+            "X_Portcullis_Device",
+            "x_portcullis-group",
             "X-Forwarded-For",
+            "x_forwarded_proto",
             "forwarded",
             "client-cert",
+            "client_cert",
             "client-cert-chain",
             "connection",
             "x-keep",
-        ] {
-            h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static("v"));
-        }
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-keep"));
-        h.insert("accept", HeaderValue::from_static("*/*"));
-        strip(&mut h, true);
-        let left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
-        assert_eq!(left, ["accept"]);
+            "x-real-ip",
+            "X_Real_IP",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x-client-ip",
+            "transfer_encoding",
+        ];
+        assert_eq!(strip_request(&owned, false), ["accept"]);
+        assert_eq!(strip_request(&owned, true), ["accept"]);
+        let overrides = [
+            "X-HTTP-Method-Override",
+            "x-http-method",
+            "x_method_override",
+            "X-Original-URL",
+            "x-rewrite-url",
+        ];
+        assert_eq!(strip_request(&overrides, false), ["accept"]);
+        let mut kept = strip_request(&overrides, true);
+        kept.sort();
+        assert_eq!(
+            kept,
+            [
+                "accept",
+                "x-http-method",
+                "x-http-method-override",
+                "x-original-url",
+                "x-rewrite-url",
+                "x_method_override"
+            ]
+        );
+        // A response keeps everything but hop-by-hop headers.
+        let mut h = HeaderMap::new();
+        h.insert("x-real-ip", HeaderValue::from_static("v"));
+        h.insert("keep-alive", HeaderValue::from_static("v"));
+        strip(&mut h, Strip::HopByHop);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-real-ip"]);
     }
 }
