@@ -1,6 +1,7 @@
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Query, Request, State};
@@ -17,20 +18,58 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-/// The admin bearer token, held only as its hash.
+/// Who may call the admin API: the admin bearer token, held only as its hash, and
+/// optionally a scrape token that may read `/metrics` and nothing else.
 #[derive(Clone)]
-pub struct AdminToken(TokenHash);
+pub struct AdminToken {
+    admin: TokenHash,
+    scrape: Option<Arc<ScrapeToken>>,
+}
 
 impl AdminToken {
     /// Accepts requests bearing `token`.
     pub fn new(token: &Token) -> Self {
-        Self(token.hash())
+        Self { admin: token.hash(), scrape: None }
+    }
+
+    /// Also accepts, for `GET /metrics` only, the token in the file at `path` (what a
+    /// Prometheus `bearer_token_file` points at). The file is re-read when it changes,
+    /// so rotating it takes effect without a restart; only its hash is kept.
+    pub fn with_scrape_token_file(mut self, path: PathBuf) -> Self {
+        self.scrape = Some(Arc::new(ScrapeToken { path, cached: Mutex::new(None) }));
+        self
     }
 }
 
 impl fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AdminToken(..)")
+    }
+}
+
+/// The scrape token file and the hash of what it held when last read.
+struct ScrapeToken {
+    path: PathBuf,
+    cached: Mutex<Option<(SystemTime, u64, TokenHash)>>,
+}
+
+impl ScrapeToken {
+    /// True if `presented` is the token the file holds now.
+    fn accepts(&self, presented: &TokenHash) -> bool {
+        let Ok(meta) = std::fs::metadata(&self.path) else { return false };
+        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = cached.as_ref().is_some_and(|(m, l, _)| (*m, *l) == stamp);
+        if !fresh {
+            let Ok(text) = std::fs::read_to_string(&self.path) else { return false };
+            let text = text.trim();
+            if text.is_empty() {
+                *cached = None;
+                return false;
+            }
+            *cached = Some((stamp.0, stamp.1, Token::from_presented(text).hash()));
+        }
+        cached.as_ref().is_some_and(|(_, _, h)| presented.matches(h))
     }
 }
 
@@ -43,6 +82,9 @@ pub struct GatewayHooks {
     pub reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync>,
     /// The DNS policies and lists in force, when the DNS port runs.
     pub dns: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+    /// The configuration file the server runs with and reloads (absolute); `None` when
+    /// it runs on the embedded defaults.
+    pub config: Option<PathBuf>,
 }
 
 impl fmt::Debug for GatewayHooks {
@@ -75,6 +117,7 @@ pub fn router(
     let big = || axum::extract::DefaultBodyLimit::max(1 << 20);
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}", get(show_device))
@@ -108,7 +151,14 @@ pub fn router(
         .layer(middleware::from_fn_with_state(Arc::new(token), require_token))
 }
 
+/// Paths answered without a token: liveness and readiness, for container health checks
+/// and load balancers (they say nothing a caller could use).
+const OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
 async fn require_token(State(expected): State<Arc<AdminToken>>, req: Request, next: Next) -> Response {
+    if req.method() == http::Method::GET && OPEN_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -116,9 +166,16 @@ async fn require_token(State(expected): State<Arc<AdminToken>>, req: Request, ne
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(|t| Token::from_presented(t.trim()).hash());
     match presented {
-        Some(h) if h.matches(&expected.0) => next.run(req).await,
+        Some(h) if h.matches(&expected.admin) => next.run(req).await,
+        Some(h)
+            if req.method() == http::Method::GET
+                && req.uri().path() == "/metrics"
+                && expected.scrape.as_ref().is_some_and(|s| s.accepts(&h)) =>
+        {
+            next.run(req).await
+        }
         Some(_) => {
-            tracing::warn!(path = %req.uri().path(), "admin API: wrong bearer token");
+            tracing::warn!(path = ?req.uri().path(), "admin API: wrong bearer token");
             unauthorized("wrong bearer token")
         }
         None => unauthorized("missing bearer token (Authorization: Bearer <token from admin.token>)"),
@@ -194,12 +251,23 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn healthz(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
-    s.authority.store().devices().await.map_err(|e| {
-        tracing::error!(error = %e, "health check: store unavailable");
+/// Liveness: the process answers. No token.
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Readiness: the registry store answers (every request the server serves needs it).
+/// No token; 503 when not ready.
+async fn readyz(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+    // One indexed lookup: the store answers, whatever the fleet's size.
+    let probe = DeviceId::try_new("readiness-probe").map_err(|_| {
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "readiness probe id rejected")
+    })?;
+    s.authority.store().device(&probe).await.map_err(|e| {
+        tracing::error!(error = %e, "readiness check: store unavailable");
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "registry store unavailable")
     })?;
-    Ok(Json(json!({ "status": "ok", "trust_domain": s.authority.trust_domain() })))
+    Ok(Json(json!({ "status": "ready" })))
 }
 
 #[derive(Deserialize)]
@@ -457,9 +525,44 @@ async fn gateway_routes(State(s): State<AppState>) -> Result<Json<Value>, Proble
     Ok(Json((gateway(&s)?.describe)()))
 }
 
-async fn gateway_reload(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
-    match (gateway(&s)?.reload)() {
-        Ok(n) => Ok(Json(json!({ "reloaded": true, "routes": n }))),
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReloadRequest {
+    /// The file the caller means (absolute): refused unless it is the server's own.
+    config: Option<PathBuf>,
+}
+
+async fn gateway_reload(State(s): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, Problem> {
+    let hooks = gateway(&s)?;
+    let asked: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReloadRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Problem::new(StatusCode::BAD_REQUEST, "bad-request", format!("reload request: {e}"))
+        })?
+    };
+    if let Some(asked) = &asked.config
+        && hooks.config.as_ref() != Some(asked)
+    {
+        // The server cannot adopt another file: listen addresses, data dir and
+        // listeners come from the one it started with.
+        let running = match &hooks.config {
+            Some(p) => format!("was started with {} and reloads only that file", p.display()),
+            None => "was started without --config (embedded defaults) and has no file to reload".to_owned(),
+        };
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "config-mismatch",
+            format!(
+                "not reloaded: the server {running}; to run with {asked}, stop it and start it with \
+                 `portcullis --config {asked} up`",
+                asked = asked.display()
+            ),
+        ));
+    }
+    let config = hooks.config.as_ref().map(|p| p.display().to_string());
+    match (hooks.reload)() {
+        Ok(n) => Ok(Json(json!({ "reloaded": true, "routes": n, "config": config }))),
         Err(e) => Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "reload-failed",

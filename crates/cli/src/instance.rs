@@ -29,6 +29,24 @@ impl Instance {
         self.dir.join("admin.token")
     }
 
+    /// The read-only scrape token for `/metrics` (what Prometheus' `bearer_token_file`
+    /// points at).
+    pub fn metrics_token_path(&self) -> PathBuf {
+        self.dir.join("metrics.token")
+    }
+
+    /// Creates the scrape token (mode 0600) if there is none, or replaces it when
+    /// `rotate`; a running server accepts the new one from its next scrape.
+    pub fn ensure_metrics_token(&self, rotate: bool) -> anyhow::Result<PathBuf> {
+        let path = self.metrics_token_path();
+        if rotate || !path.exists() {
+            let t = Token::generate("pcm");
+            write_private(&path, format!("{}\n", t.expose()).as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(path)
+    }
+
     pub fn admin_addr_path(&self) -> PathBuf {
         self.dir.join("admin.addr")
     }

@@ -5,6 +5,7 @@ mod config;
 mod dns;
 mod firmware;
 mod instance;
+mod logfmt;
 mod manage;
 mod serve;
 
@@ -90,6 +91,14 @@ enum Cmd {
     /// Signed firmware updates (TUF): publish, roll out in stages, watch the fleet.
     #[command(subcommand)]
     Firmware(firmware::FirmwareCmd),
+    /// The read-only token for scraping `/metrics`: prints its file (mode 0600, for
+    /// Prometheus' `bearer_token_file`); `--rotate` replaces it (the running server
+    /// accepts the new one from the next scrape, the old one no longer).
+    MetricsToken {
+        /// Write a new token.
+        #[arg(long)]
+        rotate: bool,
+    },
     /// The append-only event log.
     Events {
         /// Only this device's events.
@@ -291,7 +300,7 @@ fn init_tracing(format: LogFormat) {
     let builder =
         tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter);
     match format {
-        LogFormat::Plain => builder.init(),
+        LogFormat::Plain => builder.fmt_fields(logfmt::escaped_fields()).init(),
         LogFormat::Json => builder.json().init(),
     }
 }
@@ -416,7 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     manage::dns_log(&c, device.as_deref(), blocked, since.as_deref(), limit, json).await
                 }
                 DnsCmd::Policies { json } => manage::dns_policies(&c, json).await,
-                DnsCmd::Reload => manage::gateway_reload(&c).await,
+                DnsCmd::Reload => manage::gateway_reload(&c, cli.config.as_deref()).await,
                 DnsCmd::Top { device, since, limit, json } => {
                     manage::dns_top(&c, device.as_deref(), since.as_deref(), limit, json).await
                 }
@@ -426,8 +435,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let c = manage::client(&cfg).await?;
             match cmd {
                 GatewayCmd::Routes { json } => manage::gateway_routes(&c, json).await,
-                GatewayCmd::Reload => manage::gateway_reload(&c).await,
+                GatewayCmd::Reload => manage::gateway_reload(&c, cli.config.as_deref()).await,
             }
+        }
+        Cmd::MetricsToken { rotate } => {
+            let inst = instance::Instance::new(&cfg.data_dir);
+            if !inst.is_initialised() {
+                anyhow::bail!(
+                    "no Portcullis instance in {}; run `portcullis init` or `portcullis up` (or pass --data-dir)",
+                    cfg.data_dir.display()
+                );
+            }
+            let path = inst.ensure_metrics_token(rotate)?;
+            println!("{}", path.display());
+            if rotate {
+                eprintln!("portcullis: new scrape token written; the previous one is refused from now on");
+            }
+            Ok(())
         }
         Cmd::Events { device, json } => {
             let c = manage::client(&cfg).await?;

@@ -352,8 +352,18 @@ pub async fn gateway_routes(c: &AdminClient, as_json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-pub async fn gateway_reload(c: &AdminClient) -> anyhow::Result<()> {
-    let r = c.post("/v1/gateway/reload", &json!({})).await?;
-    println!("reloaded: {} routes", r["routes"].as_u64().unwrap_or(0));
+/// Asks the running server to re-read its configuration. With `--config`, the server
+/// refuses unless that is the file it runs with (it cannot adopt another one).
+pub async fn gateway_reload(c: &AdminClient, config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let asked = match config {
+        Some(p) => Some(std::path::absolute(p).with_context(|| format!("--config {}", p.display()))?),
+        None => None,
+    };
+    let r = c.post("/v1/gateway/reload", &json!({ "config": asked })).await?;
+    let from = match r["config"].as_str() {
+        Some(p) => format!("from {p}"),
+        None => "(embedded defaults: the server runs without a config file)".to_owned(),
+    };
+    println!("reloaded: {} routes {from}", r["routes"].as_u64().unwrap_or(0));
     Ok(())
 }

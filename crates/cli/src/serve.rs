@@ -17,6 +17,9 @@ use crate::config::Config;
 use crate::instance::Instance;
 
 pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Absolute, so reloads read the same file whatever the working directory, and a
+    // `--config` given to a management command can be compared with it.
+    let config_path = config_path.map(|p| std::path::absolute(&p).unwrap_or(p));
     let inst = Instance::new(&cfg.data_dir);
     if !inst.is_initialised() {
         inst.init(cfg.trust_domain.clone())?;
@@ -25,6 +28,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let _lock = inst.lock()?;
     let authority = inst.authority(cfg.policy.clone()).await?;
     let token = inst.admin_token()?;
+    let scrape_token = inst.ensure_metrics_token(false)?;
 
     // A fresh server certificate each start: it always carries the configured names.
     let server = authority
@@ -182,6 +186,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
         let gateway = gateway.clone();
         let dns_lists = dns_lists.clone();
+        let config_path = config_path.clone();
         Arc::new(move || {
             let fresh = Config::load(config_path.as_deref()).map_err(|e| format!("{e:#}"))?;
             let table = RouteTable::try_new(fresh.routes).map_err(|e| e.to_string())?;
@@ -200,6 +205,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         })
     };
     let hooks = GatewayHooks {
+        config: config_path.clone(),
         describe: {
             let gateway = gateway.clone();
             Arc::new(move || gateway.describe())
@@ -229,7 +235,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let hup = spawn_reload_on_sighup(hup, reload, stop_rx.clone());
     let admin_app = portcullis_admin::router(
         authority.clone(),
-        AdminToken::new(&token),
+        AdminToken::new(&token).with_scrape_token_file(scrape_token),
         "admin-api",
         Some(hooks),
         crate::audit::auditor(authority.store().clone(), &cfg.data_dir, &firmware),

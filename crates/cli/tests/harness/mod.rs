@@ -69,11 +69,22 @@ impl Server {
 
     /// Like `start_in`, with the server's log at debug level written to `log`.
     pub fn start_logged(dir: tempfile::TempDir, config: &str, log: Option<&Path>) -> Self {
-        let cfg_path = dir.path().join("portcullis.toml");
-        std::fs::write(&cfg_path, config).expect("write config");
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg_path)
+        Self::spawn(dir, Some(config), log)
+    }
+
+    /// A server on the embedded defaults: no `--config` at all, as a newcomer starts it.
+    pub fn start_without_config() -> Self {
+        Self::spawn(tempfile::tempdir().expect("tempdir"), None, None)
+    }
+
+    fn spawn(dir: tempfile::TempDir, config: Option<&str>, log: Option<&Path>) -> Self {
+        let mut cmd = Command::new(BIN);
+        if let Some(config) = config {
+            let cfg_path = dir.path().join("portcullis.toml");
+            std::fs::write(&cfg_path, config).expect("write config");
+            cmd.arg("--config").arg(&cfg_path);
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(data_dir(dir.path()))
             .args([
