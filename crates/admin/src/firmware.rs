@@ -48,6 +48,7 @@ fn fw_err(e: FwError) -> Problem {
             Problem::new(StatusCode::NOT_FOUND, "not-found", m)
         }
         FwError::Refused(m) => Problem::new(StatusCode::BAD_REQUEST, "firmware-refused", m),
+        FwError::Forbidden(m) => Problem::new(StatusCode::FORBIDDEN, "forbidden", m),
         e @ FwError::KeyOffline(_) => Problem::new(StatusCode::CONFLICT, "key-offline", e.to_string()),
         other => {
             tracing::error!(error = %other, "firmware operation failed");

@@ -114,6 +114,9 @@ pub enum RolloutCmd {
         /// Pause automatically above this failure rate of reporting devices.
         #[arg(long, default_value = "5%")]
         max_failure_rate: String,
+        /// Reporting devices needed before the failure rate can pause the rollout.
+        #[arg(long, default_value_t = 10)]
+        min_reports: usize,
         #[arg(long)]
         json: bool,
     },
@@ -306,10 +309,10 @@ fn print_rollout(r: &Value) {
 
 async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
     let (r, json) = match cmd {
-        RolloutCmd::Create { hardware, version, group, stages, max_failure_rate, json } => {
+        RolloutCmd::Create { hardware, version, group, stages, max_failure_rate, min_reports, json } => {
             let body = json!({
                 "hardware": hardware, "version": version, "group": group,
-                "stages": stages, "max_failure_rate": max_failure_rate,
+                "stages": stages, "max_failure_rate": max_failure_rate, "min_reports": min_reports,
             });
             (c.post("/v1/firmware/rollouts", &body).await?, json)
         }

@@ -243,6 +243,69 @@ fn rusqlite_reports(s: &Server) -> Vec<String> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+#[test]
+fn reports_count_only_from_devices_the_rollout_admitted() {
+    let s = Server::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dirs = rt.block_on(fleet(&s, "sensor", "floor-3", 40));
+    assert!(rt.block_on(directed(&dirs)).is_empty());
+    let img = s.path("sensor.bin");
+    image(&img, 4096, 3);
+    s.cli_ok(&["firmware", "publish", img.to_str().unwrap(), "--hardware", "sensor", "--version", "2.1.0"]);
+    let r: Value = serde_json::from_str(&s.cli_ok(&[
+        "firmware",
+        "rollout",
+        "create",
+        "--hardware",
+        "sensor",
+        "--version",
+        "2.1.0",
+        "--stages",
+        "5,100",
+        "--json",
+    ]))
+    .unwrap();
+    let id = r["id"].as_i64().unwrap();
+    let admitted = rt.block_on(directed(&dirs));
+    assert_eq!(admitted.len(), 2);
+    let outsider =
+        dirs.iter().find(|d| !admitted.contains(&d.file_name().unwrap().to_string_lossy().into_owned()));
+    let report = |dir: &Path, hardware: &str, version: &str| {
+        let t = MtlsTransport::open(dir).unwrap();
+        let body = json!({"state": "failed", "hardware": hardware, "installed": "2.0.0", "version": version,
+                          "reason": "health check failed", "rollout": id});
+        rt.block_on(t.post("report", body)).unwrap()
+    };
+    let status = || -> Value {
+        serde_json::from_str(&s.cli_ok(&["firmware", "rollout", "status", &id.to_string(), "--json"]))
+            .unwrap()
+    };
+
+    // A device the rollout never offered the version to cannot fail it.
+    let (code, body) = report(outsider.unwrap(), "sensor", "2.1.0");
+    assert_eq!(code, 403, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains(&format!("rollout {id} has not admitted")), "{body}");
+    // An admitted device, about another version or hardware model: refused too.
+    let first = s.path(&admitted[0]);
+    let (code, body) = report(&first, "sensor", "2.2.0");
+    assert_eq!(code, 403, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("offers sensor 2.1.0, not sensor 2.2.0"), "{body}");
+    assert_eq!(report(&first, "cam", "2.1.0").0, 403);
+    let st = status();
+    assert_eq!((st["state"].as_str(), st["failed"].as_u64()), (Some("active"), Some(0)));
+
+    // The admitted devices' failures count, each once however often it reports, and
+    // two reporting devices are fewer than the default ten needed to pause.
+    for _ in 0..5 {
+        assert_eq!(report(&first, "sensor", "2.1.0").0, 204);
+    }
+    assert_eq!(report(&s.path(&admitted[1]), "sensor", "2.1.0").0, 204);
+    let st = status();
+    assert_eq!(st["failed"], 2);
+    assert_eq!(st["min_reports"], 10);
+    assert_eq!(st["state"], "active", "{st}");
+}
+
 /// Enrolls `n` devices in `group` through the admin API and EST; returns their dirs.
 async fn fleet(s: &Server, prefix: &str, group: &str, n: usize) -> Vec<PathBuf> {
     let admin = s.admin_client();
@@ -529,6 +592,8 @@ fn offline_root_and_targets_keys_sign_on_another_machine() {
         "3.0.0",
         "--stages",
         "100",
+        "--min-reports",
+        "1",
     ]);
     let out = agent_ok(&["update", "--dir", d]);
     assert!(out.starts_with("installed 3.0.0 (lock/3.0.0/lock-fw.bin) into slot b"), "{out}");

@@ -64,6 +64,9 @@ fn refused(e: &Error) -> Response {
         Error::Refused(m) => {
             Problem::new(StatusCode::BAD_REQUEST, "firmware-request", m.clone()).into_response()
         }
+        Error::Forbidden(m) => {
+            Problem::new(StatusCode::FORBIDDEN, "rollout-not-yours", m.clone()).into_response()
+        }
         other => {
             tracing::error!(error = %other, "firmware request failed");
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "firmware-error", "firmware service failed")
@@ -206,7 +209,7 @@ async fn report(State(ctx): State<Ctx>, peer: Peer, body: axum::body::Bytes) -> 
         Ok(c) => c,
         Err(p) => return p.into_response(),
     };
-    match ctx.firmware.report(&d.id, report).await {
+    match ctx.firmware.report(&d.id, d.group.as_str(), report).await {
         Ok(()) => (StatusCode::NO_CONTENT, ()).into_response(),
         Err(e) => refused(&e),
     }

@@ -40,6 +40,9 @@ pub enum Error {
     /// The operation is not allowed; the message says why.
     #[error("{0}")]
     Refused(String),
+    /// The caller may not do this (a device reporting on a rollout that did not admit it).
+    #[error("{0}")]
+    Forbidden(String),
     /// A role key the operation needs is kept offline.
     #[error(
         "the {0} key is kept offline: sign where the key is (`portcullis firmware sign-targets \

@@ -8,7 +8,10 @@
 //! and a stage never exceeds its share. Devices enrolled later join at the 100 % stage.
 //!
 //! The rollout pauses itself when, among its devices that reported an outcome, the share
-//! that failed exceeds `max_failure_rate`.
+//! that failed exceeds `max_failure_rate` — once at least `min_reports` devices have
+//! reported (default 10), so that one device cannot stop a rollout by itself. Outcomes
+//! count only from devices the rollout admitted, for its hardware and version, one per
+//! device (its last).
 
 use ring::digest;
 use serde::{Deserialize, Serialize};
@@ -46,6 +49,9 @@ pub struct Rollout {
     pub stage: usize,
     /// Failure share (0..1) above which the rollout pauses itself.
     pub max_failure_rate: f64,
+    /// Reporting devices needed before the failure share can pause the rollout.
+    #[serde(default = "default_min_reports")]
+    pub min_reports: usize,
     /// Its state.
     pub state: State,
     /// Why it is paused or aborted.
@@ -55,6 +61,13 @@ pub struct Rollout {
     pub population: Vec<String>,
     /// Creation time, RFC 3339.
     pub created_at: String,
+}
+
+/// Reporting devices needed before a rollout pauses itself, unless set at creation.
+pub const DEFAULT_MIN_REPORTS: usize = 10;
+
+fn default_min_reports() -> usize {
+    DEFAULT_MIN_REPORTS
 }
 
 /// Parses `5,25,100`: increasing percentages in 1..=100 ending with 100.
@@ -114,12 +127,15 @@ impl Rollout {
 
     /// Whether `device` is admitted now.
     pub fn admits(&self, device: &str) -> bool {
-        if self.state != State::Active {
-            return false;
-        }
-        let n = self.admitted_count();
+        self.state == State::Active && self.has_admitted(device)
+    }
+
+    /// Whether the stage reached so far covers `device`, whatever the state: a device
+    /// that was offered the version may report on it after a pause. Devices outside the
+    /// population (enrolled later) are covered once the rollout is at 100 %.
+    pub fn has_admitted(&self, device: &str) -> bool {
         match self.population.iter().position(|d| d == device) {
-            Some(rank) => rank < n,
+            Some(rank) => rank < self.admitted_count(),
             None => self.percent() == 100,
         }
     }
@@ -139,7 +155,7 @@ impl Rollout {
     /// Evaluates the failure rate of the outcomes so far (`failed` of `reported`
     /// devices); pauses and returns the reason when it is over the limit.
     pub fn check_failures(&mut self, failed: usize, reported: usize) -> Option<String> {
-        if self.state != State::Active || reported == 0 {
+        if self.state != State::Active || reported == 0 || reported < self.min_reports {
             return None;
         }
         let rate = failed as f64 / reported as f64;
@@ -175,6 +191,7 @@ mod tests {
             stages: vec![5, 25, 100],
             stage: 0,
             max_failure_rate: 0.05,
+            min_reports: DEFAULT_MIN_REPORTS,
             state: State::Active,
             reason: None,
             population: rank(7, fleet(n)),
@@ -222,6 +239,20 @@ mod tests {
         assert_eq!(reason, "paused automatically: 3 of 50 reporting devices failed (6.0% > 5.0%)");
         assert_eq!(r.state, State::Paused);
         assert!(!r.admits(&r.population[0].clone()));
+        // Paused, the devices it offered the version to may still report on it.
+        assert!(r.has_admitted(&r.population[0].clone()));
+        assert!(!r.has_admitted(&r.population[999].clone()));
+    }
+
+    #[test]
+    fn too_few_reports_never_pause() {
+        let mut r = rollout(1000);
+        assert_eq!(r.check_failures(9, 9), None, "9 failures of 9 devices, fewer than 10 reporting");
+        assert_eq!(r.state, State::Active);
+        assert!(r.check_failures(10, 10).is_some());
+        let mut one = rollout(10);
+        one.min_reports = 1;
+        assert!(one.check_failures(1, 1).is_some());
     }
 
     #[test]

@@ -100,6 +100,10 @@ pub struct NewRollout {
     /// e.g. `5%`.
     #[serde(default)]
     pub max_failure_rate: Option<String>,
+    /// Reporting devices needed before the failure rate can pause the rollout
+    /// (default [`rollout::DEFAULT_MIN_REPORTS`]).
+    #[serde(default)]
+    pub min_reports: Option<usize>,
 }
 
 impl Firmware {
@@ -231,6 +235,7 @@ impl Firmware {
             stages,
             stage: 0,
             max_failure_rate,
+            min_reports: req.min_reports.unwrap_or(rollout::DEFAULT_MIN_REPORTS).max(1),
             state: State::Active,
             reason: None,
             population: Vec::new(),
@@ -314,9 +319,10 @@ impl Firmware {
         })
     }
 
-    /// Records a report from `device` (already authenticated by its certificate);
-    /// evaluates its rollout's failure rate.
-    pub async fn report(&self, device: &DeviceId, mut report: Report) -> Result<(), Error> {
+    /// Records a report from `device` of `group` (already authenticated by its
+    /// certificate); evaluates its rollout's failure rate. A report naming a rollout is
+    /// refused unless that rollout admitted the device, for its hardware and version.
+    pub async fn report(&self, device: &DeviceId, group: &str, mut report: Report) -> Result<(), Error> {
         if let Some(claimed) = &report.device
             && claimed != device.as_str()
         {
@@ -334,6 +340,9 @@ impl Firmware {
         crate::check_hardware(&report.hardware)?;
         for v in [&report.installed, &report.version] {
             v.parse::<semver::Version>().map_err(|_| Error::Refused(format!("invalid version {v:?}")))?;
+        }
+        if let Some(id) = report.rollout {
+            self.check_admitted(id, device, group, &report).await?;
         }
         report.reason = report.reason.chars().take(500).collect();
         report.device = Some(device.to_string());
@@ -359,6 +368,50 @@ impl Firmware {
             self.evaluate(id).await?;
         }
         Ok(())
+    }
+
+    /// Refuses (403) a report on rollout `id` from a device it did not admit, or about
+    /// another hardware model or version than the rollout's.
+    async fn check_admitted(
+        &self,
+        id: i64,
+        device: &DeviceId,
+        group: &str,
+        report: &Report,
+    ) -> Result<(), Error> {
+        let r = self
+            .rollout(id)
+            .await
+            .map_err(|_| Error::Forbidden(format!("no rollout {id} admits {device}")))?;
+        let why = if report.hardware != r.hardware || report.version != r.version {
+            Some(format!(
+                "rollout {id} offers {} {}, not {} {}",
+                r.hardware, r.version, report.hardware, report.version
+            ))
+        } else if r.group.as_deref().is_some_and(|g| g != group) || !r.has_admitted(device.as_str()) {
+            Some(format!("rollout {id} has not admitted {device}"))
+        } else if !r.population.iter().any(|d| d == device.as_str()) {
+            // Joined after creation: the hardware the server knows from its check-ins
+            // must be the rollout's too.
+            let known: Option<DeviceFirmware> = self
+                .store
+                .firmware_device(device)
+                .await
+                .map_err(store_err)?
+                .and_then(|doc| serde_json::from_value(doc).ok());
+            (known.is_none_or(|k| k.hardware != r.hardware)).then(|| {
+                format!("rollout {id} has not admitted {device}: it never checked in as {}", r.hardware)
+            })
+        } else {
+            None
+        };
+        match why {
+            Some(m) => {
+                tracing::warn!(rollout = id, device = %device, reason = %m, "firmware report refused");
+                Err(Error::Forbidden(m))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Outcomes of a rollout's devices: (confirmed, failed).
@@ -401,7 +454,8 @@ impl Firmware {
             "id": r.id, "hardware": r.hardware, "version": r.version, "target": r.target, "group": r.group,
             "state": r.state, "reason": r.reason, "stages": r.stages, "stage": r.stage + 1,
             "percent": r.percent(), "population": r.population.len(), "admitted": r.admitted_count(),
-            "confirmed": ok, "failed": failed, "max_failure_rate": r.max_failure_rate, "created_at": r.created_at,
+            "confirmed": ok, "failed": failed, "max_failure_rate": r.max_failure_rate,
+            "min_reports": r.min_reports, "created_at": r.created_at,
         }))
     }
 
