@@ -12,19 +12,26 @@ need() { # need TOOL DEBIAN-PACKAGE...
   command -v "$1" >/dev/null || { shift; apt-get update -qq && apt-get install -y -qq "$@" >/dev/null; }
 }
 
-# start_portcullis [CONFIG-FILE]: sets $pid, $dev, $adm and $P (the CLI for this instance).
+# The binaries under test: this tree's release build unless PORTCULLIS_BIN / AGENT_BIN
+# name others (bench/ab.sh compares two builds that way).
+PORTCULLIS_BIN=${PORTCULLIS_BIN:-target/release/portcullis}
+AGENT_BIN=${AGENT_BIN:-target/release/portcullis-agent}
+
+# start_portcullis [CONFIG-FILE]: sets $pid, $dev, $adm, $dns and $P (the CLI for this
+# instance). INSTANCE=name keeps its data dir and output apart from other instances.
 start_portcullis() {
-  local cfg=()
+  local cfg=() out="$work/up${INSTANCE:-}.out"
   [ -n "${1:-}" ] && cfg=(--config "$1")
-  P="target/release/portcullis ${cfg[*]} --data-dir $work/data"
-  PORTCULLIS_LOG=warn ${PORTCULLIS_ENV:-} $P up --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 --dot-addr 127.0.0.1:0 >"$work/up.out" 2>"$work/up.err" &
+  P="$PORTCULLIS_BIN ${cfg[*]} --data-dir $work/data${INSTANCE:-}"
+  PORTCULLIS_LOG=warn ${PORTCULLIS_ENV:-} $P up --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 --dot-addr 127.0.0.1:0 >"$out" 2>"$work/up${INSTANCE:-}.err" &
   pid=$!
   pids+=("$pid")
-  for _ in $(seq 100); do grep -q "admin API" "$work/up.out" 2>/dev/null && break; sleep 0.1; done
-  dev=$(awk '/device port/ {print $NF}' "$work/up.out")
-  adm=$(awk '/admin API/ {print $NF}' "$work/up.out")
-  $P ca cert >"$work/root.pem"
-  $P ca chain >"$work/chain.pem"
+  for _ in $(seq 100); do grep -q "admin API" "$out" 2>/dev/null && break; sleep 0.1; done
+  dev=$(awk '/device port/ {print $NF}' "$out")
+  adm=$(awk '/admin API/ {print $NF}' "$out")
+  dns=$(awk '/dns \(udp, tcp\)/ {print $NF}' "$out")
+  $P ca cert >"$work/root${INSTANCE:-}.pem"
+  $P ca chain >"$work/chain${INSTANCE:-}.pem"
 }
 
 # The gateway benchmarks' nginx pair, both written under $work:

@@ -212,6 +212,11 @@ CONFIG = f"""
 [device]
 max_connections = 4000
 
+[pki]
+# Each device renews every 30 s here (20 times in the run), far beyond a real fleet's
+# once per lifetime and the default limit of 10 per hour.
+reenroll_limit = {{ count = 1000, per = "1h" }}
+
 [[gateway.routes]]
 prefix = "/api/"
 upstream = "http://127.0.0.1:{PORTS['backend']}"

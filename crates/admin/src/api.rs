@@ -137,6 +137,8 @@ pub fn router(
         .route("/v1/dns/policies", get(dns_policies))
         .route("/v1/dns/top-blocked", get(dns_top_blocked))
         .route("/v1/certificates", get(list_certificates))
+        .route("/v1/certificates/{serial}", get(show_certificate))
+        .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
         .route("/v1/groups", get(list_groups))
         .route("/v1/events", get(list_events))
         .route("/v1/ca/root", get(ca_root))
@@ -486,6 +488,47 @@ async fn list_certificates(
     let device = q.device.as_deref().map(device_id).transpose()?;
     let certs = s.authority.store().certificates(device.as_ref()).await.map_err(|e| err(e.into()))?;
     Ok(Json(json!({ "certificates": certs })))
+}
+
+fn serial(s: &str) -> Result<portcullis_core::Serial, Problem> {
+    portcullis_core::Serial::parse(s).ok_or_else(|| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-serial",
+            format!("{s:?} is not a certificate serial (hex)"),
+        )
+    })
+}
+
+async fn show_certificate(State(s): State<AppState>, Path(sn): Path<String>) -> Result<Json<Value>, Problem> {
+    let sn = serial(&sn)?;
+    let status = s.authority.store().certificate(&sn).await.map_err(store_err)?.ok_or_else(|| {
+        Problem::new(StatusCode::NOT_FOUND, "not-found", format!("certificate {sn} not found"))
+    })?;
+    let mut v = serde_json::to_value(&status.certificate).unwrap_or_default();
+    v["device_state"] = json!(status.device_state);
+    v["group"] = json!(status.group);
+    v["pem"] = json!(portcullis_pki::pem_encode("CERTIFICATE", &status.certificate.der));
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeCertificate {
+    /// An RFC 5280 reason name.
+    reason: String,
+    note: Option<String>,
+}
+
+async fn revoke_certificate(
+    State(s): State<AppState>,
+    Path(sn): Path<String>,
+    Body(req): Body<RevokeCertificate>,
+) -> Result<Json<Value>, Problem> {
+    let sn = serial(&sn)?;
+    let cert =
+        s.authority.revoke_certificate(&sn, &req.reason, req.note, s.actor.clone()).await.map_err(err)?;
+    Ok(Json(json!({ "revoked": true, "certificate": cert })))
 }
 
 async fn list_groups(State(s): State<AppState>) -> Result<Json<Value>, Problem> {

@@ -214,6 +214,15 @@ struct RawPki {
     token_ttl: String,
     crl_validity: String,
     server_cert_lifetime: String,
+    reenroll_limit: RawCount,
+}
+
+/// `{ count = 10, per = "1h" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCount {
+    count: u32,
+    per: String,
 }
 
 impl Default for RawPki {
@@ -223,6 +232,7 @@ impl Default for RawPki {
             token_ttl: "24h".into(),
             crl_validity: "7d".into(),
             server_cert_lifetime: "90d".into(),
+            reenroll_limit: RawCount { count: 10, per: "1h".into() },
         }
     }
 }
@@ -571,6 +581,8 @@ impl Config {
                 device_cert_lifetime: dur("pki.device_cert_lifetime", &raw.pki.device_cert_lifetime)?,
                 token_ttl: dur("pki.token_ttl", &raw.pki.token_ttl)?,
                 crl_validity: dur("pki.crl_validity", &raw.pki.crl_validity)?,
+                reenroll_limit: raw.pki.reenroll_limit.count,
+                reenroll_window: dur("pki.reenroll_limit.per", &raw.pki.reenroll_limit.per)?,
             },
             server_cert_lifetime: dur("pki.server_cert_lifetime", &raw.pki.server_cert_lifetime)?,
         })

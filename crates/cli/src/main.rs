@@ -76,6 +76,9 @@ enum Cmd {
     /// The CA's public material.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// One certificate: show it, or revoke it alone (the device keeps its others).
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// The gateway's routes on the device port.
     #[command(subcommand)]
     Gateway(GatewayCmd),
@@ -284,6 +287,31 @@ enum GatewayCmd {
 }
 
 #[derive(Subcommand)]
+enum CertCmd {
+    /// Show a certificate by serial (hex, as `device show` and the event log print it).
+    Show {
+        serial: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print only the certificate, PEM.
+        #[arg(long)]
+        pem: bool,
+    },
+    /// Revoke one certificate (a stolen key, a device reset); listed on the CRL at once.
+    Revoke {
+        serial: String,
+        /// RFC 5280 reason: keyCompromise, superseded, cessationOfOperation,
+        /// affiliationChanged, privilegeWithdrawn, cACompromise, aACompromise, unspecified.
+        #[arg(long)]
+        reason: String,
+        /// Free text kept with the revocation.
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum CaCmd {
     /// Print the root CA certificate (PEM): the trust anchor devices need.
     Cert,
@@ -416,6 +444,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 CaCmd::Cert => manage::pem(&c, "/v1/ca/root").await,
                 CaCmd::Chain => manage::pem(&c, "/v1/ca/chain").await,
                 CaCmd::Crl => manage::pem(&c, "/v1/ca/crl").await,
+            }
+        }
+        Cmd::Cert(cmd) => {
+            let c = manage::client(&cfg).await?;
+            match cmd {
+                CertCmd::Show { serial, json, pem } => manage::cert_show(&c, &serial, json, pem).await,
+                CertCmd::Revoke { serial, reason, note } => {
+                    manage::cert_revoke(&c, &serial, &reason, note.as_deref()).await
+                }
             }
         }
         Cmd::Dns(cmd) => {

@@ -367,3 +367,51 @@ pub async fn gateway_reload(c: &AdminClient, config: Option<&std::path::Path>) -
     println!("reloaded: {} routes {from}", r["routes"].as_u64().unwrap_or(0));
     Ok(())
 }
+
+/// `portcullis cert show SERIAL`.
+pub async fn cert_show(c: &AdminClient, serial: &str, as_json: bool, pem_only: bool) -> anyhow::Result<()> {
+    let r = c.get(&format!("/v1/certificates/{serial}")).await?;
+    if pem_only {
+        print!("{}", s(&r, "pem"));
+    } else if as_json {
+        print_json(&r);
+    } else {
+        println!("serial      {}", s(&r, "serial"));
+        println!("device      {} ({}, group {})", s(&r, "device"), s(&r, "device_state"), s(&r, "group"));
+        println!("state       {}", s(&r, "state"));
+        println!("issued      {} via {}", s(&r, "issued_at"), s(&r, "issued_via"));
+        println!("valid       {} .. {}", s(&r, "not_before"), s(&r, "not_after"));
+        println!("fingerprint {}", s(&r, "fingerprint"));
+        if r["state"] == "revoked" {
+            println!(
+                "revoked     {} ({}): {}",
+                s(&r, "revoked_at"),
+                s(&r, "crl_reason"),
+                s(&r, "revocation_reason")
+            );
+        }
+        if let Some(next) = r["superseded_by"].as_str() {
+            println!("superseded  by {next}");
+        }
+    }
+    Ok(())
+}
+
+/// `portcullis cert revoke SERIAL --reason R`.
+pub async fn cert_revoke(
+    c: &AdminClient,
+    serial: &str,
+    reason: &str,
+    note: Option<&str>,
+) -> anyhow::Result<()> {
+    let r = c
+        .post(&format!("/v1/certificates/{serial}/revoke"), &json!({ "reason": reason, "note": note }))
+        .await?;
+    let cert = &r["certificate"];
+    println!(
+        "certificate {} of device {} revoked ({reason}); the CRL is re-signed",
+        s(cert, "serial"),
+        s(cert, "device")
+    );
+    Ok(())
+}

@@ -2,7 +2,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use portcullis_core::{DeviceId, DeviceState, Fingerprint, GroupName, Serial, Token, TrustDomain};
-use portcullis_store::{Actor, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck};
+use portcullis_store::{
+    Actor, CertificateRecord, Device, NewCertificate, NewDevice, NewToken, Store, TokenCheck,
+};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
@@ -21,6 +23,12 @@ pub struct IssuancePolicy {
     pub token_ttl: Duration,
     /// `nextUpdate - thisUpdate` of published CRLs (default 7 days).
     pub crl_validity: Duration,
+    /// At most this many re-enrollments per device within `reenroll_window` (default
+    /// 10 per hour): a device renews once per lifetime; a loop or a stolen key does not
+    /// get an endless supply of certificates.
+    pub reenroll_limit: u32,
+    /// The window of `reenroll_limit`.
+    pub reenroll_window: Duration,
 }
 
 impl Default for IssuancePolicy {
@@ -29,6 +37,8 @@ impl Default for IssuancePolicy {
             device_cert_lifetime: Duration::from_secs(30 * 86400),
             token_ttl: Duration::from_secs(86400),
             crl_validity: Duration::from_secs(7 * 86400),
+            reenroll_limit: 10,
+            reenroll_window: Duration::from_secs(3600),
         }
     }
 }
@@ -128,6 +138,24 @@ pub enum Error {
     /// Signing failed.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// The certificate presented for re-enrollment was already superseded or revoked.
+    #[error("certificate {0} was already superseded or revoked; re-enroll with the newest certificate")]
+    Superseded(Serial),
+    /// Too many re-enrollments of one device in the window.
+    #[error("device {device} re-enrolled {count} times within {window_s} s; retry in {retry_s} s")]
+    TooManyReenrollments {
+        /// The device.
+        device: DeviceId,
+        /// Re-enrollments in the window.
+        count: usize,
+        /// The window, seconds.
+        window_s: u64,
+        /// When the next one is allowed, seconds from now.
+        retry_s: u64,
+    },
+    /// A revocation reason that is not an RFC 5280 name this CA offers.
+    #[error("unknown revocation reason {0:?}; one of {list}", list = crate::ca::CRL_REASONS.join(", "))]
+    UnknownReason(String),
 }
 
 impl From<portcullis_store::Error> for Error {
@@ -280,8 +308,13 @@ impl Authority {
         // The token is consumed in the same transaction that records the certificate; a
         // concurrent use of the same token loses here and its certificate is discarded
         // unseen.
-        self.store.enroll(&hash, self.new_certificate(&id, &issued, "enroll"), now).await?;
-        tracing::info!(device = %id, serial = %issued.serial, key = %csr.key_kind(), "enrolled");
+        let retired = self.store.enroll(&hash, self.new_certificate(&id, &issued, "enroll"), now).await?;
+        if retired > 0 {
+            // Re-provisioned: the earlier certificates are revoked as of now.
+            self.registry_changed();
+            self.refresh_crl().await?;
+        }
+        tracing::info!(device = %id, serial = %issued.serial, key = %csr.key_kind(), retired, "enrolled");
         Ok(issued)
     }
 
@@ -294,15 +327,73 @@ impl Authority {
 
     async fn reenroll_inner(&self, device: &AuthenticatedDevice, body: &[u8]) -> Result<IssuedCert, Error> {
         let csr = csr::parse_est_body(body)?;
+        self.check_reenroll_rate(&device.id).await?;
         let issued = self.ca.issue_device(&device.id, &csr, self.policy.device_cert_lifetime)?;
-        self.store
+        let recorded = self
+            .store
             .record_certificate(
                 self.new_certificate(&device.id, &issued, "reenroll"),
+                &device.serial,
                 Actor::Device(device.id.clone()),
             )
-            .await?;
-        tracing::info!(device = %device.id, serial = %issued.serial, previous = %device.serial, "re-enrolled");
+            .await;
+        if let Err(portcullis_store::Error::NotValid { .. }) = recorded {
+            return Err(Error::Superseded(device.serial.clone()));
+        }
+        recorded?;
+        // The certificate it came with is revoked now: no connection may keep using it.
+        self.registry_changed();
+        self.refresh_crl().await?;
+        tracing::info!(device = %device.id, serial = %issued.serial, superseded = %device.serial, "re-enrolled");
         Ok(issued)
+    }
+
+    /// Refuses a re-enrollment beyond `reenroll_limit` within `reenroll_window`, counted
+    /// from the registry (so it holds across restarts).
+    async fn check_reenroll_rate(&self, id: &DeviceId) -> Result<(), Error> {
+        let window = time::Duration::try_from(self.policy.reenroll_window).unwrap_or(time::Duration::HOUR);
+        let since = OffsetDateTime::now_utc() - window;
+        let mut recent: Vec<OffsetDateTime> = self
+            .store
+            .certificates(Some(id))
+            .await?
+            .into_iter()
+            .filter(|c| c.issued_via == "reenroll" && c.issued_at > since)
+            .map(|c| c.issued_at)
+            .collect();
+        let limit = usize::try_from(self.policy.reenroll_limit).unwrap_or(usize::MAX);
+        if recent.len() < limit {
+            return Ok(());
+        }
+        recent.sort();
+        // The next one is allowed when the oldest counted leaves the window.
+        let frees = recent[recent.len() - limit] + window;
+        let retry_s = u64::try_from((frees - OffsetDateTime::now_utc()).whole_seconds()).unwrap_or(0) + 1;
+        Err(Error::TooManyReenrollments {
+            device: id.clone(),
+            count: recent.len(),
+            window_s: self.policy.reenroll_window.as_secs(),
+            retry_s,
+        })
+    }
+
+    /// Revokes one certificate (`reason`: an RFC 5280 name from [`crate::ca::CRL_REASONS`]),
+    /// re-signs the CRL and cuts off connections that use it.
+    pub async fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        reason: &str,
+        note: Option<String>,
+        actor: Actor,
+    ) -> Result<CertificateRecord, Error> {
+        if !crate::ca::CRL_REASONS.contains(&reason) {
+            return Err(Error::UnknownReason(reason.to_owned()));
+        }
+        let cert = self.store.revoke_certificate(serial, reason, note, actor).await?;
+        self.registry_changed();
+        self.refresh_crl().await?;
+        tracing::info!(serial = %serial, device = %cert.device, reason, "certificate revoked");
+        Ok(cert)
     }
 
     fn new_certificate(&self, id: &DeviceId, c: &IssuedCert, via: &'static str) -> NewCertificate {

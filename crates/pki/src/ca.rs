@@ -377,7 +377,7 @@ impl Ca {
                 .map(|r| RevokedCertParams {
                     serial_number: SerialNumber::from_slice(&r.serial.to_bytes()),
                     revocation_time: r.revoked_at,
-                    reason_code: None,
+                    reason_code: r.reason.as_deref().and_then(crl_reason),
                     invalidity_date: None,
                 })
                 .collect(),
@@ -390,6 +390,36 @@ impl Ca {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The RFC 5280 reasons an operator may give when revoking one certificate, by the
+/// names the RFC uses (`certificateHold` and `removeFromCRL` are not offered: a
+/// revocation here is final).
+pub const CRL_REASONS: [&str; 8] = [
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "privilegeWithdrawn",
+    "aACompromise",
+];
+
+/// The CRL reason code for an RFC 5280 reason name; `None` for unspecified or unknown
+/// (RFC 5280 5.3.1: unspecified should not be written).
+fn crl_reason(name: &str) -> Option<rcgen::RevocationReason> {
+    use rcgen::RevocationReason as R;
+    Some(match name {
+        "keyCompromise" => R::KeyCompromise,
+        "cACompromise" => R::CaCompromise,
+        "affiliationChanged" => R::AffiliationChanged,
+        "superseded" => R::Superseded,
+        "cessationOfOperation" => R::CessationOfOperation,
+        "privilegeWithdrawn" => R::PrivilegeWithdrawn,
+        "aACompromise" => R::AaCompromise,
+        _ => return None,
+    })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CaError> {

@@ -89,6 +89,13 @@ pub fn problem(e: &Error) -> Problem {
         Error::Store(S::InvalidTransition { .. }) => {
             Problem::new(StatusCode::CONFLICT, "invalid-transition", e.to_string())
         }
+        Error::Superseded(_) => Problem::new(StatusCode::FORBIDDEN, "certificate-superseded", e.to_string()),
+        Error::TooManyReenrollments { retry_s, .. } => {
+            Problem::new(StatusCode::TOO_MANY_REQUESTS, "reenroll-rate", e.to_string())
+                .with_retry_after(*retry_s)
+        }
+        Error::UnknownReason(_) => Problem::new(StatusCode::BAD_REQUEST, "invalid-reason", e.to_string()),
+        Error::Store(S::NotValid { .. }) => Problem::new(StatusCode::CONFLICT, "not-valid", e.to_string()),
         Error::Store(_) | Error::Ca(_) => {
             tracing::error!(error = ?e, "internal error");
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")

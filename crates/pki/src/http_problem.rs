@@ -18,6 +18,9 @@ pub struct Problem {
     /// extension `invalid-params`).
     #[serde(rename = "invalid-params", skip_serializing_if = "Vec::is_empty")]
     pub invalid_params: Vec<InvalidParam>,
+    /// Seconds to send as `Retry-After` (429, 503).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 /// One entry of a problem's `invalid-params`.
@@ -38,7 +41,15 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             invalid_params: Vec::new(),
+            retry_after: None,
         }
+    }
+
+    /// The same problem with a `Retry-After` header.
+    #[must_use]
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// The same problem listing each violation.
@@ -55,6 +66,9 @@ impl IntoResponse for Problem {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut resp = (status, body).into_response();
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

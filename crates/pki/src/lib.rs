@@ -25,7 +25,7 @@ pub mod pkcs7;
 pub mod tls;
 
 pub use authority::{AuthError, AuthenticatedDevice, Authority, Error, IssuancePolicy, Registered};
-pub use ca::{Ca, CaError, IssuedCert, ServerIdentity};
+pub use ca::{CRL_REASONS, Ca, CaError, IssuedCert, ServerIdentity};
 pub use csr::{CsrError, KeyKind, ValidCsr};
 pub use files::{base64_lines, pem_encode, write_private, write_public};
 pub use http_problem::{InvalidParam, Problem};

@@ -48,6 +48,14 @@ pub enum Error {
     /// The enrollment token was refused; nothing was written.
     #[error("enrollment token refused: {0}")]
     Token(TokenCheck),
+    /// The record is no longer valid (a certificate already revoked or superseded).
+    #[error("{what} {id} is no longer valid")]
+    NotValid {
+        /// What kind of record.
+        what: &'static str,
+        /// Its key.
+        id: String,
+    },
     /// The requested state change is not allowed from the current state.
     #[error("device {id} is {from}; cannot {action}")]
     InvalidTransition {
@@ -96,12 +104,28 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: OffsetDateTime,
     ) -> Result<Option<(DeviceState, TokenCheck)>>;
 
-    /// Atomically consumes the token and records the certificate issued with it.
-    /// Fails with [`Error::Token`] (and writes nothing) if the token is no longer usable.
-    async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<()>;
+    /// Atomically consumes the token, records the certificate issued with it and revokes
+    /// (reason superseded) every earlier valid certificate of the device: enrolling with
+    /// a new token is re-provisioning. Returns how many were revoked. Fails with
+    /// [`Error::Token`] (and writes nothing) if the token is no longer usable.
+    async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<usize>;
 
-    /// Records a certificate issued on re-enrollment by an authenticated device.
-    async fn record_certificate(&self, cert: NewCertificate, actor: Actor) -> Result<()>;
+    /// Records a certificate issued on re-enrollment by an authenticated device and, in
+    /// the same transaction, revokes the certificate it authenticated with (`supersedes`,
+    /// reason superseded). Fails with [`Error::NotValid`] (and writes nothing) if that
+    /// certificate is no longer valid.
+    async fn record_certificate(&self, cert: NewCertificate, supersedes: &Serial, actor: Actor)
+    -> Result<()>;
+
+    /// Revokes one certificate with an RFC 5280 reason name (`keyCompromise`, …) and an
+    /// optional note. [`Error::NotValid`] if it is already revoked.
+    async fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        crl_reason: &str,
+        note: Option<String>,
+        actor: Actor,
+    ) -> Result<CertificateRecord>;
 
     /// One certificate with the live state and group of its device.
     async fn certificate(&self, serial: &Serial) -> Result<Option<CertificateStatus>>;

@@ -155,6 +155,14 @@ pub struct CertificateRecord {
     /// The certificate itself.
     #[serde(skip)]
     pub der: Vec<u8>,
+    /// RFC 5280 reason name on the CRL (`superseded`, `keyCompromise`, …), if revoked
+    /// with one.
+    pub crl_reason: Option<String>,
+    /// The certificate that replaced it on re-enrollment.
+    pub superseded_by: Option<String>,
+    /// When it was issued (recorded).
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
 }
 
 /// A certificate with the live registry state of its device: what every per-request
@@ -176,6 +184,8 @@ pub struct RevokedEntry {
     pub serial: Serial,
     /// When.
     pub revoked_at: OffsetDateTime,
+    /// RFC 5280 reason name, if any.
+    pub reason: Option<String>,
 }
 
 /// Which events to read.

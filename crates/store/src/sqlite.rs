@@ -164,6 +164,10 @@ CREATE TABLE firmware_reports (
 ) STRICT;
 CREATE INDEX firmware_reports_device ON firmware_reports(device_id, id);
 "#,
+    r#"
+ALTER TABLE certificates ADD COLUMN crl_reason TEXT;
+ALTER TABLE certificates ADD COLUMN superseded_by TEXT;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -424,7 +428,7 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
 }
 
 const CERT_SELECT: &str = "SELECT serial, device_id, fingerprint, spki_sha256, not_before, not_after, state,
-        revoked_at, revocation_reason, issued_via, der FROM certificates";
+        revoked_at, revocation_reason, issued_via, der, crl_reason, superseded_by, created_at FROM certificates";
 
 fn cert_row(r: &Row<'_>) -> rusqlite::Result<CertificateRecord> {
     let serial: String = r.get(0)?;
@@ -442,7 +446,29 @@ fn cert_row(r: &Row<'_>) -> rusqlite::Result<CertificateRecord> {
         revocation_reason: r.get(8)?,
         issued_via: r.get(9)?,
         der: r.get(10)?,
+        crl_reason: r.get(11)?,
+        superseded_by: r.get(12)?,
+        issued_at: from_ts(r.get(13)?),
     })
+}
+
+/// Revokes the valid certificates of `device` other than `keep`; returns their serials.
+fn revoke_others(
+    conn: &Connection,
+    device: &DeviceId,
+    keep: &Serial,
+    now: OffsetDateTime,
+    note: &str,
+    crl_reason: &str,
+) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE certificates SET state = 'revoked', revoked_at = ?1, revocation_reason = ?2, crl_reason = ?3
+         WHERE device_id = ?4 AND state = 'valid' AND serial != ?5 RETURNING serial",
+    )?;
+    let rows = stmt.query_map(params![ts(now), note, crl_reason, device.as_str(), keep.as_str()], |r| {
+        r.get::<_, String>(0)
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 fn load_device(conn: &Connection, id: &DeviceId) -> Result<Option<Device>> {
@@ -623,7 +649,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<()> {
+    async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<usize> {
         let hash = hash.clone();
         self.write(move |c| {
             match token_state(c, &cert.device, &hash, now)? {
@@ -637,12 +663,35 @@ impl Store for SqliteStore {
             }
             c.prepare_cached("UPDATE enrollment_tokens SET used_at = ?1, used_for = ?2 WHERE hash = ?3 AND used_at IS NULL")?
                 .execute(params![ts(now), cert.serial.as_str(), hash.as_bytes()])?;
-            record_issued(c, &cert, &Actor::Device(cert.device.clone()), now)
+            let actor = Actor::Device(cert.device.clone());
+            record_issued(c, &cert, &actor, now)?;
+            // Enrolling with a new token is re-provisioning (a lost or replaced key):
+            // whatever was issued to this device before is retired with it.
+            let note = format!("re-provisioned: superseded by {}", cert.serial);
+            let retired = revoke_others(c, &cert.device, &cert.serial, now, &note, "superseded")?;
+            if !retired.is_empty() {
+                event(
+                    c,
+                    now,
+                    &actor,
+                    "certificate.superseded",
+                    Some(&cert.device),
+                    Some(&cert.serial),
+                    serde_json::json!({ "via": "enroll", "revoked_serials": retired }),
+                )?;
+            }
+            Ok(retired.len())
         })
         .await
     }
 
-    async fn record_certificate(&self, cert: NewCertificate, actor: Actor) -> Result<()> {
+    async fn record_certificate(
+        &self,
+        cert: NewCertificate,
+        supersedes: &Serial,
+        actor: Actor,
+    ) -> Result<()> {
+        let old = supersedes.clone();
         self.write(move |c| {
             let now = OffsetDateTime::now_utc();
             let d = load_device(c, &cert.device)?
@@ -650,7 +699,73 @@ impl Store for SqliteStore {
             if d.state != DeviceState::Active {
                 return Err(Error::InvalidTransition { id: d.id, from: d.state, action: "re-enroll" });
             }
-            record_issued(c, &cert, &actor, now)
+            // The certificate the device authenticated with is retired in the same
+            // transaction; if another re-enrollment retired it first, this one loses.
+            let retired = c
+                .prepare_cached(
+                    "UPDATE certificates SET state = 'revoked', revoked_at = ?1, revocation_reason = ?2,
+                        crl_reason = 'superseded', superseded_by = ?3
+                     WHERE serial = ?4 AND device_id = ?5 AND state = 'valid'",
+                )?
+                .execute(params![
+                    ts(now),
+                    format!("superseded by {}", cert.serial),
+                    cert.serial.as_str(),
+                    old.as_str(),
+                    cert.device.as_str()
+                ])?;
+            if retired != 1 {
+                return Err(Error::NotValid { what: "certificate", id: old.to_string() });
+            }
+            record_issued(c, &cert, &actor, now)?;
+            event(
+                c,
+                now,
+                &actor,
+                "certificate.superseded",
+                Some(&cert.device),
+                Some(&old),
+                serde_json::json!({ "via": "reenroll", "superseded_by": cert.serial }),
+            )
+        })
+        .await
+    }
+
+    async fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        crl_reason: &str,
+        note: Option<String>,
+        actor: Actor,
+    ) -> Result<CertificateRecord> {
+        let serial = serial.clone();
+        let crl_reason = crl_reason.to_owned();
+        self.write(move |c| {
+            let now = OffsetDateTime::now_utc();
+            let changed = c
+                .prepare_cached(
+                    "UPDATE certificates SET state = 'revoked', revoked_at = ?1, revocation_reason = ?2, crl_reason = ?3
+                     WHERE serial = ?4 AND state = 'valid'",
+                )?
+                .execute(params![ts(now), note, crl_reason, serial.as_str()])?;
+            let cert = c
+                .prepare_cached(&format!("{CERT_SELECT} WHERE serial = ?1"))?
+                .query_row([serial.as_str()], cert_row)
+                .optional()?
+                .ok_or(Error::NotFound { what: "certificate", id: serial.to_string() })?;
+            if changed != 1 {
+                return Err(Error::NotValid { what: "certificate", id: serial.to_string() });
+            }
+            event(
+                c,
+                now,
+                &actor,
+                "certificate.revoked",
+                Some(&cert.device),
+                Some(&serial),
+                serde_json::json!({ "reason": crl_reason, "note": note }),
+            )?;
+            Ok(cert)
         })
         .await
     }
@@ -757,13 +872,14 @@ impl Store for SqliteStore {
     async fn revoked(&self, now: OffsetDateTime) -> Result<Vec<RevokedEntry>> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT serial, revoked_at FROM certificates WHERE state = 'revoked' AND not_after > ?1 ORDER BY revoked_at, serial",
+                "SELECT serial, revoked_at, crl_reason FROM certificates WHERE state = 'revoked' AND not_after > ?1 ORDER BY revoked_at, serial",
             )?;
             let rows = stmt.query_map([ts(now)], |r| {
                 let s: String = r.get(0)?;
                 Ok(RevokedEntry {
                     serial: Serial::parse(&s).ok_or_else(|| corrupt("serial", &s))?,
                     revoked_at: from_ts(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
+                    reason: r.get(2)?,
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

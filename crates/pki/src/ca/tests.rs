@@ -92,17 +92,24 @@ fn serials_are_unique() {
 fn crl_lists_revoked_serials() {
     let (_dir, ca) = new_ca();
     let serial = Serial::parse("0123456789abcdef0123456789abcdef").unwrap();
+    let other = Serial::parse("0a").unwrap();
+    let now = OffsetDateTime::now_utc();
     let der = ca
         .crl(
-            &[RevokedEntry { serial: serial.clone(), revoked_at: OffsetDateTime::now_utc() }],
+            &[
+                RevokedEntry { serial: serial.clone(), revoked_at: now, reason: Some("superseded".into()) },
+                RevokedEntry { serial: other.clone(), revoked_at: now, reason: None },
+            ],
             7,
             Duration::from_secs(3600),
         )
         .unwrap();
     let (_, crl) = CertificateRevocationList::from_der(&der).unwrap();
-    let listed: Vec<Serial> =
-        crl.iter_revoked_certificates().map(|r| Serial::from_bytes(r.raw_serial())).collect();
-    assert_eq!(listed, [serial]);
+    let listed: Vec<(Serial, Option<u8>)> = crl
+        .iter_revoked_certificates()
+        .map(|r| (Serial::from_bytes(r.raw_serial()), r.reason_code().map(|(_, c)| c.0)))
+        .collect();
+    assert_eq!(listed, [(serial, Some(4)), (other, None)]);
     let (_, issuing) = X509Certificate::from_der(ca.issuing_der()).unwrap();
     crl.verify_signature(issuing.public_key()).unwrap();
 }
