@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two builds of Portcullis side by side in one run on this machine, in alternating
-# rounds, on the paths users hit most, with the defaults they get (DNS query log on):
+# rounds, on the paths users hit most, with the defaults they get (access log at info,
+# DNS query log on):
 #   - gateway: keep-alive mTLS POSTs of a ~200-byte reading validated against
 #     examples/telemetry.openapi.yaml, per-device rate limit on (ApacheBench, -k);
 #   - DNS: dnsperf over UDP, half names from a 100,000-name blocklist (NXDOMAIN), half
@@ -20,6 +21,9 @@ C=${C:-32}
 ROUNDS=${ROUNDS:-4}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+# The log level `portcullis up` has by default: the gateway's access log line per request
+# (to a file here, as a service manager would keep it).
+BENCH_LOG=${BENCH_LOG:-info}
 need nginx nginx
 need ab apache2-utils
 need dnsperf dnsperf
@@ -101,7 +105,7 @@ gw() { # gw BUILD -> requests/s
 }
 dn() { # dn BUILD -> queries/s
   $CLIENT_CPU dnsperf -s 127.0.0.1 -p "${DNSPORT[$1]}" -d "$work/queries.txt" -l "$T" -c 8 -Q 200000 -q 500 2>&1 |
-    awk '/Queries per second/ {print $4}'
+    awk '/Queries per second/ {print $4} /Queries lost/ {print "lost " $3 > "/dev/stderr"}'
 }
 for b in base new; do gw "$b" >/dev/null; N=2000 gw "$b" >/dev/null; dn "$b" >/dev/null; done
 echo "== $ROUNDS rounds: gateway $N keep-alive POSTs at concurrency $C; DNS dnsperf $T s; PIN=${PIN:-0}"

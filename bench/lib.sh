@@ -23,7 +23,7 @@ start_portcullis() {
   local cfg=() out="$work/up${INSTANCE:-}.out"
   [ -n "${1:-}" ] && cfg=(--config "$1")
   P="$PORTCULLIS_BIN ${cfg[*]} --data-dir $work/data${INSTANCE:-}"
-  PORTCULLIS_LOG=warn ${PORTCULLIS_ENV:-} $P up --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 --dot-addr 127.0.0.1:0 >"$out" 2>"$work/up${INSTANCE:-}.err" &
+  PORTCULLIS_LOG=${BENCH_LOG:-warn} ${PORTCULLIS_ENV:-} $P up --device-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --dns-addr 127.0.0.1:0 --dot-addr 127.0.0.1:0 >"$out" 2>"$work/up${INSTANCE:-}.err" &
   pid=$!
   pids+=("$pid")
   for _ in $(seq 100); do grep -q "admin API" "$out" 2>/dev/null && break; sleep 0.1; done

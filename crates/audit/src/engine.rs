@@ -443,6 +443,7 @@ impl Auditor {
                     io: Duration::from_secs(3),
                 },
                 tls: crate::probe::tls_connector(),
+                inspect: crate::probe::inspect_connector(),
             },
             log,
             progress: progress.clone(),
@@ -454,27 +455,28 @@ impl Auditor {
         let open = scan_phase(&ctx, &plan).await;
         progress.phase("checking open ports");
         let parallel_devices = (limits::SOCKETS / plan.per_device).max(1);
-        let results: Vec<(Target, Vec<Finding>, bool)> =
-            stream::iter(plan.targets.clone().into_iter().enumerate())
-                .map(|(i, t)| {
-                    let ctx = ctx.clone();
-                    let open: Vec<(IpAddr, Vec<u16>)> = open.get(&i).cloned().unwrap_or_default();
-                    async move {
-                        let (findings, seen) = audit_device(&ctx, &t, open).await;
-                        ctx.progress.devices_done.fetch_add(1, Ordering::Relaxed);
-                        (t, findings, seen)
-                    }
-                })
-                .buffer_unordered(parallel_devices)
-                .collect()
-                .await;
+        let results: Vec<(Target, DeviceResult)> = stream::iter(plan.targets.clone().into_iter().enumerate())
+            .map(|(i, t)| {
+                let ctx = ctx.clone();
+                let open: Vec<(IpAddr, Vec<u16>)> = open.get(&i).cloned().unwrap_or_default();
+                async move {
+                    let r = audit_device(&ctx, &t, open).await;
+                    ctx.progress.devices_done.fetch_add(1, Ordering::Relaxed);
+                    (t, r)
+                }
+            })
+            .buffer_unordered(parallel_devices)
+            .collect()
+            .await;
         progress.phase("registry checks");
         let mut findings: Vec<Finding> = Vec::new();
         let certs = self.store.certificates(None).await?;
         let now = OffsetDateTime::now_utc();
-        for (t, device_findings, seen) in &results {
-            findings.extend(device_findings.iter().cloned());
-            findings.extend(identity_checks(t, *seen, &certs, now, plan.expiry_days));
+        let mut not_tested: Vec<NotTested> = Vec::new();
+        for (t, r) in &results {
+            findings.extend(r.findings.iter().cloned());
+            findings.extend(identity_checks(t, r.seen, &certs, now, plan.expiry_days));
+            not_tested.extend(r.not_tested.iter().cloned());
         }
         // Firmware currency, from the firmware service's fleet view. If it cannot be read,
         // earlier firmware findings stay open (not resolved by a check that did not run).
@@ -484,7 +486,7 @@ impl Auditor {
                 Ok(outdated) => {
                     let by_device: BTreeMap<&str, &Outdated> =
                         outdated.iter().map(|o| (o.device.as_str(), o)).collect();
-                    for (t, _, _) in &results {
+                    for (t, _) in &results {
                         if let Some(o) = by_device.get(t.device.id.as_str()) {
                             findings.push(firmware_finding(o));
                         }
@@ -499,12 +501,14 @@ impl Auditor {
         };
         progress.phase("saving");
         let scanned_ports: BTreeSet<u16> = plan.ports.iter().copied().collect();
-        let devices: Vec<String> = results.iter().map(|(t, _, _)| t.device.id.to_string()).collect();
+        let devices: Vec<String> = results.iter().map(|(t, _)| t.device.id.to_string()).collect();
         let scanned_devices: BTreeSet<String> = results
             .iter()
-            .filter(|(t, _, _)| !t.addrs.is_empty())
-            .map(|(t, _, _)| t.device.id.to_string())
+            .filter(|(t, _)| !t.addrs.is_empty())
+            .map(|(t, _)| t.device.id.to_string())
             .collect();
+        let untested: BTreeSet<(&str, &str)> =
+            not_tested.iter().map(|n| (n.device.as_str(), n.target.as_str())).collect();
         let previous = self.store.previous_findings(devices.clone(), run).await?;
         let credentials_ran = !plan.creds.is_empty();
         let records = diff(&findings, previous, |f| {
@@ -516,7 +520,9 @@ impl Auditor {
                     scanned_devices.contains(&f.device)
                         && scanned_ports.contains(&p)
                         && (f.check == "exposure" || !plan.scan_only)
-                        && (f.check != "credentials" || credentials_ran)
+                        && (f.check != "credentials"
+                            || (credentials_ran
+                                && !untested.contains(&(f.device.as_str(), f.target.as_str()))))
                 }
             }
         });
@@ -554,6 +560,7 @@ impl Auditor {
                 "identity": "ran",
                 "firmware": firmware_check,
             },
+            "not_tested": not_tested,
             "notes": plan.notes,
             "probe_log": ctx.log.path.as_ref().map(|p| p.display().to_string()),
         });
@@ -711,10 +718,32 @@ async fn scan_phase(ctx: &Arc<Ctx>, plan: &Plan) -> HashMap<usize, Vec<(IpAddr, 
     out
 }
 
-/// Identifies and checks one device's open ports. Returns its findings and whether
-/// anything answered on any of its addresses.
-async fn audit_device(ctx: &Ctx, t: &Target, scanned: Vec<(IpAddr, Vec<u16>)>) -> (Vec<Finding>, bool) {
+/// A check that applied to a service but could not be made, and why: reported in the
+/// run and the report, never a finding, never silence.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NotTested {
+    /// The device.
+    pub device: String,
+    /// `ip:port`.
+    pub target: String,
+    /// The check (`credentials`).
+    pub check: &'static str,
+    /// Why it was not made.
+    pub reason: String,
+}
+
+/// What one device's checks found.
+struct DeviceResult {
+    findings: Vec<Finding>,
+    /// Anything answered on any of its addresses.
+    seen: bool,
+    not_tested: Vec<NotTested>,
+}
+
+/// Identifies and checks one device's open ports.
+async fn audit_device(ctx: &Ctx, t: &Target, scanned: Vec<(IpAddr, Vec<u16>)>) -> DeviceResult {
     let id = t.device.id.as_str();
+    let mut not_tested = Vec::new();
     let mut findings = Vec::new();
     let mut seen = false;
     let mut attempts_left = ctx.attempts;
@@ -775,21 +804,36 @@ async fn audit_device(ctx: &Ctx, t: &Target, scanned: Vec<(IpAddr, Vec<u16>)>) -
             if let Some(v) = legacy {
                 findings.push(legacy_tls(id, addr, v));
             }
-            if let Some(f) = try_credentials(ctx, id, addr, &svc, &mut attempts_left).await {
-                findings.push(f);
+            match try_credentials(ctx, t, addr, &svc, &mut attempts_left).await {
+                Creds::Accepted(f) => findings.push(*f),
+                Creds::NotTested(reason) => {
+                    ctx.log.write(id, addr, "credentials", &format!("not tested: {reason}"));
+                    not_tested.push(NotTested {
+                        device: id.to_owned(),
+                        target: addr.to_string(),
+                        check: "credentials",
+                        reason,
+                    });
+                }
+                Creds::Refused => {}
             }
         }
     }
-    (findings, seen)
+    DeviceResult { findings, seen, not_tested }
 }
 
-async fn try_credentials(
-    ctx: &Ctx,
-    id: &str,
-    addr: SocketAddr,
-    svc: &Service,
-    left: &mut u32,
-) -> Option<Finding> {
+/// The outcome of the credential check on one service.
+enum Creds {
+    /// A default credential was accepted.
+    Accepted(Box<Finding>),
+    /// Every credential tried was refused, or the check does not apply.
+    Refused,
+    /// The check applied but could not be made.
+    NotTested(String),
+}
+
+async fn try_credentials(ctx: &Ctx, t: &Target, addr: SocketAddr, svc: &Service, left: &mut u32) -> Creds {
+    let id = t.device.id.as_str();
     let applicable = match svc.kind {
         Kind::Telnet | Kind::Ssh => true,
         Kind::Http => svc.http.as_ref().is_some_and(|h| h.status == 401 && h.basic_auth),
@@ -798,12 +842,23 @@ async fn try_credentials(
         _ => false,
     };
     if !applicable || ctx.creds.is_empty() {
-        return None;
+        return Creds::Refused;
+    }
+    // A suspended or revoked device may be in someone else's hands: no passwords are
+    // sent to it, even default ones.
+    if t.device.state != DeviceState::Active {
+        return Creds::NotTested(format!(
+            "device is {}: no login is tried on a device that is not active",
+            t.device.state
+        ));
     }
     for (n, c) in ctx.creds.iter().enumerate() {
         if *left == 0 {
             ctx.log.write(id, addr, "login", "attempt budget exhausted");
-            return None;
+            return Creds::NotTested(format!(
+                "login attempt budget of the device used up after {} credentials",
+                n
+            ));
         }
         *left -= 1;
         ctx.paced().await;
@@ -813,25 +868,24 @@ async fn try_credentials(
         match ok {
             Ok(true) => {
                 ctx.log.write(id, addr, &probe, "accepted");
-                return Some(default_credential(id, addr, svc, &c.user, n + 1));
+                return Creds::Accepted(Box::new(default_credential(id, addr, svc, &c.user, n + 1)));
             }
             Ok(false) => ctx.log.write(id, addr, &probe, "refused"),
             Err(e) => {
                 ctx.log.write(id, addr, &probe, &format!("error: {e}"));
                 // Nothing more to learn here: the service went away, does not take
-                // passwords, or cannot be talked to (no common SSH algorithms).
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::Unsupported
-                        | std::io::ErrorKind::InvalidData
-                ) {
-                    return None;
+                // passwords, or cannot be talked to (no common SSH algorithms, a TLS
+                // handshake that cannot be verified).
+                if matches!(e.kind(), std::io::ErrorKind::Unsupported | std::io::ErrorKind::InvalidData) {
+                    return Creds::NotTested(format!("{} login: {e}", svc.name()));
+                }
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return Creds::NotTested(format!("{} stopped accepting connections: {e}", svc.name()));
                 }
             }
         }
     }
-    None
+    Creds::Refused
 }
 
 const RISKY_PORTS: &[u16] =

@@ -77,6 +77,10 @@ pub struct TlsInfo {
     pub suite: String,
     /// The server's chain, leaf first.
     pub chain: Vec<Vec<u8>>,
+    /// Whether the handshake's signatures verified. `false`: the server's key or
+    /// signature is too weak for the verifier (RSA below 2048 bits, SHA-1 only), so the
+    /// certificate was read for inspection only and no credential is sent over it.
+    pub verified: bool,
 }
 
 /// Accepts any server certificate: the audit wants to *see* bad certificates, and judges
@@ -120,6 +124,90 @@ impl ServerCertVerifier for SeeEverything {
     }
 }
 
+/// Accepts every handshake signature too: only for reading the certificate of a server
+/// whose key or signature [`SeeEverything`] refuses (the weakest devices must not look
+/// clean because their handshake fails). Nothing but the certificate is trusted from such
+/// a connection.
+#[derive(Debug)]
+struct InspectOnly;
+
+impl ServerCertVerifier for InspectOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        use SignatureScheme as S;
+        vec![
+            S::RSA_PKCS1_SHA1,
+            S::ECDSA_SHA1_Legacy,
+            S::RSA_PKCS1_SHA256,
+            S::ECDSA_NISTP256_SHA256,
+            S::RSA_PKCS1_SHA384,
+            S::ECDSA_NISTP384_SHA384,
+            S::RSA_PKCS1_SHA512,
+            S::ECDSA_NISTP521_SHA512,
+            S::RSA_PSS_SHA256,
+            S::RSA_PSS_SHA384,
+            S::RSA_PSS_SHA512,
+            S::ED25519,
+            S::ED448,
+        ]
+    }
+}
+
+/// The audit's TLS client for inspection only (see [`InspectOnly`]).
+pub fn inspect_connector() -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(InspectOnly))
+        .with_no_client_auth();
+    cfg.enable_sni = false;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// True when a failed handshake was TLS that the verifier refused (a weak key or
+/// signature, or a server that found no scheme it could sign with), rather than a port
+/// that does not speak TLS.
+fn refused_by_verifier(e: &io::Error) -> bool {
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else { return false };
+    matches!(
+        inner,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::PeerIncompatible(_)
+            | rustls::Error::PeerMisbehaved(_)
+            | rustls::Error::AlertReceived(_)
+    )
+}
+
 /// The TLS client of the audit.
 pub fn tls_connector() -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -137,6 +225,7 @@ async fn tls(
     addr: SocketAddr,
     t: &Timeouts,
     c: &tokio_rustls::TlsConnector,
+    verified: bool,
 ) -> io::Result<(Stream, TlsInfo)> {
     let s = tcp(addr, t).await?;
     let name = ServerName::IpAddress(addr.ip().into());
@@ -152,6 +241,7 @@ async fn tls(
         },
         suite: conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default(),
         chain: conn.peer_certificates().unwrap_or_default().iter().map(|c| c.to_vec()).collect(),
+        verified,
     };
     Ok((Box::new(s), info))
 }
@@ -245,6 +335,8 @@ pub struct Prober {
     pub t: Timeouts,
     /// TLS client.
     pub tls: tokio_rustls::TlsConnector,
+    /// TLS client for inspection only ([`inspect_connector`]).
+    pub inspect: tokio_rustls::TlsConnector,
 }
 
 impl std::fmt::Debug for Prober {
@@ -289,9 +381,20 @@ impl Prober {
         for step in order(addr.port()) {
             match step {
                 Try::Tls => {
-                    let r = tls(addr, &self.t, &self.tls).await;
+                    let mut r = tls(addr, &self.t, &self.tls, true).await;
+                    if let Err(e) = &r
+                        && refused_by_verifier(e)
+                    {
+                        let why = e.to_string();
+                        r = tls(addr, &self.t, &self.inspect, false).await;
+                        if r.is_ok() {
+                            log("tls-handshake", &format!("tls, not verifiable ({why}): inspected only"));
+                        }
+                    }
                     log("tls-handshake", if r.is_ok() { "tls" } else { "not tls" });
                     if let Ok((_, info)) = r {
+                        let c = if info.verified { &self.tls } else { &self.inspect };
+                        let v = info.verified;
                         let mut svc = Service {
                             kind: Kind::Unknown,
                             tls: Some(info),
@@ -299,13 +402,13 @@ impl Prober {
                             http: None,
                             mqtt_anonymous: None,
                         };
-                        if let Ok((s, _)) = tls(addr, &self.t, &self.tls).await
+                        if let Ok((s, _)) = tls(addr, &self.t, c, v).await
                             && let Some(head) = self.http_get(s, addr, None).await
                         {
                             log("https-get", &head.status.to_string());
                             svc.kind = Kind::Http;
                             svc.http = Some(head);
-                        } else if let Ok((s, _)) = tls(addr, &self.t, &self.tls).await
+                        } else if let Ok((s, _)) = tls(addr, &self.t, c, v).await
                             && let Some(rc) = self.mqtt(s, None).await
                         {
                             log("mqtts-connect", &format!("connack {rc}"));
@@ -426,9 +529,15 @@ impl Prober {
     /// One login attempt against `svc`. `Ok(true)` if the credential was accepted.
     /// Nothing is run after a successful login: the connection is closed at the prompt.
     pub async fn login(&self, addr: SocketAddr, svc: &Service, user: &str, pass: &str) -> io::Result<bool> {
+        if svc.tls.as_ref().is_some_and(|i| !i.verified) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the TLS handshake cannot be verified (weak key or signature); credentials are not sent over it",
+            ));
+        }
         let stream = || async {
             if svc.tls.is_some() {
-                tls(addr, &self.t, &self.tls).await.map(|(s, _)| s)
+                tls(addr, &self.t, &self.tls, true).await.map(|(s, _)| s)
             } else {
                 tcp(addr, &self.t).await.map(|s| Box::new(s) as Stream)
             }

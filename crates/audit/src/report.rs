@@ -94,6 +94,17 @@ fn markdown(run: &AuditRunRecord, findings: &[FindingRecord]) -> String {
             }
             s.push('\n');
         }
+        let untested = not_tested(&run.summary);
+        if !untested.is_empty() {
+            let _ = writeln!(
+                s,
+                "**Not tested** (the check applied but could not be made; not a finding, not a pass):\n"
+            );
+            for (device, target, check, reason) in untested {
+                let _ = writeln!(s, "- {device} {target}: {check} not tested: {reason}");
+            }
+            s.push('\n');
+        }
     }
     let _ = writeln!(s, "| Status | Severity | Device | Target | Finding |");
     let _ = writeln!(s, "|---|---|---|---|---|");
@@ -118,6 +129,20 @@ fn markdown(run: &AuditRunRecord, findings: &[FindingRecord]) -> String {
         let _ = writeln!(s, "- **Baselines:** {}", f.baselines.join("; "));
     }
     s
+}
+
+/// `(device, target, check, reason)` of each check the run could not make.
+fn not_tested(summary: &serde_json::Value) -> Vec<(String, String, String, String)> {
+    let field = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(|x| x.as_str()).unwrap_or("-").replace(['|', '\n'], " ")
+    };
+    summary
+        .get("not_tested")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+        .map(|n| (field(n, "device"), field(n, "target"), field(n, "check"), field(n, "reason")))
+        .collect()
 }
 
 fn esc(t: &str) -> String {
@@ -161,7 +186,23 @@ fn html(run: &AuditRunRecord, findings: &[FindingRecord]) -> String {
             esc(&f.baselines.join("; ")),
         );
     }
-    s.push_str("</tbody></table></body></html>\n");
+    s.push_str("</tbody></table>");
+    let untested = not_tested(&run.summary);
+    if !untested.is_empty() {
+        s.push_str("<h2>Not tested</h2><p>The check applied but could not be made: not a finding, not a pass.</p><ul>");
+        for (device, target, check, reason) in untested {
+            let _ = write!(
+                s,
+                "<li>{} {}: {} not tested: {}</li>",
+                esc(&device),
+                esc(&target),
+                esc(&check),
+                esc(&reason)
+            );
+        }
+        s.push_str("</ul>");
+    }
+    s.push_str("</body></html>\n");
     s
 }
 

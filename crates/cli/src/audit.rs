@@ -342,6 +342,15 @@ fn print_findings(v: &Value) {
             f["title"].as_str().unwrap_or("-")
         );
     }
+    for n in s["not_tested"].as_array().into_iter().flatten() {
+        println!(
+            "NOT TESTED {:<16} {:<22} {}: {}",
+            n["device"].as_str().unwrap_or("-"),
+            n["target"].as_str().unwrap_or("-"),
+            n["check"].as_str().unwrap_or("-"),
+            n["reason"].as_str().unwrap_or("-")
+        );
+    }
     for n in s["notes"].as_array().into_iter().flatten() {
         println!("note: {}", n.as_str().unwrap_or_default());
     }

@@ -390,3 +390,160 @@ fn the_ssh_login_probe_speaks_to_openssh() {
     assert_eq!(logins.len(), 3, "{log}");
     assert!(logins.iter().all(|l| l.contains("\"result\":\"refused\"")), "{log}");
 }
+
+/// `(device, target, reason)` of the run's checks that could not be made.
+fn not_tested(v: &Value) -> Vec<(String, String, String)> {
+    v["run"]["summary"]["not_tested"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            assert_eq!(n["check"], "credentials");
+            let s = |k: &str| n[k].as_str().unwrap().to_owned();
+            (s("device"), s("target"), s("reason"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_tls_service_the_verifier_refuses_is_still_inspected() {
+    // The weakest devices: a 1024-bit RSA key, signed with SHA-1, self-signed; served by
+    // OpenSSL at security level 0, as old firmware does.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert) = (dir.path().join("weak.key"), dir.path().join("weak.crt"));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:1024",
+            "-sha1",
+            "-nodes",
+            "-subj",
+            "/CN=weak-cam",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-accept", "127.0.13.21:8443", "-cipher", "DEFAULT:@SECLEVEL=0", "-www", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect("127.0.13.21:8443").is_ok()
+    });
+    assert!(up, "openssl s_server did not start");
+    let s = Server::start();
+    s.add_device("weak-cam", &[]);
+    s.cli_ok(&["device", "addresses", "weak-cam", "127.0.13.21"]);
+    s.cli_ok(&["profile", "set", "https-only", "--tcp", "8443"]);
+    s.cli_ok(&["device", "profile", "weak-cam", "https-only"]);
+    let out = s.cli_ok(&["audit", "run", "--ports", "8443", "--json"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let got: BTreeSet<_> = findings(&v).into_keys().collect();
+    let want = expect(&[(
+        "weak-cam",
+        &["tls/8443/weak-key", "tls/8443/weak-signature", "tls/8443/self-signed", "tls/8443/legacy-version"],
+    )]);
+    let log = std::fs::read_to_string(v["run"]["summary"]["probe_log"].as_str().unwrap()).unwrap();
+    assert_eq!(got, want, "{out}\n{log}");
+    let weak = v["findings"].as_array().unwrap().iter().find(|f| f["key"] == "tls/8443/weak-key").unwrap();
+    assert!(weak["evidence"].as_str().unwrap().contains("RSA 1024 bits"), "{weak}");
+    assert!(log.contains("inspected only"), "{log}");
+}
+
+#[test]
+fn an_ssh_login_that_cannot_be_tried_is_reported_as_not_tested() {
+    let sshd = std::path::Path::new("/usr/sbin/sshd");
+    assert!(sshd.exists(), "/usr/sbin/sshd missing: .ci/run installs openssh-server");
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("host_ed25519");
+    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
+    let cfg = dir.path().join("sshd_config");
+    // Only a key exchange the audit's client does not speak (older Dropbear and OpenSSH
+    // builds offer no curve25519).
+    std::fs::write(
+        &cfg,
+        format!(
+            "ListenAddress 127.0.13.12\nPort 22\nHostKey {}\nPidFile {}/sshd.pid\nPasswordAuthentication yes\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin yes\nUsePAM no\nStrictModes no\n\
+             KexAlgorithms diffie-hellman-group14-sha256\n",
+            key.display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let mut child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect("127.0.13.12:22").is_ok()
+    });
+    assert!(up, "sshd did not start");
+    s.add_device("old-ssh", &[]);
+    s.cli_ok(&["device", "addresses", "old-ssh", "127.0.13.12"]);
+    s.cli_ok(&["profile", "set", "ssh-only", "--tcp", "22"]);
+    s.cli_ok(&["device", "profile", "old-ssh", "ssh-only"]);
+    let out = s.cli_ok(&["audit", "run", "--ports", "22", "--json"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(findings(&v).len(), 0, "{out}");
+    let nt = not_tested(&v);
+    assert_eq!(nt.len(), 1, "{out}");
+    assert_eq!((nt[0].0.as_str(), nt[0].1.as_str()), ("old-ssh", "127.0.13.12:22"));
+    assert!(nt[0].2.contains("no common key exchange"), "{:?}", nt[0]);
+    // In the report too, as its own status.
+    let md = s.cli_ok(&["audit", "report", "--format", "markdown"]);
+    assert!(
+        md.contains("**Not tested**") && md.contains("old-ssh 127.0.13.12:22: credentials not tested"),
+        "{md}"
+    );
+    let html = s.cli_ok(&["audit", "report", "--format", "html"]);
+    assert!(html.contains("<h2>Not tested</h2>"), "{html}");
+}
+
+#[test]
+fn no_password_is_sent_to_a_device_that_is_not_active() {
+    let s = Server::start();
+    let rt = runtime();
+    let _cam = sim(&rt, "127.0.13.30", &["23=telnet:root:xc3511"]);
+    s.add_device("held-cam", &[]);
+    s.cli_ok(&["device", "addresses", "held-cam", "127.0.13.30"]);
+    s.cli_ok(&["profile", "set", "telnet-ok", "--tcp", "23"]);
+    s.cli_ok(&["device", "profile", "held-cam", "telnet-ok"]);
+    s.cli_ok(&["device", "suspend", "held-cam", "--reason", "seized"]);
+    let out = s.cli_ok(&["audit", "run", "--ports", "23", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let got: BTreeSet<_> = findings(&v).into_keys().collect();
+    assert_eq!(got, expect(&[("held-cam", &["plaintext/23/telnet"])]), "{out}");
+    let nt = not_tested(&v);
+    assert_eq!(nt.len(), 1, "{out}");
+    assert!(nt[0].2.starts_with("device is suspended"), "{:?}", nt[0]);
+    let log = std::fs::read_to_string(v["run"]["summary"]["probe_log"].as_str().unwrap()).unwrap();
+    assert!(!log.contains("telnet-login"), "a login was tried:\n{log}");
+    assert_eq!(v["run"]["summary"]["login_attempts"], 0);
+
+    // Active again: the default credential is found.
+    s.cli_ok(&["device", "resume", "held-cam"]);
+    let v: Value = serde_json::from_str(&s.cli_ok(&["audit", "run", "--ports", "23", "--json"])).unwrap();
+    assert!(findings(&v).contains_key(&("held-cam".to_owned(), "credentials/23/telnet".to_owned())), "{v}");
+    assert!(not_tested(&v).is_empty());
+}
