@@ -4,7 +4,7 @@
 # it only checks, in well under a second.
 #   Debian: openssl and curl (EST/mTLS interop), dig from dnsutils (DNS tests), nmap (the
 #   audit's outside reference), openssh-server (the audit's SSH probe peer), gcc/g++/make
-#   (bundled SQLite, libFuzzer), procps.
+#   (bundled SQLite, libFuzzer), procps, strace (the agent's durable writes, syscall by syscall).
 #   PyPI: schemathesis (OpenAPI conformance), dnspython (second DNS client), tuf
 #   (python-tuf's ngclient reads the firmware repository).
 set -euo pipefail
@@ -14,7 +14,7 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 export DEBIAN_FRONTEND=noninteractive
 
 missing=()
-for pair in openssl:openssl curl:curl dig:dnsutils nmap:nmap gcc:gcc g++:g++ make:make ps:procps; do
+for pair in openssl:openssl curl:curl dig:dnsutils nmap:nmap gcc:gcc g++:g++ make:make ps:procps strace:strace; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)

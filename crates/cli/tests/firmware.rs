@@ -623,3 +623,157 @@ fn offline_root_and_targets_keys_sign_on_another_machine() {
     let v = ngclient(&s, "lock-01", &root_json, "lock/3.0.0/lock-fw.bin");
     assert_eq!(v["sha256"].as_str().unwrap(), sha256(&bytes));
 }
+
+/// A transport that answers `metadata/timestamp.json` with bytes captured earlier: the
+/// replay of old metadata a device offline for days might be offered.
+struct Replay<'t> {
+    inner: &'t MtlsTransport,
+    timestamp: bytes::Bytes,
+}
+
+impl portcullis_firmware::updater::Transport for Replay<'_> {
+    async fn get(&self, path: &str, offset: u64) -> Result<portcullis_firmware::updater::Fetched, String> {
+        if path == "metadata/timestamp.json" {
+            let body = futures_util::stream::once(std::future::ready(Ok(self.timestamp.clone())));
+            return Ok(portcullis_firmware::updater::Fetched { status: 200, body: Box::pin(body) });
+        }
+        self.inner.get(path, offset).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<(u16, Value), String> {
+        self.inner.post(path, body).await
+    }
+}
+
+async fn fetch_all(t: &MtlsTransport, path: &str) -> bytes::Bytes {
+    use futures_util::StreamExt;
+    let mut f = t.get(path, 0).await.unwrap();
+    assert_eq!(f.status, 200);
+    let mut out = Vec::new();
+    while let Some(chunk) = f.body.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out.into()
+}
+
+#[test]
+fn an_offline_device_refuses_metadata_older_than_it_ever_trusted() {
+    let s = Server::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let root_json = s.cli_ok(&["firmware", "root"]);
+    let dirs = rt.block_on(fleet(&s, "lock", "doors", 1));
+    let d = &dirs[0];
+    let up = UpdaterDir::new(d);
+    up.init("lock", "1.0.0", Some(root_json.as_bytes())).unwrap();
+    let t = MtlsTransport::open(d).unwrap();
+    // The timestamp of today, then a publication: the repository signs a newer one.
+    let old = rt.block_on(fetch_all(&t, "metadata/timestamp.json"));
+    let img = s.path("lock.bin");
+    image(&img, 4096, 9);
+    s.cli_ok(&["firmware", "publish", img.to_str().unwrap(), "--hardware", "lock", "--version", "1.1.0"]);
+    rt.block_on(up.update(&t, UpdateOptions::default())).unwrap();
+    let versions: Value =
+        serde_json::from_slice(&std::fs::read(d.join("firmware/versions.json")).unwrap()).unwrap();
+    let trusted = versions["timestamp"].as_u64().unwrap();
+    assert!(trusted >= 2, "{versions}");
+
+    // Offline for days: the local timestamp and snapshot expired and are gone from the
+    // metadata cache. Offered the old timestamp, the device refuses it.
+    let cache = d.join("firmware/tuf/metadata");
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        if !p.file_name().unwrap().to_string_lossy().contains("root") {
+            let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
+        }
+    }
+    let replay = Replay { inner: &t, timestamp: old };
+    let e = rt.block_on(up.update(&replay, UpdateOptions::default())).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("rollback refused: the repository's timestamp metadata is version 1, but version {trusted} was trusted before")),
+        "{e}"
+    );
+    // The real repository is still accepted.
+    rt.block_on(up.update(&t, UpdateOptions::default())).unwrap();
+}
+
+#[test]
+fn agent_state_is_written_durably_and_never_silently_reset() {
+    let s = Server::start();
+    let root_json = s.path("root.json");
+    std::fs::write(&root_json, s.cli_ok(&["firmware", "root"])).unwrap();
+    let (_chain, _key) = enroll(&s, "lock-01", "doors");
+    let agent_dir = s.path("lock-01");
+    let d = agent_dir.to_str().unwrap();
+    let img = s.path("lock.bin");
+    image(&img, 4096, 5);
+    s.cli_ok(&["firmware", "publish", img.to_str().unwrap(), "--hardware", "lock", "--version", "2.0.0"]);
+    let setup = ["update", "--dir", d, "--hardware", "lock", "--installed-version", "1.0.0", "--root"];
+    let mut args = setup.to_vec();
+    args.push(root_json.to_str().unwrap());
+    s.cli_ok(&[
+        "firmware",
+        "rollout",
+        "create",
+        "--hardware",
+        "lock",
+        "--version",
+        "2.0.0",
+        "--stages",
+        "100",
+    ]);
+    let out = agent_ok(&args);
+    assert!(out.starts_with("installed 2.0.0"), "{out}");
+
+    // Durable: the confirmation's state write, syscall by syscall — temporary file
+    // synced, renamed over state.json, the directory synced after the rename.
+    let trace = s.path("trace.txt");
+    let st = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync,fdatasync,rename,renameat,renameat2", "-o"])
+        .arg(&trace)
+        .arg(harness::agent_bin())
+        .args(["boot", "--dir", d, "--health-check", "true"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let at = |pred: &dyn Fn(&str) -> bool, from: usize| {
+        lines.iter().skip(from).position(|l| pred(l)).map(|i| i + from).unwrap_or_else(|| panic!("{trace}"))
+    };
+    let open_tmp = at(&|l| l.contains("openat(") && l.contains(".state.json.tmp"), 0);
+    let fd = lines[open_tmp].rsplit("= ").next().unwrap().trim().to_owned();
+    let sync_tmp = at(&|l| l.contains(&format!("fsync({fd})")), open_tmp);
+    let rename = at(
+        &|l| l.contains("rename") && l.contains(".state.json.tmp") && l.contains("state.json\""),
+        sync_tmp,
+    );
+    let open_dir =
+        at(&|l| l.contains("openat(") && l.contains("/firmware\"") && l.contains("O_RDONLY"), rename);
+    let dfd = lines[open_dir].rsplit("= ").next().unwrap().trim().to_owned();
+    at(&|l| l.contains(&format!("fsync({dfd})")), open_dir);
+
+    // Lost after a power cut: an error that names the fix, and nothing recreated.
+    let state = agent_dir.join("firmware/state.json");
+    let floor_was = std::fs::read_to_string(&state).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    let out = agent(&args);
+    assert!(!out.status.success(), "a missing state was silently recreated");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is missing but this device was updated before"), "{err}");
+    assert!(err.contains("Restore state.json from a backup"), "{err}");
+    assert!(!state.exists());
+    // Corrupt: the same, and the file is left as it is for inspection.
+    std::fs::write(&state, &floor_was[..floor_was.len() / 2]).unwrap();
+    let out = agent(&args);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is corrupt"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), &floor_was[..floor_was.len() / 2]);
+    // Restored from backup: back to work, floor intact.
+    std::fs::write(&state, &floor_was).unwrap();
+    let out = agent_ok(&["firmware-status", "--dir", d]);
+    assert!(out.contains("2.0.0"), "{out}");
+}

@@ -17,8 +17,16 @@
 //! installed, confirmed, failed.
 //!
 //! Files under the agent's directory: `firmware/state.json`, `firmware/root.json` (the
-//! trust anchor), `firmware/tuf/metadata/` (trusted metadata), `firmware/download/`
-//! (partial downloads), `firmware/slot-a.img`, `firmware/slot-b.img`.
+//! trust anchor), `firmware/tuf/metadata/` (trusted metadata), `firmware/versions.json`
+//! (the highest version of each TUF role ever trusted), `firmware/download/` (partial
+//! downloads), `firmware/slot-a.img`, `firmware/slot-b.img`.
+//!
+//! Every file is written durably (a temporary file, fsync, rename, fsync of the
+//! directory): a power cut leaves the old or the new one, never a torn one. A state that
+//! is missing next to an installed image, or corrupt, is an error naming the fix, never a
+//! silent reset of the anti-rollback floor; and the TUF role versions ever trusted are
+//! kept apart from the metadata cache, so a device that was offline until its local
+//! timestamp and snapshot expired still refuses older metadata than it once trusted.
 
 use std::future::Future;
 use std::io::Write;
@@ -29,7 +37,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tuf::client::{Client, Config};
-use tuf::metadata::{MetadataPath, MetadataVersion, RawSignedMetadata, RootMetadata, TargetPath};
+use tuf::metadata::{Metadata, MetadataPath, MetadataVersion, RawSignedMetadata, RootMetadata, TargetPath};
 use tuf::pouf::Pouf1;
 use tuf::repository::{FileSystemRepository, RepositoryProvider};
 
@@ -141,6 +149,15 @@ impl UpdaterState {
     fn inactive(&self) -> char {
         if self.active == 'a' { 'b' } else { 'a' }
     }
+}
+
+/// The highest version of each TUF role ever trusted (`firmware/versions.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct RoleVersions {
+    root: u32,
+    timestamp: u32,
+    snapshot: u32,
+    targets: u32,
 }
 
 /// The updater's directory.
@@ -292,7 +309,11 @@ impl UpdaterDir {
         root_json: Option<&[u8]>,
     ) -> Result<UpdaterState, UpdateError> {
         crate::check_hardware(hardware).map_err(|e| UpdateError::State(e.to_string()))?;
-        if let Ok(state) = self.load() {
+        // Nothing here at all: a device set up for the first time. Anything else must
+        // load (a missing or corrupt state next to an installed image is an error).
+        let first_time = !self.state_path().exists() && self.installed_evidence().is_empty();
+        let existing = if first_time { None } else { Some(self.load()?) };
+        if let Some(state) = existing {
             if state.hardware != hardware {
                 return Err(UpdateError::State(format!(
                     "this device is configured as hardware {}, not {hardware}",
@@ -331,20 +352,78 @@ impl UpdaterDir {
         Ok(state)
     }
 
+    /// Writes `name` durably: a temporary file, fsync, rename over the old one, fsync of
+    /// the directory (so the rename itself survives a power cut).
     fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), UpdateError> {
         let path = self.0.join(name);
         let tmp = self.0.join(format!(".{name}.tmp"));
         std::fs::create_dir_all(&self.0).map_err(|e| io_err("create", &self.0, e))?;
-        std::fs::write(&tmp, bytes).map_err(|e| io_err("write", &tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &path, e))
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
+        f.write_all(bytes).map_err(|e| io_err("write", &tmp, e))?;
+        f.sync_all().map_err(|e| io_err("sync", &tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &path, e))?;
+        std::fs::File::open(&self.0).and_then(|d| d.sync_all()).map_err(|e| io_err("sync", &self.0, e))
     }
 
-    /// The stored state.
+    /// What is installed beside a missing state: the files that prove this device was
+    /// set up and updated before.
+    fn installed_evidence(&self) -> Vec<String> {
+        ["slot-a.img", "slot-b.img", "versions.json", "tuf/metadata"]
+            .iter()
+            .filter(|f| self.0.join(f).exists())
+            .map(|f| format!("firmware/{f}"))
+            .collect()
+    }
+
+    /// The stored state. Missing or corrupt, it is an error that says what to do: the
+    /// anti-rollback floor it holds must never be reset without the operator knowing.
     pub fn load(&self) -> Result<UpdaterState, UpdateError> {
         let path = self.state_path();
-        let bytes = std::fs::read(&path).map_err(|e| io_err("read", &path, e))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| UpdateError::State(format!("{} is corrupt: {e}", path.display())))
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let evidence = self.installed_evidence();
+                if evidence.is_empty() {
+                    return Err(io_err("read", &path, e));
+                }
+                return Err(UpdateError::State(format!(
+                    "{} is missing but this device was updated before ({} present): its anti-rollback floor is \
+                     lost. Restore state.json from a backup; or, to set the device up again from scratch, remove \
+                     {} and run `portcullis-agent update --hardware HW --installed-version V --root root.json` \
+                     with the version it really runs",
+                    path.display(),
+                    evidence.join(", "),
+                    self.0.display()
+                )));
+            }
+            Err(e) => return Err(io_err("read", &path, e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| {
+            UpdateError::State(format!(
+                "{} is corrupt ({e}): its anti-rollback floor cannot be trusted. Restore it from a backup; or, \
+                 to set the device up again from scratch, remove {} and run `portcullis-agent update --hardware \
+                 HW --installed-version V --root root.json` with the version it really runs",
+                path.display(),
+                self.0.display()
+            ))
+        })
+    }
+
+    /// The highest version of each TUF role ever trusted (`firmware/versions.json`);
+    /// zero for a role never trusted.
+    fn trusted_versions(&self) -> Result<RoleVersions, UpdateError> {
+        let path = self.0.join("versions.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                UpdateError::State(format!(
+                    "{} is corrupt ({e}): the TUF rollback floor cannot be trusted; restore it from a backup",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RoleVersions::default()),
+            Err(e) => Err(io_err("read", &path, e)),
+        }
     }
 
     fn save(&self, state: &UpdaterState) -> Result<(), UpdateError> {
@@ -397,6 +476,34 @@ impl UpdaterDir {
             .await
             .map_err(|e| UpdateError::Metadata(e.to_string()))?;
         client.update().await.map_err(|e| UpdateError::Metadata(e.to_string()))?;
+        // The metadata cache may have dropped expired local metadata (a device offline
+        // for days), and with it the versions rust-tuf compares against: compare with the
+        // highest versions ever trusted, kept apart, before trusting anything.
+        let db = client.database();
+        let now = RoleVersions {
+            root: db.trusted_root().version(),
+            timestamp: db.trusted_timestamp().map_or(0, |m| m.version()),
+            snapshot: db.trusted_snapshot().map_or(0, |m| m.version()),
+            targets: db.trusted_targets().map_or(0, |m| m.version()),
+        };
+        let floor = self.trusted_versions()?;
+        for (role, got, had) in [
+            ("root", now.root, floor.root),
+            ("timestamp", now.timestamp, floor.timestamp),
+            ("snapshot", now.snapshot, floor.snapshot),
+            ("targets", now.targets, floor.targets),
+        ] {
+            if got < had {
+                return Err(UpdateError::Metadata(format!(
+                    "rollback refused: the repository's {role} metadata is version {got}, but version {had} was \
+                     trusted before (firmware/versions.json)"
+                )));
+            }
+        }
+        if now != floor {
+            let json = serde_json::to_vec_pretty(&now).map_err(|e| UpdateError::State(e.to_string()))?;
+            self.write_file("versions.json", &json)?;
+        }
         let targets = client
             .database()
             .trusted_targets()
