@@ -15,6 +15,14 @@ fn status(out: &str) -> String {
     out.split("status: ").nth(1).and_then(|r| r.split(',').next()).unwrap_or("no answer").to_owned()
 }
 
+/// One test of this file at a time: the flood test loads both cores of a small machine on
+/// purpose, and the stall tests measure deadlines of a few hundred milliseconds.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn open_resolver(upstreams: &str, extra: &str) -> Server {
     Server::start_with_config(&format!(
         "[dns]\nupstreams = [{upstreams}]\nunknown_clients = \"open\"\n{extra}\n\
@@ -64,6 +72,7 @@ fn assert_stall_costs_only_itself(at: SocketAddr, what: &str) {
 /// handed to a later query.
 #[test]
 fn a_stalling_tcp_upstream_costs_only_the_stalled_query() {
+    let _one = one_at_a_time();
     let up = DnsUpstream::start();
     let a = open_resolver(&format!("\"tcp://{}\"", up.addr), "upstream_timeout = \"500ms\"");
     assert_stall_costs_only_itself(a.dns.unwrap(), "tcp upstream");
@@ -74,6 +83,7 @@ fn a_stalling_tcp_upstream_costs_only_the_stalled_query() {
 /// shorter than the stall.
 #[test]
 fn a_stalling_dot_upstream_costs_only_the_stalled_query() {
+    let _one = one_at_a_time();
     let up = DnsUpstream::start();
     let b = open_resolver(&format!("\"{}\"", up.addr), "upstream_timeout = \"10s\"");
     let (b_root, _) = b.ca_files();
@@ -102,6 +112,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// (beyond it dropped and counted), and so are descriptors and memory.
 #[test]
 fn slow_clients_and_a_udp_flood_do_not_starve_a_device() {
+    let _one = one_at_a_time();
     rlimit::increase_nofile_limit(u64::MAX).unwrap();
     let up = DnsUpstream::start();
     let s = open_resolver(
