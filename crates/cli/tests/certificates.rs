@@ -112,7 +112,9 @@ fn renewal_supersedes_reprovisioning_revokes_and_one_certificate_can_be_revoked(
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
     let info = cert_json(&s, &a.serial);
     assert_eq!((info["state"].as_str(), info["crl_reason"].as_str()), (Some("revoked"), Some("superseded")));
-    assert_eq!(info["superseded_by"].as_str().map(str::to_ascii_uppercase), Some(b.serial.clone()));
+    // The same number as openssl prints it (which pads to whole bytes).
+    let bare = |s: &str| s.trim_start_matches('0').to_ascii_uppercase();
+    assert_eq!(info["superseded_by"].as_str().map(bare), Some(bare(&b.serial)));
     assert_eq!(crl_reason(&crl_text(&s), &a.serial).as_deref(), Some("Superseded"));
 
     // Re-provisioning after key loss: a new token, a new key. Every earlier certificate
