@@ -417,14 +417,27 @@ impl Resolver {
     ) {
         let limiter = cfg.per_client.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000)));
         let in_flight = Arc::new(Semaphore::new(cfg.max_udp_in_flight.max(1)));
-        let udp = tokio::spawn(self.clone().serve_udp(
-            Arc::new(sock),
-            limiter.clone(),
-            in_flight,
-            shutdown.clone(),
-        ));
+        // One receive loop per core on the same socket: cached and blocked names are
+        // answered inside the loop (no task per datagram), so one loop would answer on
+        // one core only. The bound on queries waiting for upstreams stays global.
+        let sock = Arc::new(sock);
+        let loops = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+        let udp: Vec<_> = (0..loops)
+            .map(|_| {
+                tokio::spawn(self.clone().serve_udp(
+                    sock.clone(),
+                    limiter.clone(),
+                    in_flight.clone(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
         let tcp = tokio::spawn(self.serve_tcp(tcp, cfg, limiter, shutdown));
-        let _ = tokio::join!(udp, tcp);
+        // Every loop ends at shutdown.
+        for u in udp {
+            let _ = u.await;
+        }
+        let _ = tcp.await;
     }
 
     fn admit(&self, limiter: &Option<Arc<Limiter<IpAddr>>>, ip: IpAddr) -> bool {
