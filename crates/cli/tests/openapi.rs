@@ -310,3 +310,42 @@ upstream_ca = "{other}"
     assert_eq!(r.status, 502, "an upstream with a certificate we do not trust gets nothing");
     assert_eq!(up.count(), before);
 }
+
+/// `HEAD` where the document allows only `GET`: 405 with `Allow` over HTTP/1.1 and
+/// HTTP/2 alike (over HTTP/2 the stream used to be reset with no status at all).
+#[test]
+fn head_is_refused_with_a_status_over_both_protocols() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, Path::new(SPEC)));
+    let (cam, key) = enroll(&s, "cam-01", "cameras");
+    let (root, _) = s.ca_files();
+    for proto in ["--http1.1", "--http2"] {
+        let hdr = s.path("head.txt");
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-I", "--max-time", "10", proto, "-o"])
+            .arg(&hdr)
+            .args(["-w", "%{http_code} %{http_version}", "--cacert"])
+            .arg(&root)
+            .arg("--cert")
+            .arg(&cam)
+            .arg("--key")
+            .arg(&key)
+            .arg(format!("{}/api/status", s.url()))
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        let want_version = if proto == "--http2" { "2" } else { "1.1" };
+        assert_eq!(got, format!("405 {want_version}"), "{proto}: {}", String::from_utf8_lossy(&out.stderr));
+        let headers = std::fs::read_to_string(&hdr).unwrap().to_ascii_lowercase();
+        assert!(headers.contains("allow: get"), "{proto}: {headers}");
+        assert!(headers.contains("content-type: application/problem+json"), "{proto}: {headers}");
+        // The length the body would have had, as for GET (RFC 9110 9.3.2).
+        let len: usize = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{proto}: no content-length in {headers}"));
+        assert!(len > 50, "{proto}: {headers}");
+    }
+    assert_eq!(up.count(), 0);
+}

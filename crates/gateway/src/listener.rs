@@ -470,13 +470,29 @@ fn serve_connection(
         let in_flight = slot.clone();
         let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let busy = in_flight.busy();
+            // A response to HEAD carries the headers a GET would, never a body: hyper
+            // drops it on HTTP/1.1, but on HTTP/2 the DATA frames went out and the client
+            // reset the stream (no status at all). Headers, Content-Length included, stay.
+            let head_over_h2 = h2 && req.method() == http::Method::HEAD;
             let mut req = req.map(Body::new);
             if let Some(p) = &peer {
                 req.extensions_mut().insert(p.clone());
             }
             req.extensions_mut().insert(ConnectInfo(remote));
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.respond(req).await.map(|body| Tracked { body, _busy: busy })) }
+            async move {
+                let mut resp = shared.respond(req).await;
+                if head_over_h2
+                    && !resp.headers().contains_key(http::header::CONTENT_LENGTH)
+                    && let Some(n) = http_body::Body::size_hint(resp.body()).exact()
+                {
+                    resp.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
+                }
+                Ok::<_, Infallible>(resp.map(|body| Tracked {
+                    body: if head_over_h2 { Body::empty() } else { body },
+                    _busy: busy,
+                }))
+            }
         });
         let io = TokioIo::new(tls);
         if h2 {
