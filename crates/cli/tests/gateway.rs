@@ -409,3 +409,47 @@ fn connections_are_spread_evenly_over_the_workers() {
     drop(open);
     wait_for_open(&s, 3, |n| n == [0, 0, 0]);
 }
+
+/// The same requests over HTTP/1.1 and HTTP/2 (ALPN h2) get the same statuses, and every
+/// refusal is a problem document over both.
+#[test]
+fn every_answer_is_the_same_over_http1_and_http2() {
+    let up = Upstream::start();
+    let s = Server::start_with_config(&config(up.addr, ""));
+    let (cam, cam_key) = enroll(&s, "cam-05", "cameras");
+    let (th, th_key) = enroll(&s, "thermo-05", "sensors");
+    let big = "x".repeat(101);
+    let body = s.path("big.bin");
+    std::fs::write(&body, &big).unwrap();
+    let upload = format!("@{}", body.display());
+    let cases: Vec<(&str, bool, Vec<&str>, u16)> = vec![
+        ("/api/devices/cam-05/telemetry", false, vec!["--data", "{}"], 200),
+        ("/api/devices/cam-06/telemetry", false, vec!["--data", "{}"], 403),
+        ("/nowhere", false, vec![], 404),
+        ("/cams/x", true, vec![], 403),
+        ("/api/x", false, vec!["--data", &big], 413),
+        // Streamed without a length (chunked over HTTP/1.1, DATA frames over HTTP/2).
+        ("/api/x", false, vec!["-H", "Transfer-Encoding: chunked", "--data-binary", &upload], 413),
+        ("/api/../admin", false, vec!["--path-as-is"], 400),
+        ("/api/%64evices/cam-06", false, vec!["--path-as-is"], 400),
+        ("/dead/x", false, vec![], 502),
+        ("/api/devices/cam-05/telemetry", false, vec!["-I"], 200),
+        ("/.well-known/est/cacerts", false, vec![], 200),
+        ("/crl", false, vec![], 200),
+    ];
+    for (path, as_sensor, extra, want) in &cases {
+        let mut seen = Vec::new();
+        for proto in ["--http1.1", "--http2"] {
+            let (c, k) = if *as_sensor { (&th, &th_key) } else { (&cam, &cam_key) };
+            let mut args = vec![proto];
+            args.extend(extra.iter().copied());
+            let r = curl_mtls(&s, c, k, path, &args);
+            assert_eq!(r.status, *want, "{proto} {path} {extra:?}: {}", String::from_utf8_lossy(&r.body));
+            if r.status >= 400 && !extra.contains(&"-I") {
+                assert_eq!(r.json()["status"], *want, "{proto} {path}: not a problem document");
+            }
+            seen.push(r.status);
+        }
+        assert_eq!(seen[0], seen[1], "{path}");
+    }
+}

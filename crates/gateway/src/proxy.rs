@@ -1016,10 +1016,20 @@ async fn forward<'r>(
     let mut parts = parts;
     // The upstream exchange writes its own framing (Content-Length or chunked).
     let limit = usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX);
+    // A body streamed without a length that runs past the limit ends the upstream
+    // exchange with an error; this flag tells that apart from an upstream failure, so
+    // the client gets 413, not 502.
+    let over_limit = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let outgoing = match (buffered, body.take()) {
         (Some(bytes), _) => Outgoing::Full(bytes),
         (None, Some(b)) if !b.is_end_stream() => {
-            Outgoing::Stream(Body::new(http_body_util::Limited::new(b, limit)))
+            let flag = over_limit.clone();
+            Outgoing::Stream(Body::new(http_body_util::Limited::new(b, limit).map_err(move |e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                e
+            })))
         }
         (None, _) => Outgoing::Full(bytes::Bytes::new()),
     };
@@ -1092,6 +1102,11 @@ async fn forward<'r>(
             let (mut parts, body) = resp.into_parts();
             strip(&mut parts.headers, Strip::HopByHop);
             (outcome, Response::from_parts(parts, Body::new(body)))
+        }
+        Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => {
+            bump(&c.body_too_large);
+            let v = crate::openapi::too_large(route.cfg.max_body_bytes, &route.cfg.prefix);
+            (Outcome { reason: "body_too_large", ..outcome }, violation_response(v))
         }
         Ok(Err(e)) => {
             bump(&c.upstream_error);
