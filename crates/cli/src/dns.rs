@@ -738,6 +738,10 @@ async fn doh_post(
 ) -> axum::response::Response {
     let ct = req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case(DNS_MESSAGE) {
+        // Read (a bounded amount of) what the client is still sending first: over HTTP/2
+        // an answer sent before the request's DATA was read can reach the client as a
+        // stream reset instead of the 415.
+        portcullis_pki::est::drain(req.into_body()).await;
         return doh_problem(
             axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/dns-message",
