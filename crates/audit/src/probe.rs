@@ -84,10 +84,17 @@ pub struct TlsInfo {
 }
 
 /// Accepts any server certificate: the audit wants to *see* bad certificates, and judges
-/// them itself ([`crate::tlscheck`]). Handshake signatures are still verified, so what
-/// is inspected is what the server holds the key to.
+/// them itself ([`crate::tlscheck`]). With `signatures` set (the normal client),
+/// handshake signatures are verified, so what is inspected is what the server holds the
+/// key to. Without (inspection only), every signature is accepted too: only for reading
+/// the certificate of a server whose key or signature the verifier refuses (RSA below
+/// 2048 bits, SHA-1 only), so the weakest devices do not look clean because their
+/// handshake fails; nothing but the certificate is trusted from such a connection.
 #[derive(Debug)]
-struct SeeEverything(Arc<rustls::crypto::CryptoProvider>);
+struct SeeEverything {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    signatures: bool,
+}
 
 impl ServerCertVerifier for SeeEverything {
     fn verify_server_cert(
@@ -107,7 +114,11 @@ impl ServerCertVerifier for SeeEverything {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        if !self.signatures {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
     }
 
     fn verify_tls13_signature(
@@ -116,52 +127,17 @@ impl ServerCertVerifier for SeeEverything {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        if !self.signatures {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        let algs = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Accepts every handshake signature too: only for reading the certificate of a server
-/// whose key or signature [`SeeEverything`] refuses (the weakest devices must not look
-/// clean because their handshake fails). Nothing but the certificate is trusted from such
-/// a connection.
-#[derive(Debug)]
-struct InspectOnly;
-
-impl ServerCertVerifier for InspectOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        if self.signatures {
+            return self.provider.signature_verification_algorithms.supported_schemes();
+        }
         use SignatureScheme as S;
         vec![
             S::RSA_PKCS1_SHA1,
@@ -181,17 +157,26 @@ impl ServerCertVerifier for InspectOnly {
     }
 }
 
-/// The audit's TLS client for inspection only (see [`InspectOnly`]).
-pub fn inspect_connector() -> tokio_rustls::TlsConnector {
+fn connector(signatures: bool) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(InspectOnly))
+        .with_custom_certificate_verifier(Arc::new(SeeEverything { provider, signatures }))
         .with_no_client_auth();
     cfg.enable_sni = false;
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// The TLS client of the audit.
+pub fn tls_connector() -> tokio_rustls::TlsConnector {
+    connector(true)
+}
+
+/// The audit's TLS client for inspection only (see [`SeeEverything`]).
+pub fn inspect_connector() -> tokio_rustls::TlsConnector {
+    connector(false)
 }
 
 /// True when a failed handshake was TLS that the verifier refused (a weak key or
@@ -206,19 +191,6 @@ fn refused_by_verifier(e: &io::Error) -> bool {
             | rustls::Error::PeerMisbehaved(_)
             | rustls::Error::AlertReceived(_)
     )
-}
-
-/// The TLS client of the audit.
-pub fn tls_connector() -> tokio_rustls::TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SeeEverything(provider)))
-        .with_no_client_auth();
-    cfg.enable_sni = false;
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
 async fn tls(

@@ -350,11 +350,12 @@ fn a_profile_from_a_mud_file_drives_the_audit_and_the_dns_allowlist() {
 /// The SSH login probe against OpenSSH's sshd (Debian openssh-server), on its own loopback
 /// address with a throwaway host key: key exchange, encryption and userauth interoperate,
 /// and a refused password is an answer, not an error.
-#[test]
-fn the_ssh_login_probe_speaks_to_openssh() {
+/// Runs OpenSSH on `addr`:22 (password authentication on, `extra` appended to its
+/// config), registers `device` there with a profile allowing port 22, runs an audit of
+/// port 22 with `args`, stops sshd; the run's JSON.
+fn audit_sshd(s: &Server, device: &str, addr: &str, extra: &str, args: &[&str]) -> Value {
     let sshd = std::path::Path::new("/usr/sbin/sshd");
     assert!(sshd.exists(), "/usr/sbin/sshd missing: .ci/run installs openssh-server");
-    let s = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("host_ed25519");
     run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
@@ -362,28 +363,42 @@ fn the_ssh_login_probe_speaks_to_openssh() {
     std::fs::write(
         &cfg,
         format!(
-            "ListenAddress 127.0.13.10\nPort 22\nHostKey {}\nPidFile {}/sshd.pid\nPasswordAuthentication yes\n\
-             KbdInteractiveAuthentication no\nPermitRootLogin yes\nUsePAM no\nStrictModes no\nMaxStartups 100\n",
+            "ListenAddress {addr}\nPort 22\nHostKey {}\nPidFile {}/sshd.pid\nPasswordAuthentication yes\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin yes\nUsePAM no\nStrictModes no\nMaxStartups 100\n{extra}",
             key.display(),
             dir.path().display()
         ),
     )
     .unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
-    let mut child = Command::new(sshd).args(["-D", "-e", "-f"]).arg(&cfg).spawn().unwrap();
+    let mut child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let up = (0..100).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        std::net::TcpStream::connect("127.0.13.10:22").is_ok()
+        std::net::TcpStream::connect(format!("{addr}:22")).is_ok()
     });
     assert!(up, "sshd did not start");
-    s.add_device("real-ssh", &[]);
-    s.cli_ok(&["device", "addresses", "real-ssh", "127.0.13.10"]);
+    s.add_device(device, &[]);
+    s.cli_ok(&["device", "addresses", device, addr]);
     s.cli_ok(&["profile", "set", "ssh-only", "--tcp", "22"]);
-    s.cli_ok(&["device", "profile", "real-ssh", "ssh-only"]);
-    let out = s.cli_ok(&["audit", "run", "--ports", "22", "--attempts", "3", "--json"]);
+    s.cli_ok(&["device", "profile", device, "ssh-only"]);
+    let mut cmd = vec!["audit", "run", "--ports", "22", "--json"];
+    cmd.extend_from_slice(args);
+    let out = s.cli_ok(&cmd);
     let _ = child.kill();
     let _ = child.wait();
-    let v: Value = serde_json::from_str(&out).unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn the_ssh_login_probe_speaks_to_openssh() {
+    let s = Server::start();
+    let v = audit_sshd(&s, "real-ssh", "127.0.13.10", "", &["--attempts", "3"]);
+    let out = v.to_string();
     assert_eq!(findings(&v).len(), 0, "{out}");
     let log = std::fs::read_to_string(v["run"]["summary"]["probe_log"].as_str().unwrap()).unwrap();
     let logins: Vec<&str> = log.lines().filter(|l| l.contains("ssh-login user=")).collect();
@@ -465,46 +480,11 @@ fn a_tls_service_the_verifier_refuses_is_still_inspected() {
 
 #[test]
 fn an_ssh_login_that_cannot_be_tried_is_reported_as_not_tested() {
-    let sshd = std::path::Path::new("/usr/sbin/sshd");
-    assert!(sshd.exists(), "/usr/sbin/sshd missing: .ci/run installs openssh-server");
     let s = Server::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("host_ed25519");
-    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
-    let cfg = dir.path().join("sshd_config");
     // Only a key exchange the audit's client does not speak (older Dropbear and OpenSSH
     // builds offer no curve25519).
-    std::fs::write(
-        &cfg,
-        format!(
-            "ListenAddress 127.0.13.12\nPort 22\nHostKey {}\nPidFile {}/sshd.pid\nPasswordAuthentication yes\n\
-             KbdInteractiveAuthentication no\nPermitRootLogin yes\nUsePAM no\nStrictModes no\n\
-             KexAlgorithms diffie-hellman-group14-sha256\n",
-            key.display(),
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let mut child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let up = (0..100).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        std::net::TcpStream::connect("127.0.13.12:22").is_ok()
-    });
-    assert!(up, "sshd did not start");
-    s.add_device("old-ssh", &[]);
-    s.cli_ok(&["device", "addresses", "old-ssh", "127.0.13.12"]);
-    s.cli_ok(&["profile", "set", "ssh-only", "--tcp", "22"]);
-    s.cli_ok(&["device", "profile", "old-ssh", "ssh-only"]);
-    let out = s.cli_ok(&["audit", "run", "--ports", "22", "--json"]);
-    let _ = child.kill();
-    let _ = child.wait();
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = audit_sshd(&s, "old-ssh", "127.0.13.12", "KexAlgorithms diffie-hellman-group14-sha256\n", &[]);
+    let out = v.to_string();
     assert_eq!(findings(&v).len(), 0, "{out}");
     let nt = not_tested(&v);
     assert_eq!(nt.len(), 1, "{out}");
