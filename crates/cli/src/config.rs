@@ -177,6 +177,59 @@ struct RawDevice {
     max_connections_per_ip: usize,
     handshakes_per_ip: Option<RawRate>,
     workers: usize,
+    http2: RawHttp2,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp2 {
+    max_concurrent_streams: u32,
+    max_header_list_size: u32,
+    max_pending_accept_reset_streams: usize,
+    max_local_error_reset_streams: usize,
+    control_frames: RawRate,
+    window_updates_per_data_frame: u32,
+    send_timeout: String,
+}
+
+impl Default for RawHttp2 {
+    fn default() -> Self {
+        let d = portcullis_gateway::H2Limits::default();
+        Self {
+            max_concurrent_streams: d.max_concurrent_streams,
+            max_header_list_size: d.max_header_list_size,
+            max_pending_accept_reset_streams: d.max_pending_accept_reset_streams,
+            max_local_error_reset_streams: d.max_local_error_reset_streams,
+            control_frames: RawRate {
+                per_second: d.control_frames.per_second,
+                burst: d.control_frames.burst,
+            },
+            window_updates_per_data_frame: d.window_updates_per_data_frame,
+            send_timeout: format!("{}s", d.send_timeout.as_secs()),
+        }
+    }
+}
+
+fn http2_limits(raw: RawHttp2) -> anyhow::Result<portcullis_gateway::H2Limits> {
+    let positive = |key: &str, v: u64| {
+        if v == 0 { bail!("config key device.http2.{key}: must be greater than zero") } else { Ok(()) }
+    };
+    positive("max_concurrent_streams", raw.max_concurrent_streams.into())?;
+    positive("max_pending_accept_reset_streams", raw.max_pending_accept_reset_streams as u64)?;
+    positive("max_local_error_reset_streams", raw.max_local_error_reset_streams as u64)?;
+    if raw.max_header_list_size < 1024 {
+        bail!("config key device.http2.max_header_list_size: at least 1024 bytes");
+    }
+    Ok(portcullis_gateway::H2Limits {
+        max_concurrent_streams: raw.max_concurrent_streams,
+        max_header_list_size: raw.max_header_list_size,
+        max_pending_accept_reset_streams: raw.max_pending_accept_reset_streams,
+        max_local_error_reset_streams: raw.max_local_error_reset_streams,
+        control_frames: rate("device.http2.control_frames", Some(raw.control_frames))?
+            .unwrap_or(portcullis_gateway::H2Limits::default().control_frames),
+        window_updates_per_data_frame: raw.window_updates_per_data_frame,
+        send_timeout: dur("device.http2.send_timeout", &raw.send_timeout)?,
+    })
 }
 
 impl Default for RawDevice {
@@ -191,6 +244,7 @@ impl Default for RawDevice {
             max_connections_per_ip: 256,
             handshakes_per_ip: None,
             workers: 0,
+            http2: RawHttp2::default(),
         }
     }
 }
@@ -575,6 +629,7 @@ impl Config {
                 conn_metrics: Default::default(),
                 handshakes_per_ip: rate("device.handshakes_per_ip", raw.device.handshakes_per_ip)?,
                 workers: raw.device.workers,
+                http2: http2_limits(raw.device.http2)?,
             },
             admin_addr: addr("admin.addr", &raw.admin.addr)?,
             policy: IssuancePolicy {

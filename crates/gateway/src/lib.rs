@@ -16,6 +16,7 @@
 
 pub mod conns;
 mod fastbody;
+mod h2guard;
 mod listener;
 pub mod openapi;
 mod proxy;
@@ -23,6 +24,7 @@ mod ratelimit;
 mod strictjson;
 mod upstream;
 
+pub use h2guard::H2Limits;
 pub use listener::{DeviceApp, ListenerConfig, serve};
 pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable};
 pub use ratelimit::{Limiter, Rate};

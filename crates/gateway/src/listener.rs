@@ -22,6 +22,7 @@ use tower::ServiceExt;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::conns::{Busy, ConnLimits, ConnMetrics, Conns, Slot};
+use crate::h2guard::{H2Guard, H2Limits, H2Metrics};
 use crate::ratelimit::{Limiter, Rate};
 
 /// Limits of the device port.
@@ -49,6 +50,8 @@ pub struct ListenerConfig {
     /// Worker threads accepting and serving connections, each with its own
     /// single-threaded runtime (0: one per CPU).
     pub workers: usize,
+    /// HTTP/2 limits.
+    pub http2: H2Limits,
 }
 
 thread_local! {
@@ -76,6 +79,7 @@ impl Default for ListenerConfig {
             conn_metrics: ConnMetrics::default(),
             handshakes_per_ip: None,
             workers: 0,
+            http2: H2Limits::default(),
         }
     }
 }
@@ -133,8 +137,10 @@ pub async fn serve(
             cfg.conn_metrics.clone(),
         ),
         per_ip: cfg.handshakes_per_ip.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000))),
+        h2_metrics: H2Metrics::default(),
         cfg: cfg.clone(),
     });
+    shared.gateway.authority().metrics().register(|r| shared.h2_metrics.register(r));
     let workers = worker_count(cfg.workers);
     let (balance, inboxes) = Balance::new(workers, shared.gateway.authority().metrics());
     let mut finished = Vec::new();
@@ -191,6 +197,7 @@ struct Shared {
     gateway: Arc<crate::Gateway>,
     conns: Arc<Conns>,
     per_ip: Option<Arc<Limiter<IpAddr>>>,
+    h2_metrics: H2Metrics,
     cfg: ListenerConfig,
 }
 
@@ -433,6 +440,7 @@ fn serve_connection(
     let verifier = shared.verifier.clone();
     let shared = shared.clone();
     let cfg = shared.cfg.clone();
+    let h2_metrics = shared.h2_metrics.clone();
     let mut shutdown = shutdown.clone();
     let done = done.clone();
     tokio::spawn(async move {
@@ -480,8 +488,12 @@ fn serve_connection(
             }
             req.extensions_mut().insert(ConnectInfo(remote));
             let shared = shared.clone();
+            let refused = host_problem(&req);
             async move {
-                let mut resp = shared.respond(req).await;
+                let mut resp = match refused {
+                    Some(problem) => problem.into_response(),
+                    None => shared.respond(req).await,
+                };
                 if head_over_h2
                     && !resp.headers().contains_key(http::header::CONTENT_LENGTH)
                     && let Some(n) = http_body::Body::size_hint(resp.body()).exact()
@@ -494,13 +506,16 @@ fn serve_connection(
                 }))
             }
         });
-        let io = TokioIo::new(tls);
         if h2 {
             // HTTP/2 only when ALPN chose it: no waiting to sniff a preface.
+            let limits = cfg.http2;
+            let io = TokioIo::new(H2Guard::new(tls, limits, h2_metrics));
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(128)
-                .max_header_list_size(64 * 1024)
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_header_list_size(limits.max_header_list_size)
+                .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+                .max_local_error_reset_streams(limits.max_local_error_reset_streams)
                 .keep_alive_interval(Some(cfg.header_timeout))
                 .keep_alive_timeout(cfg.header_timeout)
                 .serve_connection(io, svc);
@@ -522,6 +537,7 @@ fn serve_connection(
         } else {
             // hyper's head deadline runs from the start of the connection and again after
             // every response: it bounds the first request and keep-alive idle time.
+            let io = TokioIo::new(tls);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(cfg.header_timeout)
@@ -545,6 +561,28 @@ fn serve_connection(
             }
         }
     });
+}
+
+/// A request whose target host is ambiguous: more than one `Host`, or a `Host` that
+/// names another host than the request's authority (HTTP/2 `:authority`, or an HTTP/1.1
+/// absolute-form target). RFC 9113 §8.3.1 calls such a request malformed; a backend or a
+/// cache that went by the other one would see a different request than we checked.
+fn host_problem<B>(req: &http::Request<B>) -> Option<portcullis_pki::Problem> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    let detail = if hosts.next().is_some() {
+        "more than one Host header"
+    } else {
+        match (req.uri().authority(), host) {
+            (Some(authority), Some(host))
+                if !authority.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()) =>
+            {
+                "the Host header names another host than the request's authority (:authority)"
+            }
+            _ => return None,
+        }
+    };
+    Some(portcullis_pki::Problem::new(StatusCode::BAD_REQUEST, "ambiguous-host", detail))
 }
 
 /// Completes once the connection has had no request in flight for `limit`.

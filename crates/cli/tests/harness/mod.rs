@@ -290,17 +290,26 @@ pub struct CurlResult {
     pub body: Vec<u8>,
 }
 
+/// The HTTP version curl speaks to the device port unless a test says otherwise:
+/// `PORTCULLIS_TEST_HTTP=2` runs the same tests over HTTP/2 (scripts/test.sh runs the
+/// gateway's end-to-end tests both ways).
+pub fn device_http_version() -> &'static str {
+    match std::env::var("PORTCULLIS_TEST_HTTP").as_deref() {
+        Ok("2") => "--http2",
+        _ => "--http1.1",
+    }
+}
+
 /// `curl` with the given args against `url`; returns status and body.
 pub fn curl(args: &[&str], url: &str) -> CurlResult {
     let tmp = tempfile::NamedTempFile::new().expect("tmp");
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-o"])
-        .arg(tmp.path())
-        .args(["-w", "%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-o"]).arg(tmp.path()).args(["-w", "%{http_code}"]);
+    if url.starts_with("https://") {
+        // First, so that a test's own --http1.1 or --http2 wins.
+        cmd.arg(device_http_version());
+    }
+    let out = cmd.args(args).arg(url).output().expect("curl");
     let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     CurlResult { status, body: std::fs::read(tmp.path()).unwrap_or_default() }
 }
@@ -378,5 +387,27 @@ pub fn tls_client(root_pem: &[u8]) -> Arc<rustls::ClientConfig> {
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth(),
+    )
+}
+
+/// A rustls client config trusting `root_pem` that presents the certificate chain and
+/// key in the PEM files `chain` and `key`.
+pub fn tls_client_cert(root_pem: &[u8], chain: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(root_pem) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let certs =
+        CertificateDer::pem_file_iter(chain).expect("chain").collect::<Result<Vec<_>, _>>().expect("pem");
+    let key = PrivateKeyDer::from_pem_file(key).expect("key");
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .expect("client cert"),
     )
 }
