@@ -38,7 +38,8 @@ start_portcullis() {
 #   nginx_upstream_conf UPSTREAM-PORT: $work/up/nginx.conf, `return 200` on plain HTTP;
 #   nginx_proxy_conf PORT UPSTREAM-PORT WORKERS [EXTRA-MAIN-DIRECTIVE]: $work/nginx/nginx.conf,
 #     mTLS (`ssl_verify_client on`, the Portcullis CA) proxying to the upstream, keep-alive;
-#     NGINX_REUSEPORT=1 gives each worker its own listening socket (`listen … reuseport`).
+#     NGINX_REUSEPORT=1 gives each worker its own listening socket (`listen … reuseport`);
+#     NGINX_HTTP2=1 offers HTTP/2 (`listen … ssl http2`, nginx 1.22's syntax).
 nginx_upstream_conf() {
   mkdir -p "$work/up"
   cat >"$work/up/nginx.conf" <<CONF
@@ -65,7 +66,7 @@ http {
   access_log off;
   upstream backend { server 127.0.0.1:$2; keepalive 64; }
   server {
-    listen 127.0.0.1:$1 ssl${NGINX_REUSEPORT:+ reuseport};
+    listen 127.0.0.1:$1 ssl${NGINX_HTTP2:+ http2}${NGINX_REUSEPORT:+ reuseport};
     ssl_certificate $work/data/tls/server.crt;
     ssl_certificate_key $work/data/tls/server.key;
     ssl_client_certificate $work/chain.pem;
