@@ -263,3 +263,43 @@ fn a_form_of_many_fields_is_checked_in_linear_time() {
     let r = curl_mtls(&s, &cert, &key, "/api/devices/cam-01/config", &form);
     refused(&r, 400, "interval");
 }
+
+/// Over HTTP/1.1 a second `Host`, or a `Host` naming another host than an absolute-form
+/// target, makes the target host ambiguous: 400, nothing forwarded (HTTP/2's `host` against
+/// `:authority` is in http2_attacks.rs).
+#[test]
+fn ambiguous_hosts_are_refused() {
+    use std::io::{Read, Write};
+    let (up, s, (cert, key)) = start();
+    let send = |head: &str| {
+        let cfg = tls_client_cert(&s.root_pem(), &cert, &key);
+        let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        let tcp = std::net::TcpStream::connect(s.device).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let path = "/api/devices/cam-01/telemetry";
+    for (what, head) in [
+        (
+            "two Host headers",
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nHost: upstream.internal\r\n"),
+        ),
+        (
+            "absolute form, another Host",
+            format!("GET https://localhost{path} HTTP/1.1\r\nHost: upstream.internal\r\n"),
+        ),
+    ] {
+        let answer = send(&head);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(answer.contains("ambiguous-host"), "{what}: {answer}");
+    }
+    assert_eq!(up.count(), 0, "forwarded: {:?}", up.last());
+    // The same request with one Host that agrees is forwarded.
+    let answer = send(&format!("GET https://localhost{path} HTTP/1.1\r\nHost: LOCALHOST\r\n"));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.count(), 1);
+}

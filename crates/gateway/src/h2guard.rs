@@ -637,6 +637,73 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H2Guard<S> {
     }
 }
 
+/// Drives a guard with `inbound` as what the client sends and `outbound` as what hyper
+/// writes, both cut in pieces of `step` bytes and interleaved; for fuzzing (it must never
+/// panic, whatever the bytes).
+#[doc(hidden)]
+pub fn guard_for_fuzzing(inbound: &[u8], outbound: &[u8], step: usize) {
+    struct Mem {
+        input: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+    impl AsyncRead for Mem {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self.step.min(self.input.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.input[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+    impl AsyncWrite for Mem {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len().min(self.step)))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_time().build() else { return };
+    let step = step.max(1);
+    rt.block_on(async {
+        let limits = H2Limits {
+            control_frames: Rate { per_second: 1.0, burst: 4 },
+            send_timeout: Duration::from_millis(1),
+            ..H2Limits::default()
+        };
+        let mem = Mem { input: inbound.to_vec(), at: 0, step };
+        let mut guard = H2Guard::new(mem, limits, H2Metrics::default());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = outbound;
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut read = ReadBuf::new(&mut buf);
+            let read_more = match Pin::new(&mut guard).poll_read(&mut cx, &mut read) {
+                Poll::Ready(Ok(())) => !read.filled().is_empty(),
+                _ => false,
+            };
+            let wrote = match Pin::new(&mut guard).poll_write(&mut cx, out) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    out = &out[n..];
+                    true
+                }
+                _ => false,
+            };
+            if !read_more && !wrote {
+                break;
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,6 +745,16 @@ mod tests {
         );
         assert_eq!(causes, vec![("ENHANCE_YOUR_CALM", "rapid_reset")]);
         assert!(scan.at_boundary());
+    }
+
+    #[test]
+    fn a_ping_flood_is_answered_with_goaway_at_a_frame_boundary() {
+        let mut inbound = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for _ in 0..10 {
+            inbound.extend(frame(PING, 0, 0, &[0; 8]));
+        }
+        // hyper writing a DATA frame in pieces while the flood comes in.
+        guard_for_fuzzing(&inbound, &frame(DATA, 0, 1, &[0; 100]), 7);
     }
 
     #[test]

@@ -25,6 +25,8 @@ mod strictjson;
 mod upstream;
 
 pub use h2guard::H2Limits;
+#[doc(hidden)]
+pub use h2guard::guard_for_fuzzing;
 pub use listener::{DeviceApp, ListenerConfig, serve};
 pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable};
 pub use ratelimit::{Limiter, Rate};
