@@ -1,8 +1,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use portcullis_client::{pem_encode, write_private, write_public};
 use portcullis_core::{DeviceId, Fingerprint, Serial};
-use portcullis_pki::{pem_encode, write_private, write_public};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};

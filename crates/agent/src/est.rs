@@ -170,7 +170,7 @@ impl EstClient {
         let der = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .map_err(|e| EstError::Response(e.to_string()))?;
-        portcullis_pki::pkcs7::parse_certs_only(&der).map_err(|e| EstError::Response(e.to_string()))
+        portcullis_client::pkcs7::parse_certs_only(&der).map_err(|e| EstError::Response(e.to_string()))
     }
 
     fn csr_request(&self, path: &str) -> http::request::Builder {

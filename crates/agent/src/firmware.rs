@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use http::{Method, header};
 use http_body_util::{BodyExt, BodyStream, Full};
 use hyper::client::conn::http1::SendRequest;
-use portcullis_firmware::updater::{Fetched, Transport};
+use portcullis_client::updater::{Fetched, Transport};
 use tokio::sync::Mutex;
 
 use crate::{AgentDir, Error, EstClient};

@@ -571,7 +571,7 @@ impl Authority {
 
     /// The current CRL, PEM.
     pub fn crl_pem(&self) -> String {
-        crate::files::pem_encode("X509 CRL", self.crl_der().as_slice())
+        portcullis_client::files::pem_encode("X509 CRL", self.crl_der().as_slice())
     }
 }
 

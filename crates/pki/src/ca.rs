@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::csr::ValidCsr;
-use crate::files::{write_private, write_public};
+use portcullis_client::files::{write_private, write_public};
 
 /// Why the CA could not be created, loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +165,7 @@ fn dn(cn: &str, org: &str) -> DistinguishedName {
 
 /// The PEM encoding of a DER certificate.
 pub(crate) fn cert_pem(der: &[u8]) -> String {
-    crate::files::pem_encode("CERTIFICATE", der)
+    portcullis_client::files::pem_encode("CERTIFICATE", der)
 }
 
 impl Ca {

@@ -106,7 +106,7 @@ pub fn problem(e: &Error) -> Problem {
 fn pkcs7_response(certs: &[&[u8]]) -> Response {
     match pkcs7::certs_only(certs) {
         Ok(der) => {
-            let body = crate::files::base64_lines(&der);
+            let body = portcullis_client::files::base64_lines(&der);
             (
                 [
                     (

@@ -18,16 +18,15 @@ mod authority;
 mod ca;
 pub mod csr;
 pub mod est;
-mod files;
 mod http_problem;
 pub mod metrics;
-pub mod pkcs7;
+pub use portcullis_client::pkcs7;
 pub mod tls;
 
 pub use authority::{AuthError, AuthenticatedDevice, Authority, Error, IssuancePolicy, Registered};
 pub use ca::{CRL_REASONS, Ca, CaError, IssuedCert, ServerIdentity};
 pub use csr::{CsrError, KeyKind, ValidCsr};
-pub use files::{base64_lines, pem_encode, write_private, write_public};
 pub use http_problem::{InvalidParam, Problem};
 pub use metrics::Metrics;
+pub use portcullis_client::files::{base64_lines, pem_encode, write_private, write_public};
 pub use tls::{ClientCertVerifier, PeerCertificate};

@@ -41,7 +41,7 @@ use tuf::metadata::{Metadata, MetadataPath, MetadataVersion, RawSignedMetadata, 
 use tuf::pouf::Pouf1;
 use tuf::repository::{FileSystemRepository, RepositoryProvider};
 
-use crate::TargetInfo;
+use crate::{TargetInfo, safe_component};
 
 /// A chunked HTTP body.
 pub type Body = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, String>> + Send>>;
@@ -308,7 +308,11 @@ impl UpdaterDir {
         factory_version: &str,
         root_json: Option<&[u8]>,
     ) -> Result<UpdaterState, UpdateError> {
-        crate::check_hardware(hardware).map_err(|e| UpdateError::State(e.to_string()))?;
+        if !safe_component(hardware) {
+            return Err(UpdateError::State(format!(
+                "invalid hardware name {hardware:?}: use letters, digits and ._-+~"
+            )));
+        }
         // Nothing here at all: a device set up for the first time. Anything else must
         // load (a missing or corrupt state next to an installed image is an error).
         let first_time = !self.state_path().exists() && self.installed_evidence().is_empty();
@@ -577,7 +581,7 @@ impl UpdaterDir {
         opts: UpdateOptions,
     ) -> Result<Outcome, UpdateError> {
         let Directed { target, version, rollout } = *directed;
-        if !target.split('/').all(crate::safe_component) {
+        if !target.split('/').all(safe_component) {
             return Err(UpdateError::Refused(format!("target name {target:?} is not a plain relative path")));
         }
         let directed = parse_version(version)?;
