@@ -35,7 +35,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use crate::ratelimit::Rate;
+use portcullis_net::Rate;
 
 /// HTTP/2 limits of the device port (`[device.http2]`).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -14,13 +14,11 @@
 //! (or shadow mode), gateway-owned headers stripped and identity headers set, pooled
 //! http or verified https upstream connections, 502/504 as problem documents.
 
-pub mod conns;
 mod fastbody;
 mod h2guard;
 mod listener;
 pub mod openapi;
 mod proxy;
-mod ratelimit;
 mod strictjson;
 mod upstream;
 
@@ -28,7 +26,7 @@ pub use h2guard::H2Limits;
 #[doc(hidden)]
 pub use h2guard::guard_for_fuzzing;
 pub use listener::{DeviceApp, ListenerConfig, serve};
+pub use portcullis_net::{Limiter, Rate, conns};
 pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable};
-pub use ratelimit::{Limiter, Rate};
 #[doc(hidden)]
 pub use upstream::parse_response_for_fuzzing;

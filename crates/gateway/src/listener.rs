@@ -21,9 +21,9 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::conns::{Busy, ConnLimits, ConnMetrics, Conns, Slot};
 use crate::h2guard::{H2Guard, H2Limits, H2Metrics};
-use crate::ratelimit::{Limiter, Rate};
+use portcullis_net::conns::{Busy, ConnLimits, ConnMetrics, Conns, Slot};
+use portcullis_net::{Limiter, Rate};
 
 /// Limits of the device port.
 #[derive(Debug, Clone)]

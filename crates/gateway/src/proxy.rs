@@ -26,8 +26,8 @@ use serde::Serialize;
 use std::path::PathBuf;
 
 use crate::openapi::{Action, Caller, Spec, SpecOptions, Violation};
-use crate::ratelimit::{Limiter, Rate};
 use crate::upstream::{Outgoing, Upstream};
+use portcullis_net::{Limiter, Rate};
 
 /// Most devices whose rate state one route keeps.
 const MAX_TRACKED_DEVICES: usize = 100_000;
