@@ -80,19 +80,12 @@ impl EstClient {
     /// `(chain PEM, key PEM)` as its client certificate.
     pub fn new(server: &str, ca_pem: &[u8], identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Self, EstError> {
         let (host, port) = parse_url(server)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem) {
-            let cert = cert.map_err(|e| EstError::Tls(format!("CA file: {e}")))?;
-            roots.add(cert).map_err(|e| EstError::Tls(format!("CA file: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(EstError::Tls("CA file holds no certificate".into()));
-        }
-        let builder =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| EstError::Tls(e.to_string()))?
-                .with_root_certificates(roots);
+        let roots = portcullis_client::tls::roots_from_pem(ca_pem, "CA file")
+            .map_err(|e| EstError::Tls(e.to_string()))?;
+        let builder = rustls::ClientConfig::builder_with_provider(portcullis_client::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| EstError::Tls(e.to_string()))?
+            .with_root_certificates(roots);
         let mut cfg = match identity {
             None => builder.with_no_client_auth(),
             Some((chain, key)) => {

@@ -158,7 +158,7 @@ impl ServerCertVerifier for SeeEverything {
 }
 
 fn connector(signatures: bool) -> tokio_rustls::TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = portcullis_client::tls::provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")

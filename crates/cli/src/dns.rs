@@ -257,18 +257,9 @@ impl DnsLists {
 /// GETs a list over http(s) (system roots), at most 256 MiB, within 60 s.
 async fn fetch(url: &str) -> Result<String, String> {
     use http_body_util::BodyExt;
-    let roots = {
-        let mut r = rustls::RootCertStore::empty();
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = r.add(c);
-        }
-        r
-    };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = portcullis_client::tls::system_roots()
+        .and_then(portcullis_client::tls::client_config)
+        .map_err(|e| e.to_string())?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -772,23 +763,12 @@ async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum
 /// The configured upstreams; DoT and DoH ones verified against `upstream_ca` or the
 /// system roots.
 pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<portcullis_dns::Upstream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.upstream_ca {
-        Some(path) => {
-            use rustls::pki_types::pem::PemObject;
-            let pem = std::fs::read(path)
-                .with_context(|| format!("dns.upstream_ca: cannot read {}", path.display()))?;
-            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                roots.add(c.with_context(|| format!("dns.upstream_ca: {}", path.display()))?)?;
-            }
-            anyhow::ensure!(!roots.is_empty(), "dns.upstream_ca: no certificate in {}", path.display());
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
+    let roots = match &cfg.upstream_ca {
+        Some(path) => portcullis_client::tls::roots_from_file(path).context("dns.upstream_ca")?,
+        // Without system roots only plain-DNS upstreams work; a DoT or DoH one fails its
+        // handshake and is reported per query, as before.
+        None => portcullis_client::tls::system_roots().unwrap_or_else(|_| rustls::RootCertStore::empty()),
+    };
     let roots = Arc::new(roots);
     cfg.upstreams
         .iter()

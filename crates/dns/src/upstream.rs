@@ -86,7 +86,7 @@ impl Upstream {
     /// upstreams are verified against `roots`.
     pub fn parse(spec: &str, roots: &Arc<rustls::RootCertStore>) -> Result<Self, BadUpstream> {
         let bad = || BadUpstream(spec.to_owned());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = portcullis_client::tls::provider();
         let client_tls = |alpn: &[&[u8]]| -> Result<rustls::ClientConfig, BadUpstream> {
             let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()

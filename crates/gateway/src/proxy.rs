@@ -325,39 +325,15 @@ impl RouteTable {
 /// Client TLS for an https upstream: the route's CA file, else the system roots; the
 /// upstream's certificate is always verified.
 fn upstream_tls(cfg: &RouteConfig) -> Result<rustls::ClientConfig, RouteError> {
-    let fail = |reason: String| RouteError::UpstreamTls { prefix: cfg.prefix.clone(), reason };
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.upstream_ca {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-            use rustls::pki_types::pem::PemObject;
-            let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(fail(format!("{}: no PEM certificate", path.display())));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err(fail("no system CA certificates found; set upstream_ca".into()));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
+    let fail = |e: portcullis_client::tls::TlsError| {
+        let reason = match (&e, &cfg.upstream_ca) {
+            (portcullis_client::tls::TlsError::NoSystemRoots, _) => format!("{e}; set upstream_ca"),
+            _ => e.to_string(),
+        };
+        RouteError::UpstreamTls { prefix: cfg.prefix.clone(), reason }
+    };
+    let roots = portcullis_client::tls::trust_roots(cfg.upstream_ca.as_deref()).map_err(fail)?;
+    portcullis_client::tls::client_config(roots).map_err(fail)
 }
 
 /// The connector for one route: https verified with `tls` (only), or plain http.
@@ -379,9 +355,8 @@ fn connector(tls: Option<rustls::ClientConfig>) -> HttpsConnector<HttpConnector>
 
 /// A client config that trusts nothing (for plain-http routes).
 fn no_tls() -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
-        Ok(b) => b.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth(),
+    match portcullis_client::tls::client_config(rustls::RootCertStore::empty()) {
+        Ok(cfg) => cfg,
         // ring supports the default versions; should that ever change, fall back to the
         // process default, which trusts nothing either.
         Err(_) => rustls::ClientConfig::builder()

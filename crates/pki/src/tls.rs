@@ -74,13 +74,11 @@ impl ClientCertVerifier {
         roots
             .add(CertificateDer::from(ca.issuing_der().to_vec()))
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let inner = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), portcullis_client::tls::provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         Ok(Self { inner })
     }
 
@@ -143,21 +141,7 @@ impl RustlsVerifier for DeferredVerifier {
     }
 }
 
-/// The one crypto provider of the tree (ring), with AES-128-GCM preferred: as strong as
-/// needed, and cheaper per handshake than the SHA-384 suites for small devices.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite as cs;
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites = vec![
-        cs::TLS13_AES_128_GCM_SHA256,
-        cs::TLS13_AES_256_GCM_SHA384,
-        cs::TLS13_CHACHA20_POLY1305_SHA256,
-        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-    ];
-    Arc::new(p)
-}
+pub use portcullis_client::tls::provider;
 
 /// The device port's server configuration: our server chain, client certificates
 /// requested, HTTP/2 or HTTP/1.1 via ALPN, the server's cipher suite order.

@@ -129,7 +129,7 @@ fn tls_config(expired: bool) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         params.not_after = now + time::Duration::days(365);
     }
     let cert = params.self_signed(&key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = portcullis_client::tls::provider();
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
