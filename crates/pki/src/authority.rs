@@ -53,7 +53,7 @@ pub enum AuthError {
     NoCertificate,
     /// The chain does not verify against this CA.
     #[error("client certificate not accepted: {0}")]
-    Untrusted(String),
+    Untrusted(#[from] crate::ChainRejected),
     /// The certificate verified but names no device of this trust domain.
     #[error("client certificate does not name a device of this trust domain")]
     NotADevice,
@@ -456,10 +456,10 @@ impl Authority {
     }
 
     async fn authenticate_fresh(&self, peer: &PeerCertificate) -> Result<AuthenticatedDevice, AuthError> {
-        peer.verified.clone().map_err(AuthError::Untrusted)?;
+        peer.verified.clone()?;
         let leaf = peer.chain.first().ok_or(AuthError::NoCertificate)?;
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
-            .map_err(|e| AuthError::Untrusted(e.to_string()))?;
+            .map_err(|e| crate::ChainRejected::Invalid(e.to_string()))?;
         let serial = Serial::from_bytes(cert.raw_serial());
         let named = cert
             .subject_alternative_name()

@@ -29,4 +29,4 @@ pub use csr::{CsrError, KeyKind, ValidCsr};
 pub use http_problem::{InvalidParam, Problem};
 pub use metrics::Metrics;
 pub use portcullis_client::files::{base64_lines, pem_encode, write_private, write_public};
-pub use tls::{ClientCertVerifier, PeerCertificate};
+pub use tls::{ChainRejected, ClientCertVerifier, PeerCertificate};

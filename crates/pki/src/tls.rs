@@ -19,6 +19,51 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 
 use crate::Ca;
 
+/// Why a presented chain does not verify against the CA.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChainRejected {
+    /// The client sent an empty certificate list.
+    #[error("no certificate")]
+    Empty,
+    /// The certificate's validity ended.
+    #[error("certificate expired")]
+    Expired,
+    /// The certificate's validity has not begun.
+    #[error("certificate not valid yet")]
+    NotValidYet,
+    /// It does not chain to this CA (another CA, or self-signed).
+    #[error("certificate not issued by this CA")]
+    UnknownIssuer,
+    /// A signature in the chain does not verify.
+    #[error("bad signature in the certificate chain")]
+    BadSignature,
+    /// Not a client-authentication certificate (extended key usage).
+    #[error("certificate not for client authentication")]
+    NotForClientAuth,
+    /// The certificate could not be parsed, or another check failed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<rustls::Error> for ChainRejected {
+    fn from(e: rustls::Error) -> Self {
+        use rustls::CertificateError as C;
+        match e {
+            rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => Self::Expired,
+            rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+                Self::NotValidYet
+            }
+            rustls::Error::InvalidCertificate(C::UnknownIssuer) => Self::UnknownIssuer,
+            rustls::Error::InvalidCertificate(C::BadSignature) => Self::BadSignature,
+            rustls::Error::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+                Self::NotForClientAuth
+            }
+            other => Self::Invalid(other.to_string()),
+        }
+    }
+}
+
 /// The client certificate a connection presented, with the outcome of chain verification
 /// against the CA. Inserted into every request's extensions by the listener.
 #[derive(Clone)]
@@ -27,7 +72,7 @@ pub struct PeerCertificate {
     /// Shared: every request on the connection carries a cheap clone.
     pub chain: Arc<Vec<CertificateDer<'static>>>,
     /// `Ok` if the chain verified against this CA at handshake time; else why not.
-    pub verified: Result<(), String>,
+    pub verified: Result<(), ChainRejected>,
     /// The connection's last successful authentication, tagged with the registry
     /// generation it was made under (see [`crate::Authority::authenticate`]).
     pub(crate) cached: Arc<std::sync::Mutex<Option<CachedAuth>>>,
@@ -38,7 +83,7 @@ pub(crate) type CachedAuth = (u64, Arc<crate::AuthenticatedDevice>);
 
 impl PeerCertificate {
     /// The certificate a connection presented and the outcome of verifying it.
-    pub fn new(chain: Vec<CertificateDer<'static>>, verified: Result<(), String>) -> Self {
+    pub fn new(chain: Vec<CertificateDer<'static>>, verified: Result<(), ChainRejected>) -> Self {
         Self { chain: Arc::new(chain), verified, cached: Arc::default() }
     }
 }
@@ -83,11 +128,11 @@ impl ClientCertVerifier {
     }
 
     /// Verifies a presented chain now.
-    pub fn verify(&self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+    pub fn verify(&self, chain: &[CertificateDer<'static>]) -> Result<(), ChainRejected> {
         let Some((leaf, rest)) = chain.split_first() else {
-            return Err("no certificate".into());
+            return Err(ChainRejected::Empty);
         };
-        self.inner.verify_client_cert(leaf, rest, UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
+        self.inner.verify_client_cert(leaf, rest, UnixTime::now()).map(|_| ()).map_err(ChainRejected::from)
     }
 }
 
@@ -157,4 +202,25 @@ pub fn server_config(
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::ChainRejected;
+    use rustls::CertificateError as C;
+
+    #[test]
+    fn rustls_verdicts_become_typed_rejections() {
+        let of = |e: C| ChainRejected::from(rustls::Error::InvalidCertificate(e));
+        assert_eq!(of(C::UnknownIssuer), ChainRejected::UnknownIssuer);
+        assert_eq!(of(C::Expired), ChainRejected::Expired);
+        assert_eq!(of(C::NotValidYet), ChainRejected::NotValidYet);
+        assert_eq!(of(C::BadSignature), ChainRejected::BadSignature);
+        assert_eq!(of(C::InvalidPurpose), ChainRejected::NotForClientAuth);
+        assert!(matches!(of(C::BadEncoding), ChainRejected::Invalid(_)));
+        assert_eq!(
+            crate::AuthError::from(ChainRejected::UnknownIssuer).to_string(),
+            "client certificate not accepted: certificate not issued by this CA"
+        );
+    }
 }
