@@ -2,7 +2,6 @@
 
 mod audit;
 mod config;
-mod dns;
 mod firmware;
 mod instance;
 mod logfmt;

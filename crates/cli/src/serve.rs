@@ -69,7 +69,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     // On default addresses a port in use only warns (mDNS daemons hold 5353 on many
     // machines); chosen addresses must bind.
     let dns_cfg = match &cfg.dns {
-        Some(d) => match crate::dns::bind(d.addr).await {
+        Some(d) => match portcullis_dns::service::bind(d.addr).await {
             Ok(bound) => Some((d, bound)),
             Err(e) if d.default_addrs => {
                 tracing::warn!(error = %format!("{e:#}"), "DNS port not started; set dns.addr (or dns.enabled = false)");
@@ -80,18 +80,23 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         },
         None => None,
     };
-    let profiles = crate::dns::ProfilePolicies::default();
+    let profiles = portcullis_dns::service::ProfilePolicies::default();
     // One set of connection-admission counters for every listener (labelled by name).
     let conn_metrics = portcullis_gateway::conns::ConnMetrics::default();
     authority.metrics().register(|r| conn_metrics.register(r));
     raise_descriptor_limit(&cfg);
     let dns = match dns_cfg {
         Some((d, (udp, tcp))) => {
-            let (lists, table) = crate::dns::DnsLists::new(d, cfg.data_dir.join("dns-lists"))?;
+            let (lists, table) = portcullis_dns::service::DnsLists::new(d, cfg.data_dir.join("dns-lists"))?;
             let lists = Arc::new(lists);
-            let (identify, attribution) =
-                crate::dns::attribution(authority.clone(), profiles.clone(), dns_stop_rx.clone()).await?;
-            let (on_query, log_writer) = crate::dns::query_log(authority.clone(), d, dns_stop_rx.clone());
+            let (identify, attribution) = portcullis_dns::service::attribution(
+                authority.clone(),
+                profiles.clone(),
+                dns_stop_rx.clone(),
+            )
+            .await?;
+            let (on_query, log_writer) =
+                portcullis_dns::service::query_log(authority.clone(), d, dns_stop_rx.clone());
             dns_tasks.push(attribution);
             dns_tasks.push(log_writer);
             let resolver = Arc::new(
@@ -99,7 +104,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                     table,
                     identify,
                     portcullis_dns::Upstreams::new(
-                        crate::dns::upstreams(d)?,
+                        portcullis_dns::service::upstreams(d)?,
                         d.upstream_timeout,
                         d.max_upstream_in_flight,
                     ),
@@ -135,7 +140,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 },
                 None => None,
             };
-            dns_tasks.push(crate::dns::spawn_list_refresh(
+            dns_tasks.push(portcullis_dns::service::spawn_list_refresh(
                 lists.clone(),
                 resolver.clone(),
                 dns_stop_rx.clone(),
@@ -180,8 +185,12 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         .merge(portcullis_firmware::http::router(authority.clone(), firmware.clone()));
     let mut built_in_paths = est::PATHS.to_vec();
     if let Some(r) = &resolver {
-        built_in = built_in.merge(crate::dns::doh_router(r.clone(), authority.clone(), profiles.clone()));
-        built_in_paths.push(crate::dns::DOH_PATH);
+        built_in = built_in.merge(portcullis_dns::service::doh_router(
+            r.clone(),
+            authority.clone(),
+            profiles.clone(),
+        ));
+        built_in_paths.push(portcullis_dns::service::DOH_PATH);
     }
     let reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync> = {
         let gateway = gateway.clone();
@@ -216,8 +225,9 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
             .map(|l| -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> { Arc::new(move || l.describe()) }),
     };
 
-    let dot_config = crate::dns::dot_tls(&tls_config);
-    let dot_attribution = crate::dns::tls_attribution(authority.clone(), verifier.clone(), profiles.clone());
+    let dot_config = portcullis_dns::service::dot_tls(&tls_config);
+    let dot_attribution =
+        portcullis_dns::service::tls_attribution(authority.clone(), verifier.clone(), profiles.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let device = tokio::spawn(portcullis_gateway::serve(
         device_listener,

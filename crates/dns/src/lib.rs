@@ -5,12 +5,19 @@
 //! from a TTL cache or the configured upstreams, with every name in the answer's CNAME
 //! chain checked too. Malformed packets get FORMERR (or nothing, when they cannot say whom
 //! to answer); UDP answers respect the client's EDNS buffer size and set TC beyond it.
+//!
+//! [`service`] is everything around the resolver: lists fetched and refreshed, policies
+//! from the [`config`] and from device profiles, attribution by address or client
+//! certificate (through `portcullis-pki`'s `Authority`, as the gateway does), the query
+//! log, DoT and DoH. The binary only parses the configuration and binds the sockets.
 
 pub mod cache;
+pub mod config;
 pub mod lists;
 mod pipeline;
 pub mod policy;
 mod server;
+pub mod service;
 pub mod upstream;
 
 pub use cache::{Cache, CacheConfig};

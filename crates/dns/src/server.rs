@@ -46,6 +46,10 @@ pub enum Attribution {
     ByAddress,
     /// Already known (a verified client certificate); `active: false` refuses it.
     Device(Client),
+    /// A client certificate that does not authenticate (another CA, expired, revoked,
+    /// unknown, a suspended device): refused, never taken for no certificate (which may
+    /// fall back to a more permissive policy).
+    Refused(Arc<portcullis_pki::AuthError>),
 }
 
 /// Attributes one DoT connection's queries: called per query so that suspension and
@@ -290,11 +294,33 @@ impl Resolver {
         };
 
         let table = self.current();
+        let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
         let client = match who {
             Attribution::ByAddress => (self.identify)(src),
             Attribution::Device(c) => Some(c),
+            Attribution::Refused(why) => {
+                use portcullis_pki::AuthError;
+                bump(&self.stats.refused_unknown);
+                resp.metadata.response_code = ResponseCode::Refused;
+                let (device, reason) = match &*why {
+                    AuthError::DeviceSuspended(id) | AuthError::DeviceRevoked(id) => {
+                        (Some(id.to_string()), "device is not active".to_owned())
+                    }
+                    other => (None, format!("client certificate refused: {other}")),
+                };
+                self.emit(QueryEvent {
+                    client: src,
+                    device,
+                    name,
+                    qtype: query.query_type.to_string(),
+                    action: "refused",
+                    reason,
+                    rcode: ResponseCode::Refused.to_string(),
+                    upstream_us: None,
+                });
+                return resp;
+            }
         };
-        let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
         let event = |action: &'static str, reason: String, rcode: ResponseCode, upstream_us: Option<u64>| {
             QueryEvent {
                 client: src,

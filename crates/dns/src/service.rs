@@ -1,11 +1,14 @@
-//! The DNS port: policies from the configuration, lists read from their files.
+//! The DNS service around the resolver: lists read from files and URLs and refreshed,
+//! policies built from the configuration and from device profiles, attribution of a
+//! query to a device (by registered address, by DoT or DoH client certificate), the
+//! query log, and the DoT and DoH front ends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::{DomainSet, Policy, PolicyTable};
 use anyhow::Context;
-use portcullis_dns::{DomainSet, Policy, PolicyTable};
 use tokio::net::{TcpListener, UdpSocket};
 
 use std::path::PathBuf;
@@ -21,15 +24,21 @@ pub struct DnsLists {
     builder: ListBuilder,
 }
 
+impl std::fmt::Debug for DnsLists {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsLists").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct ListState {
     cfg: Option<DnsConfig>,
     sets: HashMap<String, (Arc<DomainSet>, u64)>,
-    stats: HashMap<String, portcullis_dns::ListStats>,
+    stats: HashMap<String, crate::ListStats>,
     next: HashMap<String, std::time::Instant>,
 }
 
-type Loaded = Result<Option<(Arc<DomainSet>, portcullis_dns::ListStats, u64)>, String>;
+type Loaded = Result<Option<(Arc<DomainSet>, crate::ListStats, u64)>, String>;
 
 enum BuildJob {
     Load { name: String, path: PathBuf, known: Option<u64>, reply: std::sync::mpsc::Sender<Loaded> },
@@ -59,7 +68,7 @@ fn load_list(name: &str, path: &std::path::Path, known: Option<u64>) -> Loaded {
     Ok(Some((Arc::new(set), stats, d)))
 }
 
-fn log_stats(name: &str, stats: &portcullis_dns::ListStats) {
+fn log_stats(name: &str, stats: &crate::ListStats) {
     tracing::info!(list = %name, entries = stats.entries, comments = stats.comments, junk = stats.junk,
         "dns list loaded");
     if stats.junk > 0 {
@@ -316,7 +325,7 @@ fn policy_table(
             deny: rules("deny", &p.deny)?,
             block: p.block,
         });
-        if p.mode == portcullis_dns::Mode::Allowlist {
+        if p.mode == crate::Mode::Allowlist {
             tracing::info!(policy = %p.name, groups = ?p.groups,
                 "dns policy in allowlist mode: every name not on its lists or allow rules is DENIED");
         }
@@ -336,7 +345,7 @@ fn policy_table(
 /// Refreshes the lists as they fall due and swaps in the new policies.
 pub fn spawn_list_refresh(
     lists: Arc<DnsLists>,
-    resolver: Arc<portcullis_dns::Resolver>,
+    resolver: Arc<crate::Resolver>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -372,6 +381,13 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
 /// Per device id, the allowlist policy derived from its profile's domains.
 #[derive(Clone, Default)]
 pub struct ProfilePolicies(Arc<std::sync::RwLock<Arc<ByDevice>>>);
+
+impl std::fmt::Debug for ProfilePolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.read().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("ProfilePolicies").field("devices", &n).finish()
+    }
+}
 
 type ByDevice = HashMap<String, Arc<Policy>>;
 
@@ -412,11 +428,11 @@ fn profile_policies(
             &p.name,
             Arc::new(Policy {
                 name: format!("profile:{}", p.name),
-                mode: portcullis_dns::Mode::Allowlist,
+                mode: crate::Mode::Allowlist,
                 lists: Vec::new(),
                 allow,
                 deny: DomainSet::new(),
-                block: portcullis_dns::BlockResponse::default(),
+                block: crate::BlockResponse::default(),
             }),
         );
     }
@@ -433,16 +449,16 @@ fn profile_policies(
 /// generation moves (every address or state change bumps it).
 #[derive(Default)]
 struct AddressTable {
-    exact: HashMap<std::net::IpAddr, portcullis_dns::Client>,
+    exact: HashMap<std::net::IpAddr, crate::Client>,
     /// Longest prefix first.
-    blocks: Vec<(portcullis_core::Cidr, portcullis_dns::Client)>,
+    blocks: Vec<(portcullis_core::Cidr, crate::Client)>,
 }
 
 impl AddressTable {
     fn build(devices: &[portcullis_store::Device], profiles: &HashMap<String, Arc<Policy>>) -> Self {
         let mut t = Self::default();
         for d in devices {
-            let client = portcullis_dns::Client {
+            let client = crate::Client {
                 device: d.id.to_string(),
                 group: d.group.to_string(),
                 active: d.state == portcullis_core::DeviceState::Active,
@@ -462,7 +478,7 @@ impl AddressTable {
         t
     }
 
-    fn lookup(&self, ip: std::net::IpAddr) -> Option<portcullis_dns::Client> {
+    fn lookup(&self, ip: std::net::IpAddr) -> Option<crate::Client> {
         let ip = match ip {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
@@ -479,7 +495,7 @@ pub async fn attribution(
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(portcullis_dns::Identify, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(crate::Identify, tokio::task::JoinHandle<()>)> {
     let load = |a: Arc<portcullis_pki::Authority>, out: ProfilePolicies| async move {
         let g = a.generation();
         let devices = a.store().devices().await?;
@@ -490,7 +506,7 @@ pub async fn attribution(
     };
     let (mut seen, first) = load(authority.clone(), profiles.clone()).await?;
     let table = Arc::new(std::sync::RwLock::new(Arc::new(first)));
-    let identify: portcullis_dns::Identify = {
+    let identify: crate::Identify = {
         let table = table.clone();
         Arc::new(move |ip| table.read().ok().and_then(|t| t.lookup(ip)))
     };
@@ -530,7 +546,7 @@ pub fn query_log(
     authority: Arc<portcullis_pki::Authority>,
     cfg: &DnsConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> (portcullis_dns::OnQuery, tokio::task::JoinHandle<()>) {
+) -> (crate::OnQuery, tokio::task::JoinHandle<()>) {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     let queries: Family<ActionLabel, Counter> = Family::default();
@@ -549,7 +565,7 @@ pub fn query_log(
     });
     let (tx, mut rx) = tokio::sync::mpsc::channel::<portcullis_store::DnsQueryRecord>(50_000);
     let enabled = cfg.log_queries;
-    let on_query: portcullis_dns::OnQuery = Arc::new(move |ev: portcullis_dns::QueryEvent| {
+    let on_query: crate::OnQuery = Arc::new(move |ev: crate::QueryEvent| {
         queries.get_or_create(&ActionLabel { action: ev.action }).inc();
         if !enabled {
             return;
@@ -611,11 +627,10 @@ async fn attribute_peer(
     authority: &portcullis_pki::Authority,
     profiles: &ProfilePolicies,
     peer: Option<&portcullis_pki::PeerCertificate>,
-) -> portcullis_dns::Attribution {
-    use portcullis_pki::AuthError;
-    let Some(peer) = peer else { return portcullis_dns::Attribution::ByAddress };
+) -> crate::Attribution {
+    let Some(peer) = peer else { return crate::Attribution::ByAddress };
     match authority.authenticate(Some(peer)).await {
-        Ok(d) => portcullis_dns::Attribution::Device(portcullis_dns::Client {
+        Ok(d) => crate::Attribution::Device(crate::Client {
             device: d.id.to_string(),
             group: d.group.to_string(),
             active: true,
@@ -623,18 +638,7 @@ async fn attribute_peer(
         }),
         // A certificate that does not authenticate is refused, never treated as no
         // certificate (which may fall back to a more permissive policy).
-        Err(e) => {
-            let device = match &e {
-                AuthError::DeviceSuspended(id) | AuthError::DeviceRevoked(id) => id.to_string(),
-                _ => format!("(refused certificate: {e})"),
-            };
-            portcullis_dns::Attribution::Device(portcullis_dns::Client {
-                device,
-                group: String::new(),
-                active: false,
-                profile: None,
-            })
-        }
+        Err(e) => crate::Attribution::Refused(Arc::new(e)),
     }
 }
 
@@ -643,7 +647,7 @@ pub fn tls_attribution(
     authority: Arc<portcullis_pki::Authority>,
     verifier: portcullis_pki::ClientCertVerifier,
     profiles: ProfilePolicies,
-) -> portcullis_dns::TlsAttribution {
+) -> crate::TlsAttribution {
     Arc::new(move |chain| {
         let peer = chain.map(|c| {
             let verified = verifier.verify(&c);
@@ -651,7 +655,7 @@ pub fn tls_attribution(
         });
         let verified = peer.as_ref().is_some_and(|p| p.verified.is_ok());
         let (authority, profiles) = (authority.clone(), profiles.clone());
-        let attribution: portcullis_dns::ConnAttribution = Arc::new(move || {
+        let attribution: crate::ConnAttribution = Arc::new(move || {
             let (authority, profiles, peer) = (authority.clone(), profiles.clone(), peer.clone());
             Box::pin(async move { attribute_peer(&authority, &profiles, peer.as_ref()).await })
         });
@@ -671,7 +675,7 @@ pub const DOH_PATH: &str = "/dns-query";
 
 #[derive(Clone)]
 struct Doh {
-    resolver: Arc<portcullis_dns::Resolver>,
+    resolver: Arc<crate::Resolver>,
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
 }
@@ -679,7 +683,7 @@ struct Doh {
 /// DNS-over-HTTPS (RFC 8484): `GET /dns-query?dns=<base64url>` and `POST /dns-query` with
 /// `application/dns-message`; the client certificate (if any) attributes the query.
 pub fn doh_router(
-    resolver: Arc<portcullis_dns::Resolver>,
+    resolver: Arc<crate::Resolver>,
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
 ) -> axum::Router {
@@ -762,7 +766,7 @@ async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum
 
 /// The configured upstreams; DoT and DoH ones verified against `upstream_ca` or the
 /// system roots.
-pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<portcullis_dns::Upstream>> {
+pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<crate::Upstream>> {
     let roots = match &cfg.upstream_ca {
         Some(path) => portcullis_client::tls::roots_from_file(path).context("dns.upstream_ca")?,
         // Without system roots only plain-DNS upstreams work; a DoT or DoH one fails its
@@ -770,10 +774,7 @@ pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<portcullis_dns::Upstream
         None => portcullis_client::tls::system_roots().unwrap_or_else(|_| rustls::RootCertStore::empty()),
     };
     let roots = Arc::new(roots);
-    cfg.upstreams
-        .iter()
-        .map(|u| portcullis_dns::Upstream::parse(u, &roots).map_err(anyhow::Error::from))
-        .collect()
+    cfg.upstreams.iter().map(|u| crate::Upstream::parse(u, &roots).map_err(anyhow::Error::from)).collect()
 }
 
 impl DnsLists {
@@ -786,8 +787,8 @@ impl DnsLists {
             .iter()
             .map(|p| {
                 let otherwise = match p.mode {
-                    portcullis_dns::Mode::Allowlist => "DENIED: only the lists and allow rules resolve",
-                    portcullis_dns::Mode::Blocklist => "resolved",
+                    crate::Mode::Allowlist => "DENIED: only the lists and allow rules resolve",
+                    crate::Mode::Blocklist => "resolved",
                 };
                 serde_json::json!({
                     "name": p.name,
