@@ -652,7 +652,7 @@ fn in_bounds(n: &Node, x: f64) -> bool {
 /// RFC 3339 `date-time`, the strict common form: upper-case `T` and `Z`, seconds 00-59.
 fn date_time_ok(s: &str) -> bool {
     let b = s.as_bytes();
-    if b.len() < 20 || !s.get(..10).is_some_and(crate::openapi::date_format) || b[10] != b'T' {
+    if b.len() < 20 || !s.get(..10).is_some_and(crate::formats::date_format) || b[10] != b'T' {
         return false;
     }
     let two = |i: usize| -> Option<u32> {
@@ -728,9 +728,9 @@ fn string_ok(n: &Node, s: &str) -> bool {
         None => true,
         Some(Format::DateTime) => date_time_ok(s),
         // The very functions the general validator registers for these formats.
-        Some(Format::Date) => crate::openapi::date_format(s),
+        Some(Format::Date) => crate::formats::date_format(s),
         Some(Format::Ipv4) => ipv4_ok(s),
-        Some(Format::Uuid) => crate::openapi::uuid_format(s),
+        Some(Format::Uuid) => crate::formats::uuid_format(s),
     }
 }
 

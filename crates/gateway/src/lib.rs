@@ -15,6 +15,7 @@
 //! http or verified https upstream connections, 502/504 as problem documents.
 
 mod fastbody;
+mod formats;
 mod h2guard;
 mod listener;
 pub mod openapi;
