@@ -13,8 +13,10 @@ pub mod finding;
 pub mod mud;
 pub mod ports;
 mod probe;
+
 pub mod profile;
 pub mod report;
+mod rules;
 mod scan;
 pub mod ssh;
 pub mod tlscheck;
