@@ -13,7 +13,6 @@ pub mod finding;
 pub mod mud;
 pub mod ports;
 mod probe;
-
 pub mod profile;
 pub mod report;
 mod rules;
