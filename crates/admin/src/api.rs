@@ -671,7 +671,6 @@ fn checked_profile(name: &str, doc: Value) -> Result<Value, Problem> {
 async fn put_profile(State(s): State<AppState>, Body(b): Body<PutProfile>) -> Result<Response, Problem> {
     let doc = checked_profile(&b.name, b.profile)?;
     let rec = s.authority.store().put_profile(&b.name, doc, s.actor.clone()).await.map_err(store_err)?;
-    s.authority.registry_changed();
     Ok((StatusCode::CREATED, Json(json!({ "name": rec.name, "profile": rec.document }))).into_response())
 }
 
@@ -689,7 +688,6 @@ async fn import_mud(State(s): State<AppState>, Body(b): Body<ImportMud>) -> Resu
     let name = b.name.unwrap_or(imported.suggested_name);
     let doc = checked_profile(&name, serde_json::to_value(&imported.profile).unwrap_or_default())?;
     let rec = s.authority.store().put_profile(&name, doc, s.actor.clone()).await.map_err(store_err)?;
-    s.authority.registry_changed();
     Ok((
         StatusCode::CREATED,
         Json(json!({ "name": rec.name, "profile": rec.document, "warnings": imported.warnings })),
@@ -715,7 +713,6 @@ async fn set_profile(
         .set_device_profile(&id, b.profile.as_deref(), s.actor.clone())
         .await
         .map_err(store_err)?;
-    s.authority.registry_changed();
     Ok(Json(json!({ "device": d })))
 }
 

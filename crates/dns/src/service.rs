@@ -490,7 +490,8 @@ impl AddressTable {
     }
 }
 
-/// Attribution by registered address, kept within a quarter second of the registry.
+/// Attribution by registered address, rebuilt whenever the store announces a change
+/// (device state, addresses, profiles).
 pub async fn attribution(
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
@@ -504,6 +505,7 @@ pub async fn attribution(
         out.set(policies);
         anyhow::Ok((g, table))
     };
+    let mut changes = authority.store().changes().subscribe();
     let (mut seen, first) = load(authority.clone(), profiles.clone()).await?;
     let table = Arc::new(std::sync::RwLock::new(Arc::new(first)));
     let identify: crate::Identify = {
@@ -513,7 +515,7 @@ pub async fn attribution(
     let task = tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                r = changes.changed() => if r.is_err() { return },
                 _ = stop.changed() => return,
             }
             if authority.generation() == seen {

@@ -193,23 +193,13 @@ pub struct Authority {
     policy: IssuancePolicy,
     crl: RwLock<Arc<Vec<u8>>>,
     metrics: Metrics,
-    /// Bumped by every change that can make an authenticated device unauthenticated (or
-    /// change what authentication returns, such as a future move between groups);
-    /// per-connection authentication results are reused only within one generation.
-    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Authority {
     /// Binds `ca` to `store` and signs a first CRL.
     pub async fn new(ca: Ca, store: Arc<dyn Store>, policy: IssuancePolicy) -> Result<Self, Error> {
-        let a = Self {
-            ca,
-            store,
-            policy,
-            crl: RwLock::new(Arc::new(Vec::new())),
-            metrics: Metrics::default(),
-            generation: std::sync::atomic::AtomicU64::new(0),
-        };
+        let a =
+            Self { ca, store, policy, crl: RwLock::new(Arc::new(Vec::new())), metrics: Metrics::default() };
         a.refresh_crl().await?;
         Ok(a)
     }
@@ -311,7 +301,6 @@ impl Authority {
         let retired = self.store.enroll(&hash, self.new_certificate(&id, &issued, "enroll"), now).await?;
         if retired > 0 {
             // Re-provisioned: the earlier certificates are revoked as of now.
-            self.registry_changed();
             self.refresh_crl().await?;
         }
         tracing::info!(device = %id, serial = %issued.serial, key = %csr.key_kind(), retired, "enrolled");
@@ -341,8 +330,8 @@ impl Authority {
             return Err(Error::Superseded(device.serial.clone()));
         }
         recorded?;
-        // The certificate it came with is revoked now: no connection may keep using it.
-        self.registry_changed();
+        // The certificate it came with is revoked now (the store announced it: no
+        // connection keeps using it).
         self.refresh_crl().await?;
         tracing::info!(device = %device.id, serial = %issued.serial, superseded = %device.serial, "re-enrolled");
         Ok(issued)
@@ -390,7 +379,6 @@ impl Authority {
             return Err(Error::UnknownReason(reason.to_owned()));
         }
         let cert = self.store.revoke_certificate(serial, reason, note, actor).await?;
-        self.registry_changed();
         self.refresh_crl().await?;
         tracing::info!(serial = %serial, device = %cert.device, reason, "certificate revoked");
         Ok(cert)
@@ -436,9 +424,9 @@ impl Authority {
     ) -> Result<Arc<AuthenticatedDevice>, AuthError> {
         let peer = peer.ok_or(AuthError::NoCertificate)?;
         // Reuse this connection's last answer while no registry state has changed since:
-        // every suspension, resumption and revocation bumps the generation first, so
-        // the next request after one re-reads the registry.
-        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        // the store moves the generation after every such write commits and before the
+        // writer hears back, so the next request after one re-reads the registry.
+        let generation = self.store.changes().generation();
         if let Ok(cached) = peer.cached.lock()
             && let Some((g, device)) = cached.as_ref()
             && *g == generation
@@ -511,9 +499,6 @@ impl Authority {
         actor: Actor,
     ) -> Result<Device, Error> {
         let device = self.store.set_device_state(id, to, reason, actor).await?;
-        // After the write, before anyone is told it happened: no connection may reuse an
-        // authentication made under the old state.
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tracing::info!(device = %id, state = %to, "device state changed");
         self.metrics.state_change(to.as_str());
         if to == DeviceState::Revoked {
@@ -534,21 +519,16 @@ impl Authority {
         list.sort();
         list.dedup();
         let device = self.store.set_device_addresses(id, list, actor).await?;
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tracing::info!(device = %id, addresses = ?device.addresses, "device addresses changed");
         Ok(device)
     }
 
-    /// Marks the registry changed in a way listeners must re-read (profiles: the DNS port
-    /// derives allowlists from them).
-    pub fn registry_changed(&self) {
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// Bumped by every change to device state or addresses: a listener that keeps a view
-    /// of the registry rebuilds it when this moves.
+    /// The store's generation: moved by every write that authentication or policy
+    /// depends on (device state, certificates, addresses, profiles), announced by the
+    /// store itself. A listener that keeps a view of the registry rebuilds it when this
+    /// moves (or waits on `store().changes().subscribe()`).
     pub fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Acquire)
+        self.store.changes().generation()
     }
 
     /// Re-signs the CRL from the registry.

@@ -9,11 +9,20 @@
 //! acknowledged only after the transaction holding it is durable, and concurrent
 //! enrollments share one fsync instead of queueing for one each.
 //!
+//! Every write that changes what authentication or policy depends on (devices and their
+//! state, certificates, addresses, profiles) is announced by the store itself, after it
+//! committed and before the caller hears back, through [`Changes`]: a generation number
+//! that caches compare against, and a channel that listeners wait on. No caller has to
+//! remember to say that the registry changed. A second node's store will announce the
+//! writes of the first the same way (PostgreSQL `LISTEN`), behind the same seam.
+//!
 //! This crate does not sign, verify or decide policy; it stores what it is told.
 
+mod changes;
 mod model;
 mod sqlite;
 
+pub use changes::Changes;
 pub use model::{
     Actor, AuditRunRecord, BlockedName, CertificateRecord, CertificateStatus, Device, DnsQueryFilter,
     DnsQueryRecord, Event, EventFilter, FindingRecord, Group, NewCertificate, NewDevice, NewToken,
@@ -80,6 +89,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The registry's storage. Implementations must make each method atomic.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// The announcements of writes that authentication and policy depend on.
+    fn changes(&self) -> &Changes;
+
     /// Registers a device (creating its group if needed) with its first enrollment token.
     async fn create_device(&self, device: NewDevice, token: NewToken, actor: Actor) -> Result<Device>;
 

@@ -201,6 +201,8 @@ pub struct SqliteStore {
 
 #[derive(Debug)]
 struct Inner {
+    /// Shared with the writer thread's jobs, which announce after their commit.
+    changes: Arc<crate::Changes>,
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     readers: Mutex<Vec<Connection>>,
@@ -255,7 +257,12 @@ impl SqliteStore {
             .spawn(move || writer_loop(conn, rx))
             .map_err(backend)?;
         Ok(Self {
-            inner: Arc::new(Inner { path, writer: Mutex::new(Some(tx)), readers: Mutex::new(Vec::new()) }),
+            inner: Arc::new(Inner {
+                changes: Arc::default(),
+                path,
+                writer: Mutex::new(Some(tx)),
+                readers: Mutex::new(Vec::new()),
+            }),
         })
     }
 
@@ -270,6 +277,24 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.write_with(f, None).await
+    }
+
+    /// A write that authentication or policy depends on: announced once committed,
+    /// before the caller hears back.
+    async fn write_announced<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.write_with(f, Some(self.inner.changes.clone())).await
+    }
+
+    async fn write_with<T, F>(&self, f: F, announce: Option<Arc<crate::Changes>>) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(move |conn: &Connection| -> Reply {
             let out = savepoint(conn, f);
@@ -278,6 +303,9 @@ impl SqliteStore {
                     Ok(()) => out,
                     Err(e) => Err(Error::Backend(e.into())),
                 };
+                if let (Ok(_), Some(changes)) = (&out, &announce) {
+                    changes.announce();
+                }
                 let _ = tx.send(out);
             })
         });
@@ -544,8 +572,12 @@ fn record_issued(conn: &Connection, cert: &NewCertificate, actor: &Actor, now: O
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn changes(&self) -> &crate::Changes {
+        &self.inner.changes
+    }
+
     async fn create_device(&self, device: NewDevice, token: NewToken, actor: Actor) -> Result<Device> {
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             if load_device(c, &device.id)?.is_some() {
                 return Err(Error::AlreadyExists { what: "device", id: device.id.to_string() });
@@ -651,7 +683,7 @@ impl Store for SqliteStore {
 
     async fn enroll(&self, hash: &TokenHash, cert: NewCertificate, now: OffsetDateTime) -> Result<usize> {
         let hash = hash.clone();
-        self.write(move |c| {
+        self.write_announced(move |c| {
             match token_state(c, &cert.device, &hash, now)? {
                 TokenCheck::Valid => {}
                 other => return Err(Error::Token(other)),
@@ -692,7 +724,7 @@ impl Store for SqliteStore {
         actor: Actor,
     ) -> Result<()> {
         let old = supersedes.clone();
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             let d = load_device(c, &cert.device)?
                 .ok_or(Error::NotFound { what: "device", id: cert.device.to_string() })?;
@@ -740,7 +772,7 @@ impl Store for SqliteStore {
     ) -> Result<CertificateRecord> {
         let serial = serial.clone();
         let crl_reason = crl_reason.to_owned();
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             let changed = c
                 .prepare_cached(
@@ -817,7 +849,7 @@ impl Store for SqliteStore {
         actor: Actor,
     ) -> Result<Device> {
         let id = id.clone();
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             let d = load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })?;
             let action = match to {
@@ -931,7 +963,7 @@ impl Store for SqliteStore {
         actor: Actor,
     ) -> Result<Device> {
         let id = id.clone();
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })?;
             for a in &addresses {
@@ -1046,7 +1078,7 @@ impl Store for SqliteStore {
         actor: Actor,
     ) -> Result<ProfileRecord> {
         let name = name.to_owned();
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             c.prepare_cached(
                 "INSERT INTO profiles (name, document, updated_at) VALUES (?1, ?2, ?3)
@@ -1078,7 +1110,7 @@ impl Store for SqliteStore {
     async fn set_device_profile(&self, id: &DeviceId, profile: Option<&str>, actor: Actor) -> Result<Device> {
         let id = id.clone();
         let profile = profile.map(str::to_owned);
-        self.write(move |c| {
+        self.write_announced(move |c| {
             let now = OffsetDateTime::now_utc();
             load_device(c, &id)?.ok_or(Error::NotFound { what: "device", id: id.to_string() })?;
             if let Some(p) = &profile {

@@ -260,3 +260,40 @@ async fn profiles_and_audit_runs_round_trip_and_diff_per_device() {
     assert_eq!(findings.len(), 2);
     assert!(s.audit_run(999).await.unwrap().is_none());
 }
+
+/// Every write that authentication or policy depends on is announced by the store after
+/// it commits (no caller has to remember); writes that change neither are not, and a
+/// refused write is not.
+#[tokio::test]
+async fn writes_that_matter_are_announced_and_others_are_not() {
+    let (_d, s) = store();
+    let mut rx = s.changes().subscribe();
+    let g = || s.changes().generation();
+    let now = OffsetDateTime::now_utc();
+
+    let t = add(&s, "cam-1").await;
+    assert_eq!(g(), 1, "create_device");
+    assert!(rx.has_changed().unwrap(), "subscribers are woken");
+    s.enroll(&t.hash(), cert("cam-1", "01"), now).await.unwrap();
+    assert_eq!(g(), 2, "enroll");
+    s.set_device_addresses(&id("cam-1"), vec!["10.0.0.5".into()], Actor::System).await.unwrap();
+    assert_eq!(g(), 3, "set_device_addresses");
+    s.put_profile("camera", serde_json::json!({"tcp": [443]}), Actor::System).await.unwrap();
+    assert_eq!(g(), 4, "put_profile");
+    s.set_device_profile(&id("cam-1"), Some("camera"), Actor::System).await.unwrap();
+    assert_eq!(g(), 5, "set_device_profile");
+    s.set_device_state(&id("cam-1"), DeviceState::Suspended, None, Actor::System).await.unwrap();
+    assert_eq!(g(), 6, "set_device_state");
+    s.revoke_certificate(&Serial::parse("01").unwrap(), "keyCompromise", None, Actor::System).await.unwrap();
+    assert_eq!(g(), 7, "revoke_certificate");
+
+    // Not announced: a token, the query log, a refused write.
+    let t2 = Token::generate("pct");
+    let token = NewToken { hash: t2.hash(), expires_at: now + time::Duration::hours(1) };
+    s.add_token(&id("cam-1"), token, Actor::System).await.unwrap();
+    s.log_dns_queries(Vec::new()).await.unwrap();
+    assert!(s.set_device_profile(&id("cam-1"), Some("no-such-profile"), Actor::System).await.is_err());
+    assert_eq!(g(), 7);
+    rx.borrow_and_update();
+    assert!(!rx.has_changed().unwrap());
+}
