@@ -15,7 +15,7 @@ pub mod firmware;
 
 pub use dir::{AgentDir, Status};
 pub use est::{Connection, EstClient, EstError};
-pub use portcullis_client::updater::{Outcome, UpdateError, UpdateOptions, UpdaterDir};
+pub use portcullis_client::updater::{Outcome, Refusal, UpdateError, UpdateOptions, UpdaterDir};
 
 use std::path::Path;
 

@@ -87,7 +87,7 @@ pub enum UpdateError {
     Metadata(String),
     /// The directive or the target was refused.
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
     /// The image failed verification.
     #[error("image {target} refused: {reason}")]
     Image {
@@ -95,6 +95,52 @@ pub enum UpdateError {
         target: String,
         /// Why.
         reason: String,
+    },
+}
+
+/// Why a directive or a target was refused: each a security decision with its data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A version string that is not a semantic version.
+    #[error("invalid version {0:?}")]
+    InvalidVersion(String),
+    /// A target name that could leave its directory.
+    #[error("target name {0:?} is not a plain relative path")]
+    NotAPlainPath(String),
+    /// The target is not in the signed targets metadata.
+    #[error("target {0} is not listed in the signed targets metadata")]
+    NotSigned(String),
+    /// The target's signed metadata names no hardware or version (not one of ours).
+    #[error("target {0} has no hardware/version in its signed metadata")]
+    NoHardwareOrVersion(String),
+    /// Not newer than what the device runs or once ran (anti-rollback).
+    #[error("refusing version {offered}: not newer than {floor} (anti-rollback)")]
+    Rollback {
+        /// The version directed.
+        offered: semver::Version,
+        /// The newest of the installed version and the anti-rollback floor.
+        floor: semver::Version,
+    },
+    /// Signed for another hardware model.
+    #[error("target {target} is signed for hardware {signed_for}, this device is {device}")]
+    WrongHardware {
+        /// The target.
+        target: String,
+        /// The hardware its signed metadata names.
+        signed_for: String,
+        /// This device's hardware.
+        device: String,
+    },
+    /// The signed version differs from the directive's.
+    #[error("target {target} is signed as version {signed}, the directive says {directed}")]
+    VersionMismatch {
+        /// The target.
+        target: String,
+        /// The version its signed metadata names.
+        signed: semver::Version,
+        /// The version the server directed.
+        directed: semver::Version,
     },
 }
 
@@ -209,7 +255,7 @@ fn io_err(action: &str, path: &Path, e: std::io::Error) -> UpdateError {
 }
 
 fn parse_version(v: &str) -> Result<semver::Version, UpdateError> {
-    v.parse().map_err(|_| UpdateError::Refused(format!("invalid version {v:?}")))
+    v.parse().map_err(|_| UpdateError::Refused(Refusal::InvalidVersion(v.to_owned())))
 }
 
 /// The remote side of the TUF client: metadata over the transport.
@@ -520,15 +566,12 @@ impl UpdaterDir {
         targets: &std::collections::HashMap<TargetPath, tuf::metadata::TargetDescription>,
         target: &str,
     ) -> Result<TargetInfo, UpdateError> {
-        let path = TargetPath::new(target.to_owned()).map_err(|_| {
-            UpdateError::Refused(format!("target name {target:?} is not a plain relative path"))
-        })?;
-        let desc = targets.get(&path).ok_or_else(|| {
-            UpdateError::Refused(format!("target {target} is not listed in the signed targets metadata"))
-        })?;
-        TargetInfo::from_description(target, desc).ok_or_else(|| {
-            UpdateError::Refused(format!("target {target} has no hardware/version in its signed metadata"))
-        })
+        let path = TargetPath::new(target.to_owned())
+            .map_err(|_| UpdateError::Refused(Refusal::NotAPlainPath(target.to_owned())))?;
+        let desc =
+            targets.get(&path).ok_or_else(|| UpdateError::Refused(Refusal::NotSigned(target.to_owned())))?;
+        TargetInfo::from_description(target, desc)
+            .ok_or_else(|| UpdateError::Refused(Refusal::NoHardwareOrVersion(target.to_owned())))
     }
 
     /// One update run (see the module documentation).
@@ -582,29 +625,29 @@ impl UpdaterDir {
     ) -> Result<Outcome, UpdateError> {
         let Directed { target, version, rollout } = *directed;
         if !target.split('/').all(safe_component) {
-            return Err(UpdateError::Refused(format!("target name {target:?} is not a plain relative path")));
+            return Err(UpdateError::Refused(Refusal::NotAPlainPath(target.to_owned())));
         }
         let directed = parse_version(version)?;
         let floor = parse_version(&state.floor)?;
         let installed = parse_version(state.installed())?;
         let newest_held = floor.max(installed);
         if directed <= newest_held {
-            return Err(UpdateError::Refused(format!(
-                "refusing version {directed}: not newer than {newest_held} (anti-rollback)"
-            )));
+            return Err(UpdateError::Refused(Refusal::Rollback { offered: directed, floor: newest_held }));
         }
         let info = Self::verified_target(targets, target)?;
         if info.hardware != state.hardware {
-            return Err(UpdateError::Refused(format!(
-                "target {target} is signed for hardware {}, this device is {}",
-                info.hardware, state.hardware
-            )));
+            return Err(UpdateError::Refused(Refusal::WrongHardware {
+                target: target.to_owned(),
+                signed_for: info.hardware,
+                device: state.hardware.clone(),
+            }));
         }
         if info.version != directed {
-            return Err(UpdateError::Refused(format!(
-                "target {target} is signed as version {}, the directive says {directed}",
-                info.version
-            )));
+            return Err(UpdateError::Refused(Refusal::VersionMismatch {
+                target: target.to_owned(),
+                signed: info.version,
+                directed,
+            }));
         }
         if opts.check {
             return Ok(Outcome::Available {
@@ -743,4 +786,29 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         ctx.update(&buf[..n]);
     }
     Ok(hex::encode(ctx.finish().as_ref()))
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_their_data_and_say_why() {
+        let v = |s: &str| semver::Version::parse(s).unwrap();
+        let r = Refusal::Rollback { offered: v("1.0.0"), floor: v("1.2.0") };
+        assert_eq!(r.to_string(), "refusing version 1.0.0: not newer than 1.2.0 (anti-rollback)");
+        let e = UpdateError::Refused(Refusal::WrongHardware {
+            target: "cam-v1/2.0.0/fw.bin".into(),
+            signed_for: "cam-v1".into(),
+            device: "cam-v2".into(),
+        });
+        assert!(
+            matches!(&e, UpdateError::Refused(Refusal::WrongHardware { device, .. }) if device == "cam-v2")
+        );
+        assert_eq!(
+            e.to_string(),
+            "target cam-v1/2.0.0/fw.bin is signed for hardware cam-v1, this device is cam-v2"
+        );
+        assert!(matches!(parse_version("1.x"), Err(UpdateError::Refused(Refusal::InvalidVersion(_)))));
+    }
 }
