@@ -20,6 +20,7 @@ mod h2guard;
 mod listener;
 pub mod openapi;
 mod proxy;
+mod route;
 mod strictjson;
 mod upstream;
 
@@ -28,6 +29,7 @@ pub use h2guard::H2Limits;
 pub use h2guard::guard_for_fuzzing;
 pub use listener::{DeviceApp, ListenerConfig, serve};
 pub use portcullis_net::{Limiter, Rate, conns};
-pub use proxy::{Forwarded, Gateway, RouteConfig, RouteError, RouteTable};
+pub use proxy::Gateway;
+pub use route::{Forwarded, RouteConfig, RouteError, RouteTable};
 #[doc(hidden)]
 pub use upstream::parse_response_for_fuzzing;
