@@ -1,5 +1,5 @@
 use super::*;
-use portcullis_core::Token;
+use portcullis_core::{CertState, Fingerprint, Token};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
