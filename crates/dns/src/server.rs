@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -541,19 +541,9 @@ impl Resolver {
             ConnLimits { max: cfg.max_tcp_connections, per_ip: cfg.tcp_connections_per_ip },
             cfg.conn_metrics.clone(),
         );
-        loop {
-            let (stream, src): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dns tcp accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let Ok(slot) = conns.admit(src.ip()) else { continue };
+        while let Some((stream, src, slot)) =
+            portcullis_net::next_admitted(&listener, &conns, &mut shutdown, "dns_tcp", |_| true).await
+        {
             let me = self.clone();
             let limiter = limiter.clone();
             let cfg = cfg.clone();
@@ -664,19 +654,9 @@ impl Resolver {
             cfg.conn_metrics.clone(),
         );
         let limiter = cfg.per_client.map(|r| Arc::new(Limiter::<IpAddr>::new(r, 100_000)));
-        loop {
-            let (tcp, src) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dns-over-tls accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let Ok(slot) = conns.admit(src.ip()) else { continue };
+        while let Some((tcp, src, slot)) =
+            portcullis_net::next_admitted(&listener, &conns, &mut shutdown, "dns_tls", |_| true).await
+        {
             let (me, acceptor, attribute, limiter) =
                 (self.clone(), acceptor.clone(), attribute.clone(), limiter.clone());
             let cfg = cfg.clone();

@@ -356,38 +356,17 @@ async fn accept_loop(
             }
         });
     }
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        // Accept at once, always: a connection beyond the caps is closed here, counted,
-        // instead of waiting in the kernel's queue where it would hold up everyone
-        // behind it.
-        let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        if let Some(limiter) = &shared.per_ip
-            && limiter.check(&remote.ip(), std::time::Instant::now()).is_err()
-        {
+    // Accepted at once, always; over the handshake rate or the caps, closed here.
+    let handshake_rate = |remote: SocketAddr| match &shared.per_ip {
+        Some(limiter) if limiter.check(&remote.ip(), std::time::Instant::now()).is_err() => {
             tracing::debug!(peer = %remote, "handshake rate limit exceeded; connection closed");
-            continue;
+            false
         }
-        let slot = match shared.conns.admit(remote.ip()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                tracing::debug!(peer = %remote, reason = why.label(), "connection refused at the cap");
-                continue;
-            }
-        };
+        _ => true,
+    };
+    while let Some((tcp, remote, slot)) =
+        portcullis_net::next_admitted(&listener, &shared.conns, &mut shutdown, "device", handshake_rate).await
+    {
         let _ = tcp.set_nodelay(true);
         let target = balance.pick(me);
         let open = Open::new(&balance.open[target]);
