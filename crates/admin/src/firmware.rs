@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use portcullis_firmware::Error as FwError;
 use portcullis_firmware::service::{Firmware, NewRollout};
-use portcullis_pki::Problem;
+use portcullis_http::Problem;
 use portcullis_store::Actor;
 use serde::Deserialize;
 use serde_json::{Value, json};

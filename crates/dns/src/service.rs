@@ -700,7 +700,7 @@ const DNS_MESSAGE: &str = "application/dns-message";
 
 fn doh_problem(status: axum::http::StatusCode, detail: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
-    portcullis_pki::Problem::new(status, "dns-query", detail.to_owned()).into_response()
+    portcullis_http::Problem::new(status, "dns-query", detail.to_owned()).into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -738,7 +738,7 @@ async fn doh_post(
         // Read (a bounded amount of) what the client is still sending first: over HTTP/2
         // an answer sent before the request's DATA was read can reach the client as a
         // stream reset instead of the 415.
-        portcullis_pki::est::drain(req.into_body()).await;
+        portcullis_http::drain(req.into_body()).await;
         return doh_problem(
             axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/dns-message",

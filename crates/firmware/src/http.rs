@@ -15,8 +15,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use portcullis_http::Problem;
+use portcullis_pki::Authority;
 use portcullis_pki::tls::PeerCertificate;
-use portcullis_pki::{Authority, Problem};
 
 use crate::Error;
 use crate::service::{CheckIn, Firmware, Report};

@@ -214,7 +214,7 @@ impl Shared {
         }
         match tokio::time::timeout(self.cfg.request_timeout, self.gateway.handle(req)).await {
             Ok(resp) => resp,
-            Err(_) => portcullis_pki::Problem::new(
+            Err(_) => portcullis_http::Problem::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request-timeout",
                 format!("request not completed within {} s", self.cfg.request_timeout.as_secs()),
@@ -546,7 +546,7 @@ fn serve_connection(
 /// names another host than the request's authority (HTTP/2 `:authority`, or an HTTP/1.1
 /// absolute-form target). RFC 9113 §8.3.1 calls such a request malformed; a backend or a
 /// cache that went by the other one would see a different request than we checked.
-fn host_problem<B>(req: &http::Request<B>) -> Option<portcullis_pki::Problem> {
+fn host_problem<B>(req: &http::Request<B>) -> Option<portcullis_http::Problem> {
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host = hosts.next();
     let detail = if hosts.next().is_some() {
@@ -561,7 +561,7 @@ fn host_problem<B>(req: &http::Request<B>) -> Option<portcullis_pki::Problem> {
             _ => return None,
         }
     };
-    Some(portcullis_pki::Problem::new(StatusCode::BAD_REQUEST, "ambiguous-host", detail))
+    Some(portcullis_http::Problem::new(StatusCode::BAD_REQUEST, "ambiguous-host", detail))
 }
 
 /// Completes once the connection has had no request in flight for `limit`.

@@ -14,7 +14,8 @@ use base64::Engine;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use portcullis_pki::{AuthenticatedDevice, Authority, PeerCertificate, Problem, est};
+use portcullis_http::Problem;
+use portcullis_pki::{AuthenticatedDevice, Authority, PeerCertificate, est};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -378,7 +379,7 @@ async fn proxy(gw: &Gateway, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let Some(route) = table.find(path) else {
         gw.metrics.requests.get_or_create(&RequestLabels { route: "none".into(), outcome: "no_route" }).inc();
-        est::drain(body).await;
+        portcullis_http::drain(body).await;
         return Problem::new(StatusCode::NOT_FOUND, "no-route", format!("no route for {path}"))
             .into_response();
     };
@@ -387,7 +388,7 @@ async fn proxy(gw: &Gateway, req: Request) -> Response {
     if let Some(unsent) = body {
         // Refused before forwarding: read (a bounded amount of) what the client is still
         // sending, so an HTTP/2 client gets the answer instead of a stream reset.
-        est::drain(unsent).await;
+        portcullis_http::drain(unsent).await;
     }
     if outcome.reason == "forwarded" {
         route.forwarded.inc();

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,9 +23,9 @@ use serde::Deserialize;
 
 use crate::authority::{AuthError, Authority, Error};
 use crate::csr::{CsrError, MAX_BODY};
-use crate::http_problem::Problem;
 use crate::pkcs7;
 use crate::tls::PeerCertificate;
+use portcullis_http::Problem;
 
 /// The EST, CRL and identity routes, to be served on the TLS device port.
 pub fn router(authority: Arc<Authority>) -> Router {
@@ -152,26 +152,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     }
 }
 
-/// How much of an oversized body is read and discarded before answering 413. An HTTP/2
-/// client still sending when the answer comes sees its stream reset and no status; a
-/// bounded drain lets ordinary clients read the precise error.
-pub const DRAIN_CAP: usize = 1024 * 1024;
-
-/// Reads and discards up to [`DRAIN_CAP`] bytes of `body`, with a 5 second deadline.
-pub async fn drain(body: Body) {
-    use http_body_util::BodyExt;
-    let mut body = body;
-    let mut seen = 0usize;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > DRAIN_CAP {
-                break;
-            }
-        }
-    })
-    .await;
-}
+pub use portcullis_http::{DRAIN_CAP, drain};
 
 /// Reads at most [`MAX_BODY`] bytes, refusing a larger body (declared or actual) with 413.
 async fn read_body(req: Request) -> Result<(HeaderMap, Bytes), Problem> {

@@ -1,3 +1,5 @@
+//! RFC 9457 problem documents.
+
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
