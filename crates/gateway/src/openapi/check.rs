@@ -4,7 +4,7 @@
 use http::{HeaderMap, Method, StatusCode};
 use jsonschema::Validator;
 use percent_encoding::percent_decode_str;
-use portcullis_pki::InvalidParam;
+use portcullis_http::InvalidParam;
 use serde_json::{Map, Value};
 
 use super::*;

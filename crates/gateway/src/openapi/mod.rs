@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 
 use http::{Method, StatusCode};
 use jsonschema::Validator;
-use portcullis_pki::InvalidParam;
+use portcullis_http::InvalidParam;
 use serde_json::Value;
 
 mod check;
