@@ -59,8 +59,8 @@ async fn device(
 
 fn refused(e: &Error) -> Response {
     match e {
-        Error::Refused(m) if m.contains("certificate") => {
-            Problem::new(StatusCode::FORBIDDEN, "report-not-yours", m.clone()).into_response()
+        Error::NotYourReport { .. } => {
+            Problem::new(StatusCode::FORBIDDEN, "report-not-yours", e.to_string()).into_response()
         }
         Error::Refused(m) => {
             Problem::new(StatusCode::BAD_REQUEST, "firmware-request", m.clone()).into_response()

@@ -44,6 +44,14 @@ pub enum Error {
     /// The caller may not do this (a device reporting on a rollout that did not admit it).
     #[error("{0}")]
     Forbidden(String),
+    /// A device's report names another device than its certificate does.
+    #[error("report names device {claimed:?} but comes from {device}'s certificate")]
+    NotYourReport {
+        /// The device the report names.
+        claimed: String,
+        /// The device its certificate authenticates.
+        device: String,
+    },
     /// A role key the operation needs is kept offline.
     #[error(
         "the {0} key is kept offline: sign where the key is (`portcullis firmware sign-targets \

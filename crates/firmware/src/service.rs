@@ -326,9 +326,7 @@ impl Firmware {
         if let Some(claimed) = &report.device
             && claimed != device.as_str()
         {
-            return Err(Error::Refused(format!(
-                "report names device {claimed:?} but comes from {device}'s certificate"
-            )));
+            return Err(Error::NotYourReport { claimed: claimed.clone(), device: device.to_string() });
         }
         if !REPORT_STATES.contains(&report.state.as_str()) {
             return Err(Error::Refused(format!(
