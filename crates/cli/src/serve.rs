@@ -76,7 +76,7 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
                 eprintln!("portcullis: DNS port not started: {e:#}; set dns.addr (or dns.enabled = false)");
                 None
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         },
         None => None,
     };

@@ -8,12 +8,61 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::{DomainSet, Policy, PolicyTable};
-use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
 
 use std::path::PathBuf;
 
 use crate::config::{DnsConfig, ListFrom, ListSource};
+
+/// Why the DNS service could not start or take a new configuration. Messages name the
+/// list, policy, address or key at fault (the binary prints them as they are).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// A list file could not be read.
+    #[error("dns list {name:?}: {reason}")]
+    List {
+        /// The list's name under `[dns.lists]`.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// An allow or deny rule that is not a domain.
+    #[error("dns policy {policy:?}: {what} rule {rule:?} is not a domain")]
+    Rule {
+        /// The policy.
+        policy: String,
+        /// `allow` or `deny`.
+        what: &'static str,
+        /// The rule as written.
+        rule: String,
+    },
+    /// The DNS port could not be bound.
+    #[error("cannot bind the DNS port ({proto}) to {addr}: {error}")]
+    Bind {
+        /// `udp` or `tcp`.
+        proto: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The system's answer.
+        error: std::io::Error,
+    },
+    /// Port 0 asked for, and no port was free on both UDP and TCP.
+    #[error("no port free for DNS on both UDP and TCP at {0}")]
+    NoFreePort(SocketAddr),
+    /// `dns.upstream_ca` could not be used.
+    #[error("dns.upstream_ca: {0}")]
+    UpstreamCa(portcullis_client::tls::TlsError),
+    /// An upstream that cannot be used.
+    #[error("{0}")]
+    Upstream(crate::BadUpstream),
+    /// The registry could not be read.
+    #[error("registry: {0}")]
+    Registry(portcullis_store::Error),
+    /// A panic elsewhere poisoned the lists' lock.
+    #[error("dns lists lock poisoned")]
+    Poisoned,
+}
 
 /// The lists in force and where they come from. Each refresh builds the new list beside
 /// the old one and swaps the whole policy table at once: no query ever sees a half-built
@@ -119,7 +168,7 @@ impl ListBuilder {
 impl DnsLists {
     /// Reads the file lists and the last good copies of URL lists (fetched again at the
     /// first refresh), and builds the policies.
-    pub fn new(cfg: &DnsConfig, cache_dir: PathBuf) -> anyhow::Result<(Self, PolicyTable)> {
+    pub fn new(cfg: &DnsConfig, cache_dir: PathBuf) -> Result<(Self, PolicyTable), ServiceError> {
         let me = Self {
             state: std::sync::Mutex::new(ListState::default()),
             cache_dir,
@@ -136,8 +185,8 @@ impl DnsLists {
     /// Applies a (re)loaded configuration: file lists are read now; URL lists keep their
     /// current copy (or the cached one) until their refresh. Any unreadable file fails
     /// the whole reload and changes nothing.
-    pub fn reconfigure(&self, cfg: &DnsConfig) -> anyhow::Result<PolicyTable> {
-        let mut st = self.state.lock().map_err(|_| anyhow::anyhow!("dns lists lock poisoned"))?;
+    pub fn reconfigure(&self, cfg: &DnsConfig) -> Result<PolicyTable, ServiceError> {
+        let mut st = self.state.lock().map_err(|_| ServiceError::Poisoned)?;
         let mut sets = HashMap::new();
         let mut next = HashMap::new();
         let mut stats = HashMap::new();
@@ -150,7 +199,7 @@ impl DnsLists {
                     let loaded = self
                         .builder
                         .load(&src.name, path, current.as_ref().map(|(_, d)| *d))
-                        .map_err(|e| anyhow::anyhow!("dns list {:?}: {e}", src.name))?;
+                        .map_err(|reason| ServiceError::List { name: src.name.clone(), reason })?;
                     match (loaded, current) {
                         (Some((set, found, d)), _) => ((set, d), Some(found), now + src.refresh),
                         (None, Some(cur)) => (cur, known_stats, now + src.refresh),
@@ -298,18 +347,16 @@ async fn fetch(url: &str) -> Result<String, String> {
 fn policy_table(
     cfg: &DnsConfig,
     lists: &HashMap<String, (Arc<DomainSet>, u64)>,
-) -> anyhow::Result<PolicyTable> {
+) -> Result<PolicyTable, ServiceError> {
     let mut table = PolicyTable::default();
     let mut by_name: HashMap<&str, Arc<Policy>> = HashMap::new();
     for p in &cfg.policies {
-        let rules = |what: &str, rules: &[String]| -> anyhow::Result<DomainSet> {
+        let rules = |what: &'static str, rules: &[String]| -> Result<DomainSet, ServiceError> {
             let mut set = DomainSet::new();
             for r in rules {
-                anyhow::ensure!(
-                    set.add_rule(r),
-                    "dns policy {:?}: {what} rule {r:?} is not a domain",
-                    p.name
-                );
+                if !set.add_rule(r) {
+                    return Err(ServiceError::Rule { policy: p.name.clone(), what, rule: r.clone() });
+                }
             }
             Ok(set)
         };
@@ -363,19 +410,18 @@ pub fn spawn_list_refresh(
 }
 
 /// Binds UDP and TCP on the same address (port 0: one free port for both).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServiceError> {
     for _ in 0..20 {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("cannot bind the DNS port (udp) to {addr}"))?;
-        let bound = udp.local_addr()?;
+        let udp =
+            UdpSocket::bind(addr).await.map_err(|error| ServiceError::Bind { proto: "udp", addr, error })?;
+        let bound = udp.local_addr().map_err(|error| ServiceError::Bind { proto: "udp", addr, error })?;
         match TcpListener::bind(bound).await {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(_) if addr.port() == 0 => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot bind the DNS port (tcp) to {addr}")),
+            Err(error) => return Err(ServiceError::Bind { proto: "tcp", addr, error }),
         }
     }
-    anyhow::bail!("no port free for DNS on both UDP and TCP at {addr}")
+    Err(ServiceError::NoFreePort(addr))
 }
 
 /// Per device id, the allowlist policy derived from its profile's domains.
@@ -496,14 +542,15 @@ pub async fn attribution(
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<(crate::Identify, tokio::task::JoinHandle<()>)> {
+) -> Result<(crate::Identify, tokio::task::JoinHandle<()>), ServiceError> {
     let load = |a: Arc<portcullis_pki::Authority>, out: ProfilePolicies| async move {
         let g = a.generation();
-        let devices = a.store().devices().await?;
-        let policies = profile_policies(&devices, &a.store().profiles().await?);
+        let devices = a.store().devices().await.map_err(ServiceError::Registry)?;
+        let policies =
+            profile_policies(&devices, &a.store().profiles().await.map_err(ServiceError::Registry)?);
         let table = AddressTable::build(&devices, &policies);
         out.set(policies);
-        anyhow::Ok((g, table))
+        Ok::<_, ServiceError>((g, table))
     };
     let mut changes = authority.store().changes().subscribe();
     let (mut seen, first) = load(authority.clone(), profiles.clone()).await?;
@@ -768,15 +815,15 @@ async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum
 
 /// The configured upstreams; DoT and DoH ones verified against `upstream_ca` or the
 /// system roots.
-pub fn upstreams(cfg: &DnsConfig) -> anyhow::Result<Vec<crate::Upstream>> {
+pub fn upstreams(cfg: &DnsConfig) -> Result<Vec<crate::Upstream>, ServiceError> {
     let roots = match &cfg.upstream_ca {
-        Some(path) => portcullis_client::tls::roots_from_file(path).context("dns.upstream_ca")?,
+        Some(path) => portcullis_client::tls::roots_from_file(path).map_err(ServiceError::UpstreamCa)?,
         // Without system roots only plain-DNS upstreams work; a DoT or DoH one fails its
         // handshake and is reported per query, as before.
         None => portcullis_client::tls::system_roots().unwrap_or_else(|_| rustls::RootCertStore::empty()),
     };
     let roots = Arc::new(roots);
-    cfg.upstreams.iter().map(|u| crate::Upstream::parse(u, &roots).map_err(anyhow::Error::from)).collect()
+    cfg.upstreams.iter().map(|u| crate::Upstream::parse(u, &roots).map_err(ServiceError::Upstream)).collect()
 }
 
 impl DnsLists {
