@@ -131,6 +131,19 @@ fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// `block` as stream 1's HEADERS (END_STREAM) and CONTINUATION frames of 16,000 bytes,
+/// END_HEADERS on the last.
+fn header_frames(block: &[u8]) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = block.chunks(16000).collect();
+    let last = chunks.len() - 1;
+    let mut bytes = Vec::new();
+    for (i, c) in chunks.into_iter().enumerate() {
+        let (kind, flags) = if i == 0 { (HEADERS, END_STREAM) } else { (CONTINUATION, 0) };
+        bytes.extend(frame(kind, flags | if i == last { END_HEADERS } else { 0 }, 1, c));
+    }
+    bytes
+}
+
 /// A request header block: the four pseudo-headers, then `extra`.
 fn request_block(method: &str, path: &[u8], extra: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut b = Vec::new();
@@ -531,12 +544,7 @@ fn more_streams_than_advertised_and_hpack_bombs_are_cut_off() {
     hpack_int(&mut block, 0, 7, 4000);
     block.extend(std::iter::repeat_n(b'a', 4000));
     block.extend(std::iter::repeat_n(0x80 | 62, 8000)); // indexed: dynamic entry 62
-    let mut chunks = block.chunks(16000);
-    let mut bytes = frame(HEADERS, END_STREAM, 1, chunks.next().unwrap());
-    let n = block.len().div_ceil(16000);
-    for (i, c) in chunks.enumerate() {
-        bytes.extend(frame(CONTINUATION, if i + 2 == n { END_HEADERS } else { 0 }, 1, c));
-    }
+    let bytes = header_frames(&block);
     let (code, debug, _) = flood_until_goaway(&mut raw, &bytes, 1);
     assert_eq!((code, debug.as_str()), (ENHANCE_YOUR_CALM, "header_list_way_too_large"));
     assert!(raw.ends_within(Duration::from_secs(5)));
@@ -545,12 +553,7 @@ fn more_streams_than_advertised_and_hpack_bombs_are_cut_off() {
     // A header list just over max_header_list_size is answered 431, the connection lives.
     let mut raw = Raw::connect(&s, Some((&cert, &key)), &[], None);
     let block = request_block("GET", b"/api/devices/cam-01/telemetry", &[(b"x-big", &vec![b'a'; 70_000])]);
-    let mut chunks = block.chunks(16000);
-    let mut bytes = frame(HEADERS, END_STREAM, 1, chunks.next().unwrap());
-    let n = block.len().div_ceil(16000);
-    for (i, c) in chunks.enumerate() {
-        bytes.extend(frame(CONTINUATION, if i + 2 == n { END_HEADERS } else { 0 }, 1, c));
-    }
+    let bytes = header_frames(&block);
     assert!(raw.send(&bytes));
     assert_eq!(raw.outcome(1), Outcome::Status(431));
     assert_eq!(up.count(), 0, "an oversized request was forwarded");

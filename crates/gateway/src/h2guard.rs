@@ -517,11 +517,17 @@ impl<S: AsyncWrite + Unpin> H2Guard<S> {
         ))
     }
 
-    fn write_pending(&mut self, cx: &mut Context<'_>) {
+    /// The inner stream cannot take a write: start (or check) the write-stall deadline;
+    /// past it, end the connection.
+    fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let now = Instant::now();
         let since = *self.write_blocked.get_or_insert(now);
         self.arm(since + self.limits.send_timeout);
         self.poll_timer(cx);
+        if self.closing.is_some() {
+            return Poll::Ready(Err(ready!(self.poll_close(cx))));
+        }
+        Poll::Pending
     }
 }
 
@@ -568,13 +574,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H2Guard<S> {
                 this.inspect_outbound(&buf[..n]);
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending => {
-                this.write_pending(cx);
-                if this.closing.is_some() {
-                    return Poll::Ready(Err(ready!(this.poll_close(cx))));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => this.blocked(cx),
             other => other,
         }
     }
@@ -603,13 +603,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H2Guard<S> {
                 }
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending => {
-                this.write_pending(cx);
-                if this.closing.is_some() {
-                    return Poll::Ready(Err(ready!(this.poll_close(cx))));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => this.blocked(cx),
             other => other,
         }
     }
@@ -621,13 +615,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H2Guard<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Pending => {
-                this.write_pending(cx);
-                if this.closing.is_some() {
-                    return Poll::Ready(Err(ready!(this.poll_close(cx))));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => this.blocked(cx),
             other => other,
         }
     }
