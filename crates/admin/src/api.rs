@@ -74,23 +74,30 @@ impl ScrapeToken {
     }
 }
 
-/// What the admin API may ask of the running gateway.
+/// Re-reads the configuration the server runs with and hands each service its part.
+/// The binary implements it: only it knows the file format.
+pub trait Reload: Send + Sync {
+    /// Reloads; returns how many gateway routes are in force. On error nothing changed.
+    fn reload(&self) -> Result<usize, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// The services of a running `portcullis up` that the admin API describes and reloads.
 #[derive(Clone)]
-pub struct GatewayHooks {
-    /// The routes and their counters.
-    pub describe: Arc<dyn Fn() -> Value + Send + Sync>,
-    /// Re-reads the configuration; on error the previous routes keep serving.
-    pub reload: Arc<dyn Fn() -> Result<usize, String> + Send + Sync>,
-    /// The DNS policies and lists in force, when the DNS port runs.
-    pub dns: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+pub struct Running {
+    /// The device port's gateway (routes and their counters).
+    pub gateway: Arc<portcullis_gateway::Gateway>,
+    /// The DNS service, when the DNS port runs.
+    pub dns: Option<Arc<portcullis_dns::Dns>>,
+    /// Re-reads the configuration; on error the previous one keeps serving.
+    pub reload: Arc<dyn Reload>,
     /// The configuration file the server runs with and reloads (absolute); `None` when
     /// it runs on the embedded defaults.
     pub config: Option<PathBuf>,
 }
 
-impl fmt::Debug for GatewayHooks {
+impl fmt::Debug for Running {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("GatewayHooks")
+        f.debug_struct("Running").field("dns", &self.dns.is_some()).field("config", &self.config).finish()
     }
 }
 
@@ -99,22 +106,22 @@ struct AppState {
     authority: Arc<Authority>,
     audit: Arc<Auditor>,
     actor: Actor,
-    gateway: Option<GatewayHooks>,
+    running: Option<Running>,
 }
 
-/// The admin API. `operator` names who acts in the event log; `gateway` is present when
+/// The admin API. `operator` names who acts in the event log; `running` is present when
 /// the API runs inside `portcullis up`.
 pub fn router(
     authority: Arc<Authority>,
     token: AdminToken,
     operator: &str,
-    gateway: Option<GatewayHooks>,
+    running: Option<Running>,
     audit: Arc<Auditor>,
     firmware: Arc<portcullis_firmware::service::Firmware>,
 ) -> Router {
     let actor = Actor::Operator(operator.to_owned());
     let fw = crate::firmware::routes(crate::firmware::FwState { firmware, actor: actor.clone() });
-    let state = AppState { authority, audit, actor, gateway };
+    let state = AppState { authority, audit, actor, running };
     let big = || axum::extract::DefaultBodyLimit::max(1 << 20);
     Router::new()
         .route("/healthz", get(healthz))
@@ -455,8 +462,8 @@ impl DnsLogQuery {
 }
 
 async fn dns_policies(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
-    match gateway(&s)?.dns.as_ref() {
-        Some(describe) => Ok(Json(describe())),
+    match running(&s)?.dns.as_ref() {
+        Some(dns) => Ok(Json(dns.describe())),
         None => {
             Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "dns-not-running", "the DNS port is disabled"))
         }
@@ -555,8 +562,8 @@ async fn list_events(State(s): State<AppState>, Query(q): Query<EventQuery>) -> 
     Ok(Json(json!({ "events": events })))
 }
 
-fn gateway(s: &AppState) -> Result<&GatewayHooks, Problem> {
-    s.gateway.as_ref().ok_or_else(|| {
+fn running(s: &AppState) -> Result<&Running, Problem> {
+    s.running.as_ref().ok_or_else(|| {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "gateway-not-running",
@@ -566,7 +573,7 @@ fn gateway(s: &AppState) -> Result<&GatewayHooks, Problem> {
 }
 
 async fn gateway_routes(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
-    Ok(Json((gateway(&s)?.describe)()))
+    Ok(Json(running(&s)?.gateway.describe()))
 }
 
 #[derive(Deserialize, Default)]
@@ -577,7 +584,7 @@ struct ReloadRequest {
 }
 
 async fn gateway_reload(State(s): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, Problem> {
-    let hooks = gateway(&s)?;
+    let hooks = running(&s)?;
     let asked: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReloadRequest::default()
     } else {
@@ -605,7 +612,7 @@ async fn gateway_reload(State(s): State<AppState>, body: axum::body::Bytes) -> R
         ));
     }
     let config = hooks.config.as_ref().map(|p| p.display().to_string());
-    match (hooks.reload)() {
+    match hooks.reload.reload() {
         Ok(n) => Ok(Json(json!({ "reloaded": true, "routes": n, "config": config }))),
         Err(e) => Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,

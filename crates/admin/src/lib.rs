@@ -10,5 +10,5 @@ mod api;
 mod client;
 mod firmware;
 
-pub use api::{AdminToken, GatewayHooks, router};
+pub use api::{AdminToken, Reload, Running, router};
 pub use client::{AdminClient, ClientError};

@@ -6,6 +6,7 @@ mod firmware;
 mod instance;
 mod logfmt;
 mod manage;
+mod node;
 mod serve;
 
 use std::path::PathBuf;

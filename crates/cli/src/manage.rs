@@ -7,34 +7,21 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::instance::Instance;
+use crate::node::{Node, Open};
 
 pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     let inst = Instance::new(&cfg.data_dir);
-    if !inst.is_initialised() {
-        anyhow::bail!(
-            "no Portcullis instance in {}; run `portcullis init` or `portcullis up` (or pass --data-dir)",
-            cfg.data_dir.display()
-        );
-    }
-    let token = inst.admin_token()?;
-    if let Some(addr) = inst.admin_addr()
+    if inst.is_initialised()
+        && let Some(addr) = inst.admin_addr()
         && tokio::net::TcpStream::connect(addr).await.is_ok()
     {
-        return Ok(AdminClient::remote(addr, token));
+        return Ok(AdminClient::remote(addr, inst.admin_token()?));
     }
-    let lock = inst.lock()?;
-    let authority = inst.authority(cfg.policy.clone()).await?;
-    let firmware = portcullis_firmware::service::Firmware::open(&cfg.data_dir, authority.store().clone())?;
-    let audit = crate::audit::auditor(authority.store().clone(), &cfg.data_dir, &firmware);
-    let router = portcullis_admin::router(
-        authority,
-        portcullis_admin::AdminToken::new(&token),
-        "cli",
-        None,
-        audit,
-        firmware,
-    );
-    Ok(AdminClient::local(router, token, lock))
+    // No server: the same assembly as `portcullis up`, serving the admin API in-process.
+    let node = Node::open(cfg, Open::Existing).await?;
+    let token = node.inst.admin_token()?;
+    let router = node.admin(portcullis_admin::AdminToken::new(&token), "cli", None);
+    Ok(AdminClient::local(router, token, node.lock))
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {

@@ -9,7 +9,8 @@
 //! [`service`] is everything around the resolver: lists fetched and refreshed, policies
 //! from the [`config`] and from device profiles, attribution by address or client
 //! certificate (through `portcullis-pki`'s `Authority`, as the gateway does), the query
-//! log, DoT and DoH. The binary only parses the configuration and binds the sockets.
+//! log, DoT and DoH; [`Dns::start`] puts them together and owns their tasks. The binary
+//! only parses the configuration, binds the [`Sockets`] and keeps the [`Dns`] handle.
 
 pub mod cache;
 pub mod config;
@@ -18,6 +19,7 @@ mod pipeline;
 pub mod policy;
 mod server;
 pub mod service;
+mod start;
 pub mod upstream;
 
 pub use cache::{Cache, CacheConfig};
@@ -30,4 +32,5 @@ pub use server::{
     Attribution, Client, ConnAttribution, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig,
     Stats, TlsAttribution,
 };
+pub use start::{Dns, Shared, Sockets};
 pub use upstream::{BadUpstream, Upstream, UpstreamError, Upstreams};

@@ -40,7 +40,7 @@ pub enum ServiceError {
     /// The DNS port could not be bound.
     #[error("cannot bind the DNS port ({proto}) to {addr}: {error}")]
     Bind {
-        /// `udp` or `tcp`.
+        /// `udp`, `tcp` or `dot`.
         proto: &'static str,
         /// The address asked for.
         addr: SocketAddr,
@@ -389,28 +389,8 @@ fn policy_table(
     Ok(table)
 }
 
-/// Refreshes the lists as they fall due and swaps in the new policies.
-pub fn spawn_list_refresh(
-    lists: Arc<DnsLists>,
-    resolver: Arc<crate::Resolver>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Some(table) = lists.refresh_due().await {
-                resolver.replace(table);
-                tracing::info!("dns lists refreshed; policies swapped");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                _ = stop.changed() => return,
-            }
-        }
-    })
-}
-
 /// Binds UDP and TCP on the same address (port 0: one free port for both).
-pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServiceError> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServiceError> {
     for _ in 0..20 {
         let udp =
             UdpSocket::bind(addr).await.map_err(|error| ServiceError::Bind { proto: "udp", addr, error })?;
@@ -426,7 +406,7 @@ pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServiceE
 
 /// Per device id, the allowlist policy derived from its profile's domains.
 #[derive(Clone, Default)]
-pub struct ProfilePolicies(Arc<std::sync::RwLock<Arc<ByDevice>>>);
+pub(crate) struct ProfilePolicies(Arc<std::sync::RwLock<Arc<ByDevice>>>);
 
 impl std::fmt::Debug for ProfilePolicies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -538,7 +518,7 @@ impl AddressTable {
 
 /// Attribution by registered address, rebuilt whenever the store announces a change
 /// (device state, addresses, profiles).
-pub async fn attribution(
+pub(crate) async fn attribution(
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -591,7 +571,7 @@ struct ActionLabel {
 
 /// The query log (batched into the store, never blocking a query: when the writer falls
 /// behind, entries are dropped and counted) and the Prometheus counters.
-pub fn query_log(
+pub(crate) fn query_log(
     authority: Arc<portcullis_pki::Authority>,
     cfg: &DnsConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -692,7 +672,7 @@ async fn attribute_peer(
 }
 
 /// DoT attribution: the connection's certificate, checked live at every query.
-pub fn tls_attribution(
+pub(crate) fn tls_attribution(
     authority: Arc<portcullis_pki::Authority>,
     verifier: portcullis_pki::ClientCertVerifier,
     profiles: ProfilePolicies,
@@ -713,7 +693,7 @@ pub fn tls_attribution(
 }
 
 /// The TLS configuration of the DoT port: the device port's, with ALPN `dot` (RFC 7858).
-pub fn dot_tls(device: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+pub(crate) fn dot_tls(device: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
     let mut cfg = device.clone();
     cfg.alpn_protocols = vec![b"dot".to_vec()];
     Arc::new(cfg)
@@ -731,7 +711,7 @@ struct Doh {
 
 /// DNS-over-HTTPS (RFC 8484): `GET /dns-query?dns=<base64url>` and `POST /dns-query` with
 /// `application/dns-message`; the client certificate (if any) attributes the query.
-pub fn doh_router(
+pub(crate) fn doh_router(
     resolver: Arc<crate::Resolver>,
     authority: Arc<portcullis_pki::Authority>,
     profiles: ProfilePolicies,
@@ -815,7 +795,7 @@ async fn doh_answer(d: &Doh, ext: &axum::http::Extensions, bytes: &[u8]) -> axum
 
 /// The configured upstreams; DoT and DoH ones verified against `upstream_ca` or the
 /// system roots.
-pub fn upstreams(cfg: &DnsConfig) -> Result<Vec<crate::Upstream>, ServiceError> {
+pub(crate) fn upstreams(cfg: &DnsConfig) -> Result<Vec<crate::Upstream>, ServiceError> {
     let roots = match &cfg.upstream_ca {
         Some(path) => portcullis_client::tls::roots_from_file(path).map_err(ServiceError::UpstreamCa)?,
         // Without system roots only plain-DNS upstreams work; a DoT or DoH one fails its

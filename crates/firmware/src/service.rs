@@ -125,6 +125,26 @@ impl Firmware {
         Ok(Arc::new(Self::new(repo, store)))
     }
 
+    /// The repository's background task: re-signs the timestamp and snapshot before they
+    /// expire (checked at once and every 10 minutes; each is re-signed once less than half
+    /// its lifetime is left).
+    pub fn start(self: &Arc<Self>, stop: portcullis_net::Shutdown) -> portcullis_net::Tasks {
+        let mut tasks = portcullis_net::Tasks::new();
+        let firmware = self.clone();
+        let period = std::time::Duration::from_secs(600);
+        tasks.every(period, portcullis_net::First::Now, stop, move || {
+            let fw = firmware.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || fw.repo().refresh(chrono::Utc::now())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot re-sign firmware metadata"),
+                    Err(e) => tracing::error!(error = %e, "firmware refresh task failed"),
+                }
+            }
+        });
+        tasks
+    }
+
     /// The repository.
     pub fn repo(&self) -> &FirmwareRepo {
         &self.repo

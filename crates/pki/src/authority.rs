@@ -531,6 +531,22 @@ impl Authority {
         self.store.changes().generation()
     }
 
+    /// The CA's background task: re-signs the CRL at a quarter of its validity, so the
+    /// published one never lapses (revocations re-sign it at once, in `revoke`).
+    pub fn start(self: &Arc<Self>, stop: portcullis_net::Shutdown) -> portcullis_net::Tasks {
+        let mut tasks = portcullis_net::Tasks::new();
+        let authority = self.clone();
+        tasks.every(self.policy.crl_validity / 4, portcullis_net::First::AfterPeriod, stop, move || {
+            let authority = authority.clone();
+            async move {
+                if let Err(e) = authority.refresh_crl().await {
+                    tracing::error!(error = %e, "cannot re-sign the CRL");
+                }
+            }
+        });
+        tasks
+    }
+
     /// Re-signs the CRL from the registry.
     pub async fn refresh_crl(&self) -> Result<(), Error> {
         let revoked = self.store.revoked(OffsetDateTime::now_utc()).await?;
