@@ -668,12 +668,11 @@ struct PutProfile {
     profile: Value,
 }
 
-fn checked_profile(name: &str, doc: Value) -> Result<Value, Problem> {
+fn checked_profile(name: &str, doc: Value) -> Result<Profile, Problem> {
     let bad = |e: String| Problem::new(StatusCode::BAD_REQUEST, "invalid-profile", e);
     portcullis_audit::profile::check_name(name).map_err(bad)?;
     let p: Profile = serde_json::from_value(doc).map_err(|e| bad(format!("profile: {e}")))?;
-    let p = p.checked().map_err(bad)?;
-    serde_json::to_value(p).map_err(|e| bad(e.to_string()))
+    p.checked().map_err(bad)
 }
 
 async fn put_profile(State(s): State<AppState>, Body(b): Body<PutProfile>) -> Result<Response, Problem> {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
 use portcullis_core::{Cidr, DeviceState};
-use portcullis_store::{Actor, Device, FindingRecord, Store};
+use portcullis_store::{
+    Actor, AuditScope, AuditSummary, AuditTotals, Device, FindingCounts, FindingRecord, NotTested, Store,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -22,10 +24,10 @@ use tokio::time::Instant;
 use crate::creds::{self, Credential};
 use crate::finding::{Finding, Severity};
 use crate::probe::{Kind, Prober, Service, Timeouts};
-use crate::profile::Profile;
 use crate::rules::{default_credential, firmware_finding, identity_checks, legacy_tls, port_findings};
 use crate::scan::{self, PortState};
 use crate::{ports, wire};
+use portcullis_store::Profile;
 
 /// What to audit and how hard to push.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -71,6 +73,27 @@ pub struct AuditRequest {
     /// Certificates expiring within this many days are findings.
     #[serde(default)]
     pub cert_expiry_days: Option<u32>,
+}
+
+impl AuditRequest {
+    /// What is recorded of the request: everything but the credentials (only their count).
+    pub fn scope(&self) -> AuditScope {
+        AuditScope {
+            device: self.device.clone(),
+            group: self.group.clone(),
+            addresses: self.addresses.clone(),
+            ports: self.ports.clone(),
+            dry_run: self.dry_run,
+            rate: self.rate,
+            per_device: self.per_device,
+            connect_timeout_ms: self.connect_timeout_ms,
+            attempts: self.attempts,
+            no_credentials: self.no_credentials,
+            scan_only: self.scan_only,
+            cert_expiry_days: self.cert_expiry_days,
+            operator_credentials: self.credentials.len(),
+        }
+    }
 }
 
 /// Defaults and hard caps.
@@ -288,13 +311,8 @@ impl Auditor {
         let connect =
             Duration::from_millis(req.connect_timeout_ms.unwrap_or(limits::CONNECT_MS).clamp(50, 30_000));
         let devices = self.store.devices().await?;
-        let profiles: HashMap<String, Profile> = self
-            .store
-            .profiles()
-            .await?
-            .into_iter()
-            .filter_map(|p| serde_json::from_value(p.document).ok().map(|d| (p.name, d)))
-            .collect();
+        let profiles: HashMap<String, Profile> =
+            self.store.profiles().await?.into_iter().map(|p| (p.name, p.document)).collect();
         if let Some(d) = &req.device
             && !devices.iter().any(|x| x.id.as_str() == d)
         {
@@ -395,9 +413,7 @@ impl Auditor {
             if let Some(id) = self.running() {
                 return Err(AuditError::Busy(id));
             }
-            let mut recorded = serde_json::to_value(&req).unwrap_or(Value::Null);
-            recorded["operator_credentials"] = json!(req.credentials.len());
-            let id = self.store.start_audit_run(recorded, actor).await?;
+            let id = self.store.start_audit_run(req.scope(), actor).await?;
             let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
             *cur = Some((id, progress.clone()));
             id
@@ -409,7 +425,13 @@ impl Auditor {
                 tracing::error!(run, error = %e, "audit run failed");
                 let _ = me
                     .store
-                    .finish_audit_run(run, "failed", json!({ "error": e.to_string() }), vec![], vec![])
+                    .finish_audit_run(
+                        run,
+                        "failed",
+                        AuditSummary::Failed { error: e.to_string() },
+                        vec![],
+                        vec![],
+                    )
                     .await;
             }
             progress.finished.store(true, Ordering::Relaxed);
@@ -541,30 +563,32 @@ impl Auditor {
         }
         let elapsed = started.elapsed().as_secs_f64();
         let probes = progress.done.load(Ordering::Relaxed);
-        let summary = json!({
-            "devices": devices.len(),
-            "devices_scanned": scanned_devices.len(),
-            "ports": compress(&plan.ports),
-            "scan_probes": probes,
-            "open_ports": progress.open_ports.load(Ordering::Relaxed),
-            "login_attempts": progress.logins.load(Ordering::Relaxed),
-            "seconds": (elapsed * 1000.0).round() / 1000.0,
-            "probes_per_second": if elapsed > 0.0 { (probes as f64 / elapsed).round() } else { 0.0 },
-            "findings": { "new": new, "still_open": open, "resolved": resolved },
-            "open_by_severity": by_sev,
-            "checks": {
-                "exposure": "ran",
-                "service": if plan.scan_only { "skipped (scan only)" } else { "ran" },
-                "plaintext": if plan.scan_only { "skipped (scan only)" } else { "ran" },
-                "tls": if plan.scan_only { "skipped (scan only)" } else { "ran" },
-                "credentials": if credentials_ran { "ran" } else { "skipped" },
-                "identity": "ran",
-                "firmware": firmware_check,
-            },
-            "not_tested": not_tested,
-            "notes": plan.notes,
-            "probe_log": ctx.log.path.as_ref().map(|p| p.display().to_string()),
-        });
+        let skipped_if_scan_only = if plan.scan_only { "skipped (scan only)" } else { "ran" };
+        let checks = [
+            ("exposure", "ran".to_owned()),
+            ("service", skipped_if_scan_only.to_owned()),
+            ("plaintext", skipped_if_scan_only.to_owned()),
+            ("tls", skipped_if_scan_only.to_owned()),
+            ("credentials", if credentials_ran { "ran" } else { "skipped" }.to_owned()),
+            ("identity", "ran".to_owned()),
+            ("firmware", firmware_check),
+        ];
+        let summary = AuditSummary::Finished(Box::new(AuditTotals {
+            devices: devices.len() as u64,
+            devices_scanned: scanned_devices.len() as u64,
+            ports: compress(&plan.ports),
+            scan_probes: probes,
+            open_ports: progress.open_ports.load(Ordering::Relaxed),
+            login_attempts: progress.logins.load(Ordering::Relaxed),
+            seconds: (elapsed * 1000.0).round() / 1000.0,
+            probes_per_second: if elapsed > 0.0 { (probes as f64 / elapsed).round() } else { 0.0 },
+            findings: FindingCounts { new, still_open: open, resolved },
+            open_by_severity: by_sev.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            checks: checks.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            not_tested,
+            notes: plan.notes,
+            probe_log: ctx.log.path.as_ref().map(|p| p.display().to_string()),
+        }));
         ctx.log.flush();
         self.store.finish_audit_run(run, "finished", summary, devices, records).await?;
         progress.phase("done");
@@ -719,20 +743,6 @@ async fn scan_phase(ctx: &Arc<Ctx>, plan: &Plan) -> HashMap<usize, Vec<(IpAddr, 
     out
 }
 
-/// A check that applied to a service but could not be made, and why: reported in the
-/// run and the report, never a finding, never silence.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NotTested {
-    /// The device.
-    pub device: String,
-    /// `ip:port`.
-    pub target: String,
-    /// The check (`credentials`).
-    pub check: &'static str,
-    /// Why it was not made.
-    pub reason: String,
-}
-
 /// What one device's checks found.
 struct DeviceResult {
     findings: Vec<Finding>,
@@ -812,7 +822,7 @@ async fn audit_device(ctx: &Ctx, t: &Target, scanned: Vec<(IpAddr, Vec<u16>)>) -
                     not_tested.push(NotTested {
                         device: id.to_owned(),
                         target: addr.to_string(),
-                        check: "credentials",
+                        check: "credentials".into(),
                         reason,
                     });
                 }

@@ -13,7 +13,6 @@ pub mod finding;
 pub mod mud;
 pub mod ports;
 mod probe;
-pub mod profile;
 pub mod report;
 mod rules;
 mod scan;
@@ -24,4 +23,5 @@ pub mod wire;
 pub use engine::{
     AuditError, AuditRequest, Auditor, FirmwareView, Outdated, Plan, Started, compress, limits,
 };
-pub use profile::Profile;
+pub use portcullis_store::Profile;
+pub use portcullis_store::profile;

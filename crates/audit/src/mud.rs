@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use crate::profile::Profile;
+use portcullis_store::Profile;
 
 /// A MUD file that cannot be imported.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use portcullis_store::{AuditRunRecord, FindingRecord};
+use portcullis_store::{AuditRunRecord, AuditSummary, FindingRecord, NotTested};
 use serde_json::json;
 
 use crate::finding::Severity;
@@ -77,31 +77,37 @@ fn markdown(run: &AuditRunRecord, findings: &[FindingRecord]) -> String {
         open,
         resolved
     );
-    if let Some(sum) = run.summary.as_object() {
+    if let AuditSummary::Finished(sum) = &run.summary {
         let _ = writeln!(
             s,
             "Devices: {} ({} scanned). Ports: {}. Probes: {} in {} s. Open ports: {}.\n",
-            sum.get("devices").unwrap_or(&json!(0)),
-            sum.get("devices_scanned").unwrap_or(&json!(0)),
-            sum.get("ports").and_then(|p| p.as_str()).unwrap_or("-"),
-            sum.get("scan_probes").unwrap_or(&json!(0)),
-            sum.get("seconds").unwrap_or(&json!(0)),
-            sum.get("open_ports").unwrap_or(&json!(0)),
+            sum.devices,
+            sum.devices_scanned,
+            if sum.ports.is_empty() { "-" } else { &sum.ports },
+            sum.scan_probes,
+            sum.seconds,
+            sum.open_ports,
         );
-        if let Some(notes) = sum.get("notes").and_then(|n| n.as_array()) {
-            for n in notes {
-                let _ = writeln!(s, "- note: {}", n.as_str().unwrap_or_default());
+        if !sum.notes.is_empty() {
+            for n in &sum.notes {
+                let _ = writeln!(s, "- note: {n}");
             }
             s.push('\n');
         }
-        let untested = not_tested(&run.summary);
-        if !untested.is_empty() {
+        if !sum.not_tested.is_empty() {
             let _ = writeln!(
                 s,
                 "**Not tested** (the check applied but could not be made; not a finding, not a pass):\n"
             );
-            for (device, target, check, reason) in untested {
-                let _ = writeln!(s, "- {device} {target}: {check} not tested: {reason}");
+            for n in &sum.not_tested {
+                let _ = writeln!(
+                    s,
+                    "- {} {}: {} not tested: {}",
+                    cell(&n.device),
+                    cell(&n.target),
+                    cell(&n.check),
+                    cell(&n.reason)
+                );
             }
             s.push('\n');
         }
@@ -132,17 +138,17 @@ fn markdown(run: &AuditRunRecord, findings: &[FindingRecord]) -> String {
 }
 
 /// `(device, target, check, reason)` of each check the run could not make.
-fn not_tested(summary: &serde_json::Value) -> Vec<(String, String, String, String)> {
-    let field = |v: &serde_json::Value, k: &str| {
-        v.get(k).and_then(|x| x.as_str()).unwrap_or("-").replace(['|', '\n'], " ")
-    };
-    summary
-        .get("not_tested")
-        .and_then(|n| n.as_array())
-        .into_iter()
-        .flatten()
-        .map(|n| (field(n, "device"), field(n, "target"), field(n, "check"), field(n, "reason")))
-        .collect()
+/// Checks that could not be made, from a finished run's summary.
+fn not_tested(summary: &AuditSummary) -> &[NotTested] {
+    match summary {
+        AuditSummary::Finished(t) => &t.not_tested,
+        _ => &[],
+    }
+}
+
+/// One line of a Markdown list or table cell: no `|`, no line breaks.
+fn cell(t: &str) -> String {
+    t.replace(['|', '\n'], " ")
 }
 
 fn esc(t: &str) -> String {
@@ -190,14 +196,14 @@ fn html(run: &AuditRunRecord, findings: &[FindingRecord]) -> String {
     let untested = not_tested(&run.summary);
     if !untested.is_empty() {
         s.push_str("<h2>Not tested</h2><p>The check applied but could not be made: not a finding, not a pass.</p><ul>");
-        for (device, target, check, reason) in untested {
+        for n in untested {
             let _ = write!(
                 s,
                 "<li>{} {}: {} not tested: {}</li>",
-                esc(&device),
-                esc(&target),
-                esc(&check),
-                esc(&reason)
+                esc(&n.device),
+                esc(&n.target),
+                esc(&n.check),
+                esc(&n.reason)
             );
         }
         s.push_str("</ul>");
@@ -217,8 +223,8 @@ mod tests {
             started_at: time::OffsetDateTime::UNIX_EPOCH,
             finished_at: None,
             status: "finished".into(),
-            request: json!({}),
-            summary: json!({}),
+            request: portcullis_store::AuditScope::default(),
+            summary: AuditSummary::Pending {},
         };
         let f = FindingRecord {
             device: "cam".into(),

@@ -323,8 +323,8 @@ pub(crate) fn identity_checks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::Profile;
     use portcullis_core::{DeviceId, Fingerprint, GroupName, Serial};
+    use portcullis_store::Profile;
     use portcullis_store::{CertificateRecord, Device};
 
     fn target(state: DeviceState, profile: Option<Profile>) -> Target {

@@ -436,12 +436,7 @@ fn profile_policies(
 ) -> HashMap<String, Arc<Policy>> {
     let mut by_profile: HashMap<&str, Arc<Policy>> = HashMap::new();
     for p in profiles {
-        let domains: Vec<&str> = p.document["domains"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(serde_json::Value::as_str)
-            .collect();
+        let domains = &p.document.domains;
         if domains.is_empty() {
             // A profile that names no domains says nothing about DNS: the group's policy applies.
             continue;

@@ -16,58 +16,25 @@
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
-/// Where a rollout stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Admitting devices of the current stage.
-    Active,
-    /// Admitting nobody new (by hand or by the failure rate); devices already updated stay.
-    Paused,
-    /// Stopped for good.
-    Aborted,
-}
+use portcullis_store::RolloutRecord;
+pub use portcullis_store::{DEFAULT_MIN_REPORTS, RolloutState as State};
 
-/// A rollout as stored.
+/// A rollout: the record the registry keeps, and the staging rules below.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Rollout {
-    /// Its id (the store's).
-    #[serde(default)]
-    pub id: i64,
-    /// Hardware model.
-    pub hardware: String,
-    /// Version offered.
-    pub version: String,
-    /// TUF target path of the image.
-    pub target: String,
-    /// Only devices of this group, if set.
-    #[serde(default)]
-    pub group: Option<String>,
-    /// Stage percentages, increasing, the last 100.
-    pub stages: Vec<u8>,
-    /// Index of the current stage in `stages`.
-    pub stage: usize,
-    /// Failure share (0..1) above which the rollout pauses itself.
-    pub max_failure_rate: f64,
-    /// Reporting devices needed before the failure share can pause the rollout.
-    #[serde(default = "default_min_reports")]
-    pub min_reports: usize,
-    /// Its state.
-    pub state: State,
-    /// Why it is paused or aborted.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// The eligible devices at creation, in rank order.
-    pub population: Vec<String>,
-    /// Creation time, RFC 3339.
-    pub created_at: String,
+#[serde(transparent)]
+pub struct Rollout(pub RolloutRecord);
+
+impl std::ops::Deref for Rollout {
+    type Target = RolloutRecord;
+    fn deref(&self) -> &RolloutRecord {
+        &self.0
+    }
 }
 
-/// Reporting devices needed before a rollout pauses itself, unless set at creation.
-pub const DEFAULT_MIN_REPORTS: usize = 10;
-
-fn default_min_reports() -> usize {
-    DEFAULT_MIN_REPORTS
+impl std::ops::DerefMut for Rollout {
+    fn deref_mut(&mut self) -> &mut RolloutRecord {
+        &mut self.0
+    }
 }
 
 /// Parses `5,25,100`: increasing percentages in 1..=100 ending with 100.
@@ -182,7 +149,7 @@ mod tests {
     }
 
     fn rollout(n: usize) -> Rollout {
-        Rollout {
+        Rollout(RolloutRecord {
             id: 7,
             hardware: "cam".into(),
             version: "1.1.0".into(),
@@ -196,7 +163,7 @@ mod tests {
             reason: None,
             population: rank(7, fleet(n)),
             created_at: String::new(),
-        }
+        })
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use portcullis_core::{DeviceId, DeviceState};
-use portcullis_store::{Actor, Store};
+use portcullis_store::{Actor, FirmwareOutcome, FirmwareReport, FirmwareStatus, RolloutRecord, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -46,21 +46,6 @@ pub struct Report {
     /// The device the report claims to be from; must be the certificate's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-}
-
-/// What the server knows of one device's firmware.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct DeviceFirmware {
-    /// Hardware model.
-    pub hardware: String,
-    /// Running version.
-    pub installed: String,
-    /// Last report: state, version, reason, rollout, at.
-    #[serde(default)]
-    pub last: Option<Value>,
-    /// Rollout of the last report.
-    #[serde(default)]
-    pub rollout: Option<i64>,
 }
 
 /// Firmware on the server: repository plus fleet state.
@@ -162,15 +147,7 @@ impl Firmware {
         use std::sync::atomic::Ordering;
         let generation = self.generation.load(Ordering::Acquire);
         let rows = self.store.rollouts().await.map_err(store_err)?;
-        let all: Vec<Rollout> = rows
-            .into_iter()
-            .map(|(id, doc)| {
-                let mut r: Rollout = serde_json::from_value(doc)
-                    .map_err(|e| Error::Refused(format!("rollout {id} is corrupt: {e}")))?;
-                r.id = id;
-                Ok(r)
-            })
-            .collect::<Result<_, Error>>()?;
+        let all: Vec<Rollout> = rows.into_iter().map(Rollout).collect();
         let all = Arc::new(all);
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         if self.generation.load(Ordering::Acquire) == generation {
@@ -180,8 +157,7 @@ impl Firmware {
     }
 
     async fn save(&self, id: Option<i64>, r: &Rollout, actor: Actor) -> Result<i64, Error> {
-        let doc = serde_json::to_value(r).map_err(|e| Error::Refused(e.to_string()))?;
-        let saved = self.store.save_rollout(id, doc, actor).await.map_err(store_err);
+        let saved = self.store.save_rollout(id, r.0.clone(), actor).await.map_err(store_err);
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         *cache = None;
@@ -197,15 +173,8 @@ impl Firmware {
             .ok_or_else(|| Error::Refused(format!("no rollout {id}")))
     }
 
-    async fn devices_fw(&self) -> Result<HashMap<String, DeviceFirmware>, Error> {
-        Ok(self
-            .store
-            .firmware_devices()
-            .await
-            .map_err(store_err)?
-            .into_iter()
-            .filter_map(|(id, doc)| serde_json::from_value(doc).ok().map(|d| (id, d)))
-            .collect())
+    async fn devices_fw(&self) -> Result<HashMap<String, FirmwareStatus>, Error> {
+        Ok(self.store.firmware_devices().await.map_err(store_err)?.into_iter().collect())
     }
 
     /// Creates a rollout of a published version. Its population: the active devices
@@ -246,7 +215,7 @@ impl Firmware {
             .filter(|d| fw.get(d.id.as_str()).is_some_and(|f| f.hardware == req.hardware))
             .map(|d| d.id.to_string())
             .collect();
-        let mut r = Rollout {
+        let mut r = Rollout(RolloutRecord {
             id: 0,
             hardware: req.hardware,
             version: version.to_string(),
@@ -260,7 +229,7 @@ impl Firmware {
             reason: None,
             population: Vec::new(),
             created_at: now_rfc3339(),
-        };
+        });
         let id = self.save(None, &r, actor.clone()).await?;
         r.id = id;
         r.population = rollout::rank(id, eligible);
@@ -305,24 +274,12 @@ impl Firmware {
             .installed
             .parse()
             .map_err(|_| Error::Refused(format!("invalid version {:?}", check.installed)))?;
-        let known: Option<DeviceFirmware> = self
-            .store
-            .firmware_device(device)
-            .await
-            .map_err(store_err)?
-            .and_then(|doc| serde_json::from_value(doc).ok());
+        let known: Option<FirmwareStatus> = self.store.firmware_device(device).await.map_err(store_err)?;
         if known.as_ref().is_none_or(|k| k.hardware != check.hardware || k.installed != check.installed) {
             let mut status = known.unwrap_or_default();
             status.hardware = check.hardware.clone();
             status.installed = check.installed.clone();
-            self.store
-                .record_firmware_report(
-                    device,
-                    Value::Null,
-                    serde_json::to_value(&status).unwrap_or_default(),
-                )
-                .await
-                .map_err(store_err)?;
+            self.store.record_firmware_report(device, None, status).await.map_err(store_err)?;
         }
         let rollouts = self.shared_rollouts().await?;
         let best = rollouts
@@ -365,21 +322,29 @@ impl Firmware {
         report.reason = report.reason.chars().take(500).collect();
         report.device = Some(device.to_string());
         let at = now_rfc3339();
-        let status = DeviceFirmware {
+        let status = FirmwareStatus {
             hardware: report.hardware.clone(),
             installed: report.installed.clone(),
-            last: Some(json!({
-                "state": report.state, "version": report.version, "reason": report.reason,
-                "rollout": report.rollout, "at": at,
-            })),
+            last: Some(FirmwareOutcome {
+                state: report.state.clone(),
+                version: report.version.clone(),
+                reason: report.reason.clone(),
+                rollout: report.rollout,
+                at: at.clone(),
+            }),
             rollout: report.rollout,
         };
-        let mut doc = serde_json::to_value(&report).unwrap_or_default();
-        doc["at"] = Value::from(at);
-        self.store
-            .record_firmware_report(device, doc, serde_json::to_value(&status).unwrap_or_default())
-            .await
-            .map_err(store_err)?;
+        let record = FirmwareReport {
+            state: report.state.clone(),
+            hardware: report.hardware.clone(),
+            installed: report.installed.clone(),
+            version: report.version.clone(),
+            reason: report.reason.clone(),
+            rollout: report.rollout,
+            device: device.to_string(),
+            at,
+        };
+        self.store.record_firmware_report(device, Some(record), status).await.map_err(store_err)?;
         if let Some(id) = report.rollout
             && matches!(report.state.as_str(), "failed" | "confirmed")
         {
@@ -411,12 +376,8 @@ impl Firmware {
         } else if !r.population.iter().any(|d| d == device.as_str()) {
             // Joined after creation: the hardware the server knows from its check-ins
             // must be the rollout's too.
-            let known: Option<DeviceFirmware> = self
-                .store
-                .firmware_device(device)
-                .await
-                .map_err(store_err)?
-                .and_then(|doc| serde_json::from_value(doc).ok());
+            let known: Option<FirmwareStatus> =
+                self.store.firmware_device(device).await.map_err(store_err)?;
             (known.is_none_or(|k| k.hardware != r.hardware)).then(|| {
                 format!("rollout {id} has not admitted {device}: it never checked in as {}", r.hardware)
             })
@@ -439,8 +400,8 @@ impl Firmware {
         let mut failed = 0;
         for d in fw.values().filter(|d| d.rollout == Some(r.id)) {
             let last = d.last.as_ref();
-            let state = last.and_then(|l| l.get("state")).and_then(Value::as_str);
-            let version = last.and_then(|l| l.get("version")).and_then(Value::as_str);
+            let state = last.map(|l| l.state.as_str());
+            let version = last.map(|l| l.version.as_str());
             if version != Some(r.version.as_str()) {
                 continue;
             }
@@ -511,7 +472,7 @@ impl Firmware {
     pub async fn status(&self, hardware: Option<&str>) -> Result<Value, Error> {
         let targets = self.repo.targets()?;
         let fw = self.devices_fw().await?;
-        let mut models: BTreeMap<String, Vec<(&String, &DeviceFirmware)>> = BTreeMap::new();
+        let mut models: BTreeMap<String, Vec<(&String, &FirmwareStatus)>> = BTreeMap::new();
         for (id, d) in &fw {
             models.entry(d.hardware.clone()).or_default().push((id, d));
         }
@@ -535,7 +496,7 @@ impl Firmware {
                 if is_behind(&d.installed, newest.as_ref()) {
                     behind.push((*id).clone());
                 }
-                if d.last.as_ref().and_then(|l| l.get("state")).and_then(Value::as_str) == Some("failed") {
+                if d.last.as_ref().is_some_and(|l| l.state == "failed") {
                     failures.push((*id).clone());
                 }
                 per_device.push(json!({ "device": id, "installed": d.installed, "last": d.last }));

@@ -1,4 +1,6 @@
-//! The registry's storage: one [`Store`] trait and its SQLite implementation.
+//! The registry's storage: the [`Store`] trait, made of one part per capability
+//! ([`Registry`], [`Credentials`], [`EventLog`], [`DnsLog`], [`AuditRuns`],
+//! [`FirmwareState`]) with typed records, and its SQLite implementation.
 //!
 //! Callers (the CA, the admin API, the listeners) see only the trait, so a PostgreSQL
 //! implementation can follow without touching them. Every state change appends an
@@ -20,6 +22,8 @@
 
 mod changes;
 mod model;
+pub mod profile;
+mod records;
 mod sqlite;
 
 pub use changes::Changes;
@@ -27,6 +31,11 @@ pub use model::{
     Actor, AuditRunRecord, BlockedName, CertificateRecord, CertificateStatus, Device, DnsQueryFilter,
     DnsQueryRecord, Event, EventFilter, FindingRecord, Group, NewCertificate, NewDevice, NewToken,
     ProfileRecord, RevokedEntry, TokenCheck,
+};
+pub use profile::Profile;
+pub use records::{
+    AuditScope, AuditSummary, AuditTotals, DEFAULT_MIN_REPORTS, FindingCounts, FirmwareOutcome,
+    FirmwareReport, FirmwareStatus, NotTested, RolloutRecord, RolloutState,
 };
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
 
@@ -86,12 +95,22 @@ pub enum Error {
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The registry's storage. Implementations must make each method atomic.
-#[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+/// The registry's storage: every capability's part of it, and the announcements of the
+/// writes that authentication and policy depend on. Implementations must make each
+/// method atomic. Callers hold `Arc<dyn Store>` (a trait object's supertrait methods
+/// need no import); a second implementation (PostgreSQL) implements each part.
+pub trait Store:
+    Registry + Credentials + EventLog + DnsLog + AuditRuns + FirmwareState + std::fmt::Debug + 'static
+{
     /// The announcements of writes that authentication and policy depend on.
     fn changes(&self) -> &Changes;
+}
 
+/// Devices, their groups, state, source addresses and profiles: what authentication
+/// and DNS attribution read on every request. Every write here is announced on
+/// [`Store::changes`].
+#[async_trait]
+pub trait Registry: Send + Sync {
     /// Registers a device (creating its group if needed) with its first enrollment token.
     async fn create_device(&self, device: NewDevice, token: NewToken, actor: Actor) -> Result<Device>;
 
@@ -104,6 +123,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// All groups with their device counts.
     async fn groups(&self) -> Result<Vec<Group>>;
 
+    /// Moves a device to `to`. Revoking also revokes all of its valid certificates in the
+    /// same transaction. Returns the updated device.
+    async fn set_device_state(
+        &self,
+        id: &DeviceId,
+        to: DeviceState,
+        reason: Option<String>,
+        actor: Actor,
+    ) -> Result<Device>;
+
+    /// Replaces the source addresses (IPs or CIDRs, validated by the caller) of a device.
+    /// An address already held by another device is refused ([`Error::AlreadyExists`]).
+    async fn set_device_addresses(
+        &self,
+        id: &DeviceId,
+        addresses: Vec<String>,
+        actor: Actor,
+    ) -> Result<Device>;
+
+    /// Creates or replaces a profile.
+    async fn put_profile(&self, name: &str, document: Profile, actor: Actor) -> Result<ProfileRecord>;
+
+    /// All profiles, by name.
+    async fn profiles(&self) -> Result<Vec<ProfileRecord>>;
+
+    /// Assigns a profile (which must exist) to a device, or clears it.
+    async fn set_device_profile(&self, id: &DeviceId, profile: Option<&str>, actor: Actor) -> Result<Device>;
+}
+
+/// Enrollment tokens and certificates, and what the CRL is signed from. Writes that
+/// change which certificates authenticate are announced on [`Store::changes`].
+#[async_trait]
+pub trait Credentials: Send + Sync {
     /// Adds another enrollment token for an existing, non-revoked device.
     async fn add_token(&self, device: &DeviceId, token: NewToken, actor: Actor) -> Result<()>;
 
@@ -145,34 +197,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Certificates, newest first, optionally of one device.
     async fn certificates(&self, device: Option<&DeviceId>) -> Result<Vec<CertificateRecord>>;
 
-    /// Moves a device to `to`. Revoking also revokes all of its valid certificates in the
-    /// same transaction. Returns the updated device.
-    async fn set_device_state(
-        &self,
-        id: &DeviceId,
-        to: DeviceState,
-        reason: Option<String>,
-        actor: Actor,
-    ) -> Result<Device>;
-
     /// Revoked certificates that have not yet expired, for the CRL.
     async fn revoked(&self, now: OffsetDateTime) -> Result<Vec<RevokedEntry>>;
 
     /// Increments and returns the CRL number (RFC 5280 5.2.3: monotonically increasing).
     async fn next_crl_number(&self) -> Result<u64>;
+}
 
+/// The append-only event log (every write above appends to it in its transaction).
+#[async_trait]
+pub trait EventLog: Send + Sync {
     /// Events, oldest first.
     async fn events(&self, filter: EventFilter) -> Result<Vec<Event>>;
+}
 
-    /// Replaces the source addresses (IPs or CIDRs, validated by the caller) of a device.
-    /// An address already held by another device is refused ([`Error::AlreadyExists`]).
-    async fn set_device_addresses(
-        &self,
-        id: &DeviceId,
-        addresses: Vec<String>,
-        actor: Actor,
-    ) -> Result<Device>;
-
+/// The DNS query log: batched appends, queries for the admin API, retention.
+#[async_trait]
+pub trait DnsLog: Send + Sync {
     /// Appends answered DNS queries to the query log.
     async fn log_dns_queries(&self, rows: Vec<DnsQueryRecord>) -> Result<()>;
 
@@ -185,30 +226,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes query-log entries older than `before`, then the oldest beyond `max_rows`;
     /// returns how many went.
     async fn prune_dns_queries(&self, before: OffsetDateTime, max_rows: u64) -> Result<u64>;
+}
 
-    /// Creates or replaces a profile.
-    async fn put_profile(
-        &self,
-        name: &str,
-        document: serde_json::Value,
-        actor: Actor,
-    ) -> Result<ProfileRecord>;
-
-    /// All profiles, by name.
-    async fn profiles(&self) -> Result<Vec<ProfileRecord>>;
-
-    /// Assigns a profile (which must exist) to a device, or clears it.
-    async fn set_device_profile(&self, id: &DeviceId, profile: Option<&str>, actor: Actor) -> Result<Device>;
-
+/// Audit runs and their findings.
+#[async_trait]
+pub trait AuditRuns: Send + Sync {
     /// Records the start of an audit run; returns its id.
-    async fn start_audit_run(&self, request: serde_json::Value, actor: Actor) -> Result<i64>;
+    async fn start_audit_run(&self, scope: AuditScope, actor: Actor) -> Result<i64>;
 
     /// Records the end of an audit run with its findings and the devices it covered.
     async fn finish_audit_run(
         &self,
         id: i64,
         status: &str,
-        summary: serde_json::Value,
+        summary: AuditSummary,
         devices: Vec<String>,
         findings: Vec<FindingRecord>,
     ) -> Result<()>;
@@ -222,25 +253,30 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// For each device, the findings (not resolved) of the newest finished run before
     /// `before_run` that covered it.
     async fn previous_findings(&self, devices: Vec<String>, before_run: i64) -> Result<Vec<FindingRecord>>;
+}
 
+/// Firmware rollouts and each device's firmware status and reports (the images and
+/// TUF metadata live in the firmware repository, not here).
+#[async_trait]
+pub trait FirmwareState: Send + Sync {
     /// Creates (`id` = `None`) or replaces a firmware rollout document; returns its id.
-    async fn save_rollout(&self, id: Option<i64>, document: serde_json::Value, actor: Actor) -> Result<i64>;
+    async fn save_rollout(&self, id: Option<i64>, rollout: RolloutRecord, actor: Actor) -> Result<i64>;
 
     /// Every rollout, oldest first.
-    async fn rollouts(&self) -> Result<Vec<(i64, serde_json::Value)>>;
+    async fn rollouts(&self) -> Result<Vec<RolloutRecord>>;
 
-    /// Appends a device's firmware report (unless `report` is null: a check-in) and
-    /// replaces its firmware status.
+    /// Appends a device's firmware report (`None`: a check-in) and replaces its firmware
+    /// status.
     async fn record_firmware_report(
         &self,
         device: &DeviceId,
-        report: serde_json::Value,
-        status: serde_json::Value,
+        report: Option<FirmwareReport>,
+        status: FirmwareStatus,
     ) -> Result<()>;
 
     /// Each device's firmware status (installed version, last report), by device id.
-    async fn firmware_devices(&self) -> Result<Vec<(String, serde_json::Value)>>;
+    async fn firmware_devices(&self) -> Result<Vec<(String, FirmwareStatus)>>;
 
     /// One device's firmware status.
-    async fn firmware_device(&self, device: &DeviceId) -> Result<Option<serde_json::Value>>;
+    async fn firmware_device(&self, device: &DeviceId) -> Result<Option<FirmwareStatus>>;
 }

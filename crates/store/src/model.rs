@@ -267,14 +267,13 @@ pub struct BlockedName {
     pub count: u64,
 }
 
-/// A device profile as stored: its name and its JSON document (the audit crate owns the
-/// format; the store keeps it verbatim).
+/// A device profile as stored: its name and its document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProfileRecord {
     /// Its name.
     pub name: String,
-    /// The profile document (JSON).
-    pub document: serde_json::Value,
+    /// The profile.
+    pub document: crate::Profile,
     /// When it was last written.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
@@ -293,10 +292,10 @@ pub struct AuditRunRecord {
     pub finished_at: Option<OffsetDateTime>,
     /// `running`, `finished`, `failed` or `interrupted`.
     pub status: String,
-    /// What was asked (scope, ports, limits), as JSON.
-    pub request: serde_json::Value,
-    /// Counts and notes, as JSON.
-    pub summary: serde_json::Value,
+    /// What was asked (scope, ports, limits).
+    pub request: crate::AuditScope,
+    /// Counts and notes.
+    pub summary: crate::AuditSummary,
 }
 
 /// One audit finding as stored.

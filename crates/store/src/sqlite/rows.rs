@@ -194,6 +194,17 @@ pub(super) fn record_issued(
     )
 }
 
+/// A typed document column (rollouts, firmware status, profiles, audit scope/summary).
+pub(super) fn doc_col<T: serde::de::DeserializeOwned>(r: &Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    serde_json::from_str(&text).map_err(|_| corrupt("document", &text))
+}
+
+/// A typed document as stored.
+pub(super) fn doc<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
 pub(super) fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<serde_json::Value> {
     let text: String = r.get(i)?;
     serde_json::from_str(&text).map_err(|_| corrupt("JSON document", &text))
@@ -205,8 +216,8 @@ pub(super) fn run_row(r: &Row<'_>) -> rusqlite::Result<AuditRunRecord> {
         started_at: from_ts(r.get(1)?),
         finished_at: r.get::<_, Option<i64>>(2)?.map(from_ts),
         status: r.get(3)?,
-        request: json_col(r, 4)?,
-        summary: json_col(r, 5)?,
+        request: doc_col(r, 4)?,
+        summary: doc_col(r, 5)?,
     })
 }
 

@@ -1,5 +1,7 @@
 use super::*;
+use crate::*;
 use portcullis_core::{CertState, Fingerprint, Token};
+use portcullis_core::{DeviceId, DeviceState, GroupName, Serial};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -224,32 +226,37 @@ async fn profiles_and_audit_runs_round_trip_and_diff_per_device() {
     add(&s, "cam-2").await;
     let err = s.set_device_profile(&id("cam-1"), Some("camera"), Actor::System).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { what: "profile", .. }), "{err}");
-    s.put_profile("camera", serde_json::json!({ "tcp": [443] }), Actor::System).await.unwrap();
-    s.put_profile("camera", serde_json::json!({ "tcp": [443, 554] }), Actor::System).await.unwrap();
+    s.put_profile("camera", Profile { tcp: vec![443], ..Profile::default() }, Actor::System).await.unwrap();
+    s.put_profile("camera", Profile { tcp: vec![443, 554], ..Profile::default() }, Actor::System)
+        .await
+        .unwrap();
     let profiles = s.profiles().await.unwrap();
     assert_eq!(profiles.len(), 1);
-    assert_eq!(profiles[0].document["tcp"][1], 554);
+    assert_eq!(profiles[0].document.tcp, [443, 554]);
     let d = s.set_device_profile(&id("cam-1"), Some("camera"), Actor::System).await.unwrap();
     assert_eq!(d.profile.as_deref(), Some("camera"));
 
-    let r1 = s.start_audit_run(serde_json::json!({ "scope": "all" }), Actor::System).await.unwrap();
+    let r1 = s.start_audit_run(AuditScope::default(), Actor::System).await.unwrap();
     s.finish_audit_run(
         r1,
         "finished",
-        serde_json::json!({}),
+        AuditSummary::Finished(Box::new(AuditTotals { devices: 2, ..AuditTotals::default() })),
         vec!["cam-1".into(), "cam-2".into()],
         vec![finding("cam-1", "exposure/tcp/23", "new"), finding("cam-2", "exposure/tcp/80", "new")],
     )
     .await
     .unwrap();
     // A second run covering only cam-1: cam-2's previous findings still come from run 1.
-    let r2 = s.start_audit_run(serde_json::json!({ "device": "cam-1" }), Actor::System).await.unwrap();
-    s.finish_audit_run(r2, "finished", serde_json::json!({}), vec!["cam-1".into()], vec![]).await.unwrap();
-    let r3 = s.start_audit_run(serde_json::json!({}), Actor::System).await.unwrap();
+    let r2 = s
+        .start_audit_run(AuditScope { device: Some("cam-1".into()), ..AuditScope::default() }, Actor::System)
+        .await
+        .unwrap();
+    s.finish_audit_run(r2, "finished", AuditSummary::Pending {}, vec!["cam-1".into()], vec![]).await.unwrap();
+    let r3 = s.start_audit_run(AuditScope::default(), Actor::System).await.unwrap();
     let prev = s.previous_findings(vec!["cam-1".into(), "cam-2".into()], r3).await.unwrap();
     assert_eq!(prev, vec![finding("cam-2", "exposure/tcp/80", "new")]);
     // A run that never finished is marked interrupted when the next one starts.
-    let r4 = s.start_audit_run(serde_json::json!({}), Actor::System).await.unwrap();
+    let r4 = s.start_audit_run(AuditScope::default(), Actor::System).await.unwrap();
     let runs = s.audit_runs(10).await.unwrap();
     assert_eq!(
         runs.iter().map(|r| (r.id, r.status.as_str())).collect::<Vec<_>>(),
@@ -257,6 +264,9 @@ async fn profiles_and_audit_runs_round_trip_and_diff_per_device() {
     );
     let (run, findings) = s.audit_run(r1).await.unwrap().unwrap();
     assert_eq!(run.status, "finished");
+    assert!(matches!(&run.summary, AuditSummary::Finished(t) if t.devices == 2), "{:?}", run.summary);
+    let (run2, _) = s.audit_run(r2).await.unwrap().unwrap();
+    assert_eq!(run2.request.device.as_deref(), Some("cam-1"));
     assert_eq!(findings.len(), 2);
     assert!(s.audit_run(999).await.unwrap().is_none());
 }
@@ -278,7 +288,7 @@ async fn writes_that_matter_are_announced_and_others_are_not() {
     assert_eq!(g(), 2, "enroll");
     s.set_device_addresses(&id("cam-1"), vec!["10.0.0.5".into()], Actor::System).await.unwrap();
     assert_eq!(g(), 3, "set_device_addresses");
-    s.put_profile("camera", serde_json::json!({"tcp": [443]}), Actor::System).await.unwrap();
+    s.put_profile("camera", Profile { tcp: vec![443], ..Profile::default() }, Actor::System).await.unwrap();
     assert_eq!(g(), 4, "put_profile");
     s.set_device_profile(&id("cam-1"), Some("camera"), Actor::System).await.unwrap();
     assert_eq!(g(), 5, "set_device_profile");
@@ -296,4 +306,61 @@ async fn writes_that_matter_are_announced_and_others_are_not() {
     assert_eq!(g(), 7);
     rx.borrow_and_update();
     assert!(!rx.has_changed().unwrap());
+}
+
+#[tokio::test]
+async fn firmware_documents_round_trip_typed() {
+    let (_d, s) = store();
+    add(&s, "cam-1").await;
+    let rollout = RolloutRecord {
+        id: 0,
+        hardware: "cam-v2".into(),
+        version: "1.2.0".into(),
+        target: "cam-v2/1.2.0.bin".into(),
+        group: None,
+        stages: vec![5, 100],
+        stage: 0,
+        max_failure_rate: 0.05,
+        min_reports: DEFAULT_MIN_REPORTS,
+        state: RolloutState::Active,
+        reason: None,
+        population: vec!["cam-1".into()],
+        created_at: "2026-12-08T00:00:00Z".into(),
+    };
+    let rid = s.save_rollout(None, rollout.clone(), Actor::System).await.unwrap();
+    let paused = RolloutRecord { id: rid, state: RolloutState::Paused, ..rollout.clone() };
+    s.save_rollout(Some(rid), paused.clone(), Actor::System).await.unwrap();
+    assert_eq!(s.rollouts().await.unwrap(), vec![paused]);
+    let missing = s.save_rollout(Some(rid + 1), rollout, Actor::System).await.unwrap_err();
+    assert!(matches!(missing, Error::NotFound { what: "rollout", .. }), "{missing}");
+
+    let status =
+        FirmwareStatus { hardware: "cam-v2".into(), installed: "1.1.0".into(), ..Default::default() };
+    s.record_firmware_report(&id("cam-1"), None, status.clone()).await.unwrap();
+    assert_eq!(s.firmware_device(&id("cam-1")).await.unwrap(), Some(status));
+    let report = FirmwareReport {
+        state: "failed".into(),
+        hardware: "cam-v2".into(),
+        installed: "1.1.0".into(),
+        version: "1.2.0".into(),
+        reason: "checksum".into(),
+        rollout: Some(rid),
+        device: "cam-1".into(),
+        at: "2026-12-08T00:01:00Z".into(),
+    };
+    let outcome = FirmwareOutcome {
+        state: report.state.clone(),
+        version: report.version.clone(),
+        reason: report.reason.clone(),
+        rollout: Some(rid),
+        at: report.at.clone(),
+    };
+    let after = FirmwareStatus {
+        hardware: "cam-v2".into(),
+        installed: "1.1.0".into(),
+        last: Some(outcome),
+        rollout: Some(rid),
+    };
+    s.record_firmware_report(&id("cam-1"), Some(report), after.clone()).await.unwrap();
+    assert_eq!(s.firmware_devices().await.unwrap(), vec![("cam-1".to_owned(), after)]);
 }

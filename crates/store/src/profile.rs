@@ -1,4 +1,5 @@
-//! Device profiles: what a kind of device may expose and reach.
+//! Device profiles (a record the registry keeps for the audit and DNS): what a kind of
+//! device may expose and reach.
 
 use serde::{Deserialize, Serialize};
 
