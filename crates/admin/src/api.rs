@@ -13,6 +13,8 @@ use http::{StatusCode, header};
 use portcullis_audit::{AuditError, AuditRequest, Auditor, Profile, Started};
 use portcullis_core::{DeviceId, DeviceState, GroupName, Token, TokenHash, parse_duration};
 use portcullis_http::Problem;
+
+use crate::wire;
 use portcullis_pki::{Authority, est};
 use portcullis_store::{Actor, EventFilter};
 use serde::Deserialize;
@@ -297,21 +299,24 @@ async fn add_device(State(s): State<AppState>, Body(req): Body<AddDevice>) -> Re
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-name", e.to_string()))?;
     let ttl = duration(req.token_ttl.as_deref(), "token_ttl")?;
     let r = s.authority.register(id, group, ttl, s.actor.clone()).await.map_err(err)?;
-    let body = json!({
-        "device": r.device,
-        "token": r.token.expose(),
-        "token_expires_at": rfc3339(r.token_expires_at),
-        "spiffe_id": s.authority.trust_domain().device_uri(&r.device.id),
-    });
+    let body = wire::DeviceRegistered {
+        spiffe_id: s.authority.trust_domain().device_uri(&r.device.id),
+        device: r.device,
+        token: r.token.expose().to_owned(),
+        token_expires_at: rfc3339(r.token_expires_at),
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn list_devices(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+async fn list_devices(State(s): State<AppState>) -> Result<Json<wire::DeviceList>, Problem> {
     let devices = s.authority.store().devices().await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({ "devices": devices })))
+    Ok(Json(wire::DeviceList { devices }))
 }
 
-async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+async fn show_device(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<wire::DeviceDetail>, Problem> {
     let id = device_id(&id)?;
     let store = s.authority.store();
     let device =
@@ -319,11 +324,11 @@ async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Resul
             Problem::new(StatusCode::NOT_FOUND, "not-found", format!("device {id} not found"))
         })?;
     let certs = store.certificates(Some(&id)).await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({
-        "device": device,
-        "spiffe_id": s.authority.trust_domain().device_uri(&id),
-        "certificates": certs,
-    })))
+    Ok(Json(wire::DeviceDetail {
+        device,
+        spiffe_id: s.authority.trust_domain().device_uri(&id),
+        certificates: certs,
+    }))
 }
 
 #[derive(Deserialize, Default)]
@@ -337,7 +342,7 @@ async fn change(
     id: String,
     to: DeviceState,
     reason: Option<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::DeviceChanged>, Problem> {
     let id = device_id(&id)?;
     if reason.as_ref().is_some_and(|r| r.len() > 1024) {
         return Err(Problem::new(
@@ -346,15 +351,15 @@ async fn change(
             "reason is longer than 1024 bytes",
         ));
     }
-    let d = s.authority.set_state(&id, to, reason, s.actor.clone()).await.map_err(err)?;
-    Ok(Json(json!({ "device": d })))
+    let device = s.authority.set_state(&id, to, reason, s.actor.clone()).await.map_err(err)?;
+    Ok(Json(wire::DeviceChanged { device }))
 }
 
 async fn suspend(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Body(b): Body<StateChange>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::DeviceChanged>, Problem> {
     change(s, id, DeviceState::Suspended, b.reason).await
 }
 
@@ -362,7 +367,7 @@ async fn resume(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Body(b): Body<StateChange>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::DeviceChanged>, Problem> {
     change(s, id, DeviceState::Active, b.reason).await
 }
 
@@ -370,7 +375,7 @@ async fn revoke(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Body(b): Body<StateChange>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::DeviceChanged>, Problem> {
     change(s, id, DeviceState::Revoked, b.reason).await
 }
 
@@ -388,7 +393,11 @@ async fn new_token(
     let id = device_id(&id)?;
     let ttl = duration(b.ttl.as_deref(), "ttl")?;
     let (token, expires) = s.authority.new_token(&id, ttl, s.actor.clone()).await.map_err(err)?;
-    let body = json!({ "device": id, "token": token.expose(), "token_expires_at": rfc3339(expires) });
+    let body = wire::TokenIssued {
+        device: id,
+        token: token.expose().to_owned(),
+        token_expires_at: rfc3339(expires),
+    };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -402,7 +411,7 @@ async fn set_addresses(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Body(b): Body<Addresses>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::DeviceChanged>, Problem> {
     let id = device_id(&id)?;
     if b.addresses.len() > 256 {
         return Err(Problem::new(
@@ -419,8 +428,8 @@ async fn set_addresses(
             })?,
         );
     }
-    let d = s.authority.set_addresses(&id, &parsed, s.actor.clone()).await.map_err(err)?;
-    Ok(Json(json!({ "device": d })))
+    let device = s.authority.set_addresses(&id, &parsed, s.actor.clone()).await.map_err(err)?;
+    Ok(Json(wire::DeviceChanged { device }))
 }
 
 #[derive(Deserialize)]
@@ -508,16 +517,20 @@ fn serial(s: &str) -> Result<portcullis_core::Serial, Problem> {
     })
 }
 
-async fn show_certificate(State(s): State<AppState>, Path(sn): Path<String>) -> Result<Json<Value>, Problem> {
+async fn show_certificate(
+    State(s): State<AppState>,
+    Path(sn): Path<String>,
+) -> Result<Json<wire::CertificateDetail>, Problem> {
     let sn = serial(&sn)?;
     let status = s.authority.store().certificate(&sn).await.map_err(store_err)?.ok_or_else(|| {
         Problem::new(StatusCode::NOT_FOUND, "not-found", format!("certificate {sn} not found"))
     })?;
-    let mut v = serde_json::to_value(&status.certificate).unwrap_or_default();
-    v["device_state"] = json!(status.device_state);
-    v["group"] = json!(status.group);
-    v["pem"] = json!(portcullis_pki::pem_encode("CERTIFICATE", &status.certificate.der));
-    Ok(Json(v))
+    Ok(Json(wire::CertificateDetail {
+        pem: portcullis_pki::pem_encode("CERTIFICATE", &status.certificate.der),
+        certificate: status.certificate,
+        device_state: status.device_state,
+        group: status.group,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -532,11 +545,11 @@ async fn revoke_certificate(
     State(s): State<AppState>,
     Path(sn): Path<String>,
     Body(req): Body<RevokeCertificate>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::CertificateRevoked>, Problem> {
     let sn = serial(&sn)?;
-    let cert =
+    let certificate =
         s.authority.revoke_certificate(&sn, &req.reason, req.note, s.actor.clone()).await.map_err(err)?;
-    Ok(Json(json!({ "revoked": true, "certificate": cert })))
+    Ok(Json(wire::CertificateRevoked { revoked: true, certificate }))
 }
 
 async fn list_groups(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
@@ -552,14 +565,17 @@ struct EventQuery {
     limit: Option<u32>,
 }
 
-async fn list_events(State(s): State<AppState>, Query(q): Query<EventQuery>) -> Result<Json<Value>, Problem> {
+async fn list_events(
+    State(s): State<AppState>,
+    Query(q): Query<EventQuery>,
+) -> Result<Json<wire::EventList>, Problem> {
     let filter = EventFilter {
         device: q.device.as_deref().map(device_id).transpose()?,
         after_id: q.after,
         limit: q.limit,
     };
     let events = s.authority.store().events(filter).await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({ "events": events })))
+    Ok(Json(wire::EventList { events }))
 }
 
 fn running(s: &AppState) -> Result<&Running, Problem> {
@@ -712,15 +728,15 @@ async fn set_profile(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Body(b): Body<SetProfile>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::DeviceChanged>, Problem> {
     let id = device_id(&id)?;
-    let d = s
+    let device = s
         .authority
         .store()
         .set_device_profile(&id, b.profile.as_deref(), s.actor.clone())
         .await
         .map_err(store_err)?;
-    Ok(Json(json!({ "device": d })))
+    Ok(Json(wire::DeviceChanged { device }))
 }
 
 fn audit_err(e: AuditError) -> Problem {

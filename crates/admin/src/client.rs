@@ -8,6 +8,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_core::Token;
 use serde_json::Value;
+
+use crate::wire;
 use tower::ServiceExt;
 
 /// A failed admin API call.
@@ -104,6 +106,100 @@ impl AdminClient {
         serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
     }
 
+    /// GET `path`, read as `T`.
+    pub async fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let body = self.call(Method::GET, path, None).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http(format!("answer of GET {path}: {e}")))
+    }
+
+    /// POST `body` as JSON to `path`, the answer read as `T`.
+    pub async fn post_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let json = serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?;
+        let body = self.call(Method::POST, path, Some((Bytes::from(json), "application/json"))).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http(format!("answer of POST {path}: {e}")))
+    }
+
+    /// Registers a device; its one-time enrollment token is in the answer.
+    pub async fn register_device(
+        &self,
+        id: &str,
+        group: Option<&str>,
+        token_ttl: Option<&str>,
+    ) -> Result<wire::DeviceRegistered, ClientError> {
+        self.post_as("/v1/devices", &serde_json::json!({ "id": id, "group": group, "token_ttl": token_ttl }))
+            .await
+    }
+
+    /// Another one-time enrollment token for a device.
+    pub async fn new_token(&self, id: &str, ttl: Option<&str>) -> Result<wire::TokenIssued, ClientError> {
+        self.post_as(&format!("/v1/devices/{}/tokens", seg(id)), &serde_json::json!({ "ttl": ttl })).await
+    }
+
+    /// Every device.
+    pub async fn devices(&self) -> Result<wire::DeviceList, ClientError> {
+        self.get_as("/v1/devices").await
+    }
+
+    /// One device with its certificates.
+    pub async fn device(&self, id: &str) -> Result<wire::DeviceDetail, ClientError> {
+        self.get_as(&format!("/v1/devices/{}", seg(id))).await
+    }
+
+    /// `suspend`, `resume` or `revoke` a device.
+    pub async fn change_device(
+        &self,
+        id: &str,
+        action: &str,
+        reason: Option<&str>,
+    ) -> Result<wire::DeviceChanged, ClientError> {
+        self.post_as(&format!("/v1/devices/{}/{action}", seg(id)), &serde_json::json!({ "reason": reason }))
+            .await
+    }
+
+    /// Replaces a device's source addresses.
+    pub async fn set_addresses(
+        &self,
+        id: &str,
+        addresses: &[String],
+    ) -> Result<wire::DeviceChanged, ClientError> {
+        self.post_as(
+            &format!("/v1/devices/{}/addresses", seg(id)),
+            &serde_json::json!({ "addresses": addresses }),
+        )
+        .await
+    }
+
+    /// One certificate.
+    pub async fn certificate(&self, serial: &str) -> Result<wire::CertificateDetail, ClientError> {
+        self.get_as(&format!("/v1/certificates/{}", seg(serial))).await
+    }
+
+    /// Revokes one certificate with an RFC 5280 reason name.
+    pub async fn revoke_certificate(
+        &self,
+        serial: &str,
+        reason: &str,
+        note: Option<&str>,
+    ) -> Result<wire::CertificateRevoked, ClientError> {
+        self.post_as(
+            &format!("/v1/certificates/{}/revoke", seg(serial)),
+            &serde_json::json!({ "reason": reason, "note": note }),
+        )
+        .await
+    }
+
+    /// The event log, optionally of one device.
+    pub async fn events(&self, device: Option<&str>) -> Result<wire::EventList, ClientError> {
+        match device {
+            Some(d) => self.get_as(&format!("/v1/events?device={}", seg(d))).await,
+            None => self.get_as("/v1/events").await,
+        }
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -170,4 +266,18 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// One path segment or query value, percent-encoded (ids and serials are plain, but the
+/// CLI passes whatever the operator typed).
+fn seg(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -28,7 +28,7 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("-")
 }
 
-fn print_json(v: &Value) {
+fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -39,80 +39,74 @@ pub async fn device_add(
     ttl: Option<&str>,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let r = c.post("/v1/devices", &json!({ "id": id, "group": group, "token_ttl": ttl })).await?;
+    let r = c.register_device(id, group, ttl).await?;
     if as_json {
         print_json(&r);
     } else {
-        let d = &r["device"];
         eprintln!(
             "device {} registered in group {}; one-time enrollment token below (shown once, expires {}):",
-            s(d, "id"),
-            s(d, "group"),
-            s(&r, "token_expires_at")
+            r.device.id, r.device.group, r.token_expires_at
         );
-        println!("{}", s(&r, "token"));
+        println!("{}", r.token);
     }
     Ok(())
 }
 
 pub async fn device_token(c: &AdminClient, id: &str, ttl: Option<&str>, as_json: bool) -> anyhow::Result<()> {
-    let r = c.post(&format!("/v1/devices/{id}/tokens"), &json!({ "ttl": ttl })).await?;
+    let r = c.new_token(id, ttl).await?;
     if as_json {
         print_json(&r);
     } else {
-        eprintln!(
-            "new one-time enrollment token for {id} (shown once, expires {}):",
-            s(&r, "token_expires_at")
-        );
-        println!("{}", s(&r, "token"));
+        eprintln!("new one-time enrollment token for {id} (shown once, expires {}):", r.token_expires_at);
+        println!("{}", r.token);
     }
     Ok(())
 }
 
 pub async fn device_list(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
-    let r = c.get("/v1/devices").await?;
+    let r = c.devices().await?;
     if as_json {
         print_json(&r);
         return Ok(());
     }
     println!("{:<24} {:<16} {:<10} {:>5}  CERT EXPIRES", "ID", "GROUP", "STATE", "CERTS");
-    for d in r["devices"].as_array().into_iter().flatten() {
+    for d in &r.devices {
         println!(
             "{:<24} {:<16} {:<10} {:>5}  {}",
-            s(d, "id"),
-            s(d, "group"),
-            s(d, "state"),
-            d["certificates"].as_u64().unwrap_or(0),
-            d.get("cert_not_after").and_then(Value::as_str).unwrap_or("-")
+            d.id.as_str(),
+            d.group.as_str(),
+            d.state.to_string(),
+            d.certificates,
+            d.cert_not_after.map_or_else(|| "-".to_owned(), rfc3339)
         );
     }
     Ok(())
 }
 
 pub async fn device_show(c: &AdminClient, id: &str, as_json: bool) -> anyhow::Result<()> {
-    let r = c.get(&format!("/v1/devices/{id}")).await?;
+    let r = c.device(id).await?;
     if as_json {
         print_json(&r);
         return Ok(());
     }
-    let d = &r["device"];
-    println!("id:          {}", s(d, "id"));
-    println!("spiffe id:   {}", s(&r, "spiffe_id"));
-    println!("group:       {}", s(d, "group"));
-    println!("state:       {}", s(d, "state"));
-    if let Some(reason) = d.get("state_reason").and_then(Value::as_str) {
+    let d = &r.device;
+    println!("id:          {}", d.id);
+    println!("spiffe id:   {}", r.spiffe_id);
+    println!("group:       {}", d.group);
+    println!("state:       {}", d.state);
+    if let Some(reason) = &d.state_reason {
         println!("reason:      {reason}");
     }
-    println!("registered:  {}", s(d, "created_at"));
+    println!("registered:  {}", rfc3339(d.created_at));
     println!("certificates:");
-    for c in r["certificates"].as_array().into_iter().flatten() {
+    for c in &r.certificates {
         println!(
             "  {}  {:<8} {} .. {}  sha256:{}",
-            s(c, "serial"),
-            s(c, "state"),
-            s(c, "not_before"),
-            s(c, "not_after"),
-            s(c, "fingerprint")
+            c.serial,
+            c.state.to_string(),
+            rfc3339(c.not_before),
+            rfc3339(c.not_after),
+            c.fingerprint
         );
     }
     Ok(())
@@ -124,8 +118,8 @@ pub async fn device_state(
     action: &str,
     reason: Option<&str>,
 ) -> anyhow::Result<()> {
-    let r = c.post(&format!("/v1/devices/{id}/{action}"), &json!({ "reason": reason })).await?;
-    println!("device {} is now {}", s(&r["device"], "id"), s(&r["device"], "state"));
+    let r = c.change_device(id, action, reason).await?;
+    println!("device {} is now {}", r.device.id, r.device.state);
     Ok(())
 }
 
@@ -135,17 +129,15 @@ pub async fn device_addresses(
     addresses: Vec<String>,
     clear: bool,
 ) -> anyhow::Result<()> {
-    let r = if addresses.is_empty() && !clear {
-        c.get(&format!("/v1/devices/{id}")).await?
+    let device = if addresses.is_empty() && !clear {
+        c.device(id).await?.device
     } else {
-        c.post(&format!("/v1/devices/{id}/addresses"), &json!({ "addresses": addresses })).await?
+        c.set_addresses(id, &addresses).await?.device
     };
-    let list: Vec<&str> =
-        r["device"]["addresses"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    if list.is_empty() {
+    if device.addresses.is_empty() {
         println!("device {id} has no addresses (its DNS queries are an unknown client's)");
     } else {
-        println!("device {id} addresses: {}", list.join(" "));
+        println!("device {id} addresses: {}", device.addresses.join(" "));
     }
     Ok(())
 }
@@ -266,24 +258,20 @@ pub async fn dns_top(
 }
 
 pub async fn events(c: &AdminClient, device: Option<&str>, as_json: bool) -> anyhow::Result<()> {
-    let path = match device {
-        Some(d) => format!("/v1/events?device={d}"),
-        None => "/v1/events".to_owned(),
-    };
-    let r = c.get(&path).await?;
+    let r = c.events(device).await?;
     if as_json {
         print_json(&r);
         return Ok(());
     }
-    for e in r["events"].as_array().into_iter().flatten() {
+    for e in &r.events {
         println!(
             "{:>6} {} {:<22} {:<20} {:<16} {}",
-            e["id"].as_i64().unwrap_or(0),
-            s(e, "at"),
-            s(e, "kind"),
-            s(e, "actor"),
-            e.get("device").and_then(Value::as_str).unwrap_or("-"),
-            e["detail"]
+            e.id,
+            rfc3339(e.at),
+            e.kind,
+            e.actor,
+            e.device.as_deref().unwrap_or("-"),
+            e.detail
         );
     }
     Ok(())
@@ -357,27 +345,28 @@ pub async fn gateway_reload(c: &AdminClient, config: Option<&std::path::Path>) -
 
 /// `portcullis cert show SERIAL`.
 pub async fn cert_show(c: &AdminClient, serial: &str, as_json: bool, pem_only: bool) -> anyhow::Result<()> {
-    let r = c.get(&format!("/v1/certificates/{serial}")).await?;
+    let r = c.certificate(serial).await?;
+    let cert = &r.certificate;
     if pem_only {
-        print!("{}", s(&r, "pem"));
+        print!("{}", r.pem);
     } else if as_json {
         print_json(&r);
     } else {
-        println!("serial      {}", s(&r, "serial"));
-        println!("device      {} ({}, group {})", s(&r, "device"), s(&r, "device_state"), s(&r, "group"));
-        println!("state       {}", s(&r, "state"));
-        println!("issued      {} via {}", s(&r, "issued_at"), s(&r, "issued_via"));
-        println!("valid       {} .. {}", s(&r, "not_before"), s(&r, "not_after"));
-        println!("fingerprint {}", s(&r, "fingerprint"));
-        if r["state"] == "revoked" {
+        println!("serial      {}", cert.serial);
+        println!("device      {} ({}, group {})", cert.device, r.device_state, r.group);
+        println!("state       {}", cert.state);
+        println!("issued      {} via {}", rfc3339(cert.issued_at), cert.issued_via);
+        println!("valid       {} .. {}", rfc3339(cert.not_before), rfc3339(cert.not_after));
+        println!("fingerprint {}", cert.fingerprint);
+        if let Some(at) = cert.revoked_at {
             println!(
                 "revoked     {} ({}): {}",
-                s(&r, "revoked_at"),
-                s(&r, "crl_reason"),
-                s(&r, "revocation_reason")
+                rfc3339(at),
+                cert.crl_reason.as_deref().unwrap_or("-"),
+                cert.revocation_reason.as_deref().unwrap_or("-")
             );
         }
-        if let Some(next) = r["superseded_by"].as_str() {
+        if let Some(next) = &cert.superseded_by {
             println!("superseded  by {next}");
         }
     }
@@ -391,14 +380,15 @@ pub async fn cert_revoke(
     reason: &str,
     note: Option<&str>,
 ) -> anyhow::Result<()> {
-    let r = c
-        .post(&format!("/v1/certificates/{serial}/revoke"), &json!({ "reason": reason, "note": note }))
-        .await?;
-    let cert = &r["certificate"];
+    let r = c.revoke_certificate(serial, reason, note).await?;
     println!(
         "certificate {} of device {} revoked ({reason}); the CRL is re-signed",
-        s(cert, "serial"),
-        s(cert, "device")
+        r.certificate.serial, r.certificate.device
     );
     Ok(())
+}
+
+/// A timestamp as the admin API writes it (RFC 3339).
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }

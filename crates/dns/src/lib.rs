@@ -27,7 +27,7 @@ pub use lists::{DomainSet, ListStats};
 pub use pipeline::Pipeline;
 #[doc(hidden)]
 pub use pipeline::exchange_for_fuzzing as pipeline_for_fuzzing;
-pub use policy::{BlockResponse, Mode, Policy, Verdict};
+pub use policy::{BlockResponse, Mode, Policy, Rule, Verdict};
 pub use server::{
     Attribution, Client, ConnAttribution, Identify, OnQuery, PolicyTable, QueryEvent, Resolver, ServeConfig,
     Stats, TlsAttribution,

@@ -29,25 +29,86 @@ pub enum BlockResponse {
     Refused,
 }
 
-/// Why a name was answered the way it was.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Resolve it; the rule that allowed it.
-    Allow(String),
-    /// Block it; the rule that blocked it.
-    Block(String),
+/// Whether a name resolves, and the rule that decided it. It borrows the policy's and
+/// list's names, so deciding allocates nothing; the query log renders it once
+/// ([`Rule`]'s `Display`: `policy cameras: list ads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'p> {
+    /// Resolve it.
+    Allow(Rule<'p>),
+    /// Block it.
+    Block(Rule<'p>),
 }
 
-impl Verdict {
+impl<'p> Verdict<'p> {
     /// True for [`Verdict::Block`].
     pub fn is_block(&self) -> bool {
         matches!(self, Self::Block(_))
     }
 
     /// The rule behind the verdict.
-    pub fn reason(&self) -> &str {
-        match self {
+    pub fn rule(&self) -> Rule<'p> {
+        match *self {
             Self::Allow(r) | Self::Block(r) => r,
+        }
+    }
+}
+
+/// The rule that decided a name, in the policy named `policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule<'p> {
+    /// The root name (always resolved).
+    Root,
+    /// A `deny` rule.
+    Deny {
+        /// The policy.
+        policy: &'p str,
+    },
+    /// An `allow` rule.
+    Allow {
+        /// The policy.
+        policy: &'p str,
+    },
+    /// On a list: blocked in blocklist mode, allowed in allowlist mode.
+    List {
+        /// The policy.
+        policy: &'p str,
+        /// The list.
+        list: &'p str,
+    },
+    /// Blocklist mode, on no list.
+    NotListed {
+        /// The policy.
+        policy: &'p str,
+    },
+    /// Allowlist mode, on no list (default deny).
+    NotInAllowlist {
+        /// The policy.
+        policy: &'p str,
+    },
+    /// A `deny` rule matched a name in the CNAME chain (allowlist mode).
+    DenyInChain {
+        /// The policy.
+        policy: &'p str,
+    },
+    /// A CNAME target of an allowed name (allowlist mode).
+    AliasOfAllowed {
+        /// The policy.
+        policy: &'p str,
+    },
+}
+
+impl std::fmt::Display for Rule<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Root => f.write_str("root"),
+            Self::Deny { policy } => write!(f, "policy {policy}: deny rule"),
+            Self::Allow { policy } => write!(f, "policy {policy}: allow rule"),
+            Self::List { policy, list } => write!(f, "policy {policy}: list {list}"),
+            Self::NotListed { policy } => write!(f, "policy {policy}: not listed"),
+            Self::NotInAllowlist { policy } => write!(f, "policy {policy}: not in allowlist (default deny)"),
+            Self::DenyInChain { policy } => write!(f, "policy {policy}: deny rule (in CNAME chain)"),
+            Self::AliasOfAllowed { policy } => write!(f, "policy {policy}: alias of an allowed name"),
         }
     }
 }
@@ -71,25 +132,20 @@ pub struct Policy {
 
 impl Policy {
     /// The verdict for `name` (normalized: lower case, no trailing dot).
-    pub fn decide(&self, name: &str) -> Verdict {
+    pub fn decide(&self, name: &str) -> Verdict<'_> {
+        let policy = self.name.as_str();
         if self.deny.matches(name) {
-            return Verdict::Block(format!("policy {}: deny rule", self.name));
+            return Verdict::Block(Rule::Deny { policy });
         }
         if self.allow.matches(name) {
-            return Verdict::Allow(format!("policy {}: allow rule", self.name));
+            return Verdict::Allow(Rule::Allow { policy });
         }
         let listed = self.lists.iter().find(|(_, set)| set.matches(name));
         match (self.mode, listed) {
-            (Mode::Blocklist, Some((list, _))) => {
-                Verdict::Block(format!("policy {}: list {list}", self.name))
-            }
-            (Mode::Blocklist, None) => Verdict::Allow(format!("policy {}: not listed", self.name)),
-            (Mode::Allowlist, Some((list, _))) => {
-                Verdict::Allow(format!("policy {}: list {list}", self.name))
-            }
-            (Mode::Allowlist, None) => {
-                Verdict::Block(format!("policy {}: not in allowlist (default deny)", self.name))
-            }
+            (Mode::Blocklist, Some((list, _))) => Verdict::Block(Rule::List { policy, list }),
+            (Mode::Blocklist, None) => Verdict::Allow(Rule::NotListed { policy }),
+            (Mode::Allowlist, Some((list, _))) => Verdict::Allow(Rule::List { policy, list }),
+            (Mode::Allowlist, None) => Verdict::Block(Rule::NotInAllowlist { policy }),
         }
     }
 
@@ -97,13 +153,12 @@ impl Policy {
     /// Blocklist mode checks it like a question. Allowlist mode checks only the deny
     /// rules: the operator allowed the name the device asked for, and the CDN names
     /// behind it are not something an allowlist can enumerate.
-    pub fn decide_alias(&self, name: &str) -> Verdict {
+    pub fn decide_alias(&self, name: &str) -> Verdict<'_> {
+        let policy = self.name.as_str();
         match self.mode {
             Mode::Blocklist => self.decide(name),
-            Mode::Allowlist if self.deny.matches(name) => {
-                Verdict::Block(format!("policy {}: deny rule (in CNAME chain)", self.name))
-            }
-            Mode::Allowlist => Verdict::Allow(format!("policy {}: alias of an allowed name", self.name)),
+            Mode::Allowlist if self.deny.matches(name) => Verdict::Block(Rule::DenyInChain { policy }),
+            Mode::Allowlist => Verdict::Allow(Rule::AliasOfAllowed { policy }),
         }
     }
 }
@@ -135,14 +190,15 @@ mod tests {
     #[test]
     fn blocklist_and_allowlist_modes() {
         let b = policy(Mode::Blocklist, "||ads.example^\n", &["ok.ads.example"], &["evil.example"]);
-        assert_eq!(b.decide("x.ads.example"), Verdict::Block("policy p: list l".into()));
+        assert_eq!(b.decide("x.ads.example"), Verdict::Block(Rule::List { policy: "p", list: "l" }));
+        assert_eq!(b.decide("x.ads.example").rule().to_string(), "policy p: list l");
         assert!(!b.decide("ok.ads.example").is_block());
         assert!(b.decide("evil.example").is_block());
         assert!(!b.decide("news.example").is_block());
 
         let a = policy(Mode::Allowlist, "||vendor.example^\n", &[], &["bad.vendor.example"]);
         assert!(!a.decide("api.vendor.example").is_block());
-        assert_eq!(a.decide("news.example").reason(), "policy p: not in allowlist (default deny)");
+        assert_eq!(a.decide("news.example").rule().to_string(), "policy p: not in allowlist (default deny)");
         assert!(a.decide("bad.vendor.example").is_block());
         assert!(!a.decide_alias("cdn.example").is_block());
         assert!(a.decide_alias("bad.vendor.example").is_block());

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::cache::Cache;
-use crate::policy::{BlockResponse, Policy, Verdict};
+use crate::policy::{BlockResponse, Policy, Rule, Verdict};
 use crate::upstream::Upstreams;
 
 /// Who asked: the device a query is attributed to.
@@ -355,11 +355,11 @@ impl Resolver {
             self.emit(event("refused", why.into(), ResponseCode::Refused, None));
             return resp;
         };
-        let verdict = if name.is_empty() { Verdict::Allow("root".into()) } else { policy.decide(&name) };
-        if let Verdict::Block(reason) = &verdict {
+        let verdict = if name.is_empty() { Verdict::Allow(Rule::Root) } else { policy.decide(&name) };
+        if let Verdict::Block(rule) = verdict {
             bump(&self.stats.blocked);
             block(&mut resp, query, policy.block);
-            self.emit(event("blocked", reason.clone(), resp.metadata.response_code, None));
+            self.emit(event("blocked", rule.to_string(), resp.metadata.response_code, None));
             return resp;
         }
         if query.query_type == RecordType::ANY {
@@ -412,18 +412,17 @@ impl Resolver {
         for r in &upstream.answers {
             if let RData::CNAME(target) = &r.data {
                 let alias = target.0.to_ascii().trim_end_matches('.').to_ascii_lowercase();
-                if let Verdict::Block(reason) = policy.decide_alias(&alias) {
+                if let Verdict::Block(rule) = policy.decide_alias(&alias) {
                     bump(&self.stats.blocked);
                     block(&mut resp, query, policy.block);
-                    let why = format!("{reason} (CNAME {alias})");
+                    let why = format!("{rule} (CNAME {alias})");
                     self.emit(event("blocked", why, resp.metadata.response_code, None));
                     return resp;
                 }
             }
         }
         let upstream_us = (!cached).then(|| started.elapsed().as_micros() as u64);
-        let reason =
-            if cached { format!("{} (cached)", verdict.reason()) } else { verdict.reason().to_owned() };
+        let reason = if cached { format!("{} (cached)", verdict.rule()) } else { verdict.rule().to_string() };
         self.emit(event("allowed", reason, upstream.metadata.response_code, upstream_us));
         resp.metadata.response_code = upstream.metadata.response_code;
         resp.metadata.authentic_data = upstream.metadata.authentic_data;

@@ -44,7 +44,7 @@ pub struct NewToken {
 }
 
 /// A registered device.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Device {
     /// Its id.
     pub id: DeviceId,
@@ -127,7 +127,7 @@ pub struct NewCertificate {
 }
 
 /// A stored certificate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CertificateRecord {
     /// Its serial.
     pub serial: Serial,
@@ -200,7 +200,7 @@ pub struct EventFilter {
 }
 
 /// One entry of the append-only event log.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Event {
     /// Monotonic id.
     pub id: i64,

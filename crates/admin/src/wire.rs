@@ -1,0 +1,86 @@
+//! The admin API's answers, shared by the server (which builds them) and
+//! [`AdminClient`](crate::AdminClient) (which reads them): the CLI reads fields, not JSON
+//! keys, and a field renamed on one side breaks the build, not the operator.
+
+use portcullis_core::{DeviceId, DeviceState, GroupName};
+use portcullis_store::{CertificateRecord, Device, Event};
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/devices`: the device and its one-time enrollment token (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRegistered {
+    /// The device.
+    pub device: Device,
+    /// The enrollment token, in the clear this once.
+    pub token: String,
+    /// When the token stops working (RFC 3339).
+    pub token_expires_at: String,
+    /// The device's SPIFFE ID.
+    pub spiffe_id: String,
+}
+
+/// `POST /v1/devices/{id}/tokens`: another one-time enrollment token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenIssued {
+    /// The device.
+    pub device: DeviceId,
+    /// The enrollment token, in the clear this once.
+    pub token: String,
+    /// When it stops working (RFC 3339).
+    pub token_expires_at: String,
+}
+
+/// `GET /v1/devices`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceList {
+    /// Every device, by id.
+    pub devices: Vec<Device>,
+}
+
+/// `GET /v1/devices/{id}`: the device, its SPIFFE ID and its certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    /// The device.
+    pub device: Device,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Its certificates, newest first.
+    pub certificates: Vec<CertificateRecord>,
+}
+
+/// A device after a change (suspend, resume, revoke, addresses, profile).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceChanged {
+    /// The device as it is now.
+    pub device: Device,
+}
+
+/// `GET /v1/certificates/{serial}`: the certificate, its device's live state, its PEM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateDetail {
+    /// The certificate.
+    #[serde(flatten)]
+    pub certificate: CertificateRecord,
+    /// Its device's state now.
+    pub device_state: DeviceState,
+    /// Its device's group now.
+    pub group: GroupName,
+    /// The certificate, PEM.
+    pub pem: String,
+}
+
+/// `POST /v1/certificates/{serial}/revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateRevoked {
+    /// Always true (a refusal is a problem document).
+    pub revoked: bool,
+    /// The certificate as it is now.
+    pub certificate: CertificateRecord,
+}
+
+/// `GET /v1/events`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventList {
+    /// Oldest first.
+    pub events: Vec<Event>,
+}
