@@ -53,7 +53,12 @@ pub async fn up(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         _ => None,
     };
     tracing::info!(routes = routes.len(), "gateway routes loaded");
-    let gateway = Arc::new(Gateway::new(node.authority.clone(), routes, cfg.unauthenticated_per_ip));
+    let gateway = Arc::new(Gateway::new(
+        node.authority.clone(),
+        routes,
+        cfg.unauthenticated_per_ip,
+        cfg.listener.workers,
+    ));
     let app = device_app(&node, &gateway, dns.as_deref());
     let listener = ListenerConfig { conn_metrics, ..cfg.listener.clone() };
     tasks.spawn(portcullis_gateway::serve(

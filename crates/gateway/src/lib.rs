@@ -19,6 +19,7 @@ mod formats;
 mod h2guard;
 mod listener;
 pub mod openapi;
+mod outcome;
 mod proxy;
 mod route;
 mod strictjson;

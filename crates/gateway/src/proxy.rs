@@ -3,7 +3,7 @@
 //! owns, set the identity headers, forward with pooled connections.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,16 +21,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::openapi::{Action, Caller, Violation};
+use crate::outcome::{Outcome, RequestLabels, RouteCounters};
 use crate::upstream::Outgoing;
 use portcullis_net::{Limiter, Rate};
 
 pub(crate) use crate::route::*;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct RequestLabels {
-    route: String,
-    outcome: &'static str,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct RouteLabel {
@@ -42,18 +37,21 @@ struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     violations: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram>,
+    /// Requests that matched no route.
+    no_route: Counter,
+    /// Device-port workers: each route keeps one upstream pool per worker.
+    workers: usize,
 }
 
 impl GatewayMetrics {
-    /// Points each route's hot-path handles at its series in the families.
+    /// Points each route's hot-path handles at its series in the families, and gives it
+    /// one upstream pool per worker.
     fn bind(&self, table: &mut RouteTable) {
         for r in &mut table.routes {
             let route = r.cfg.prefix.clone();
-            r.forwarded = self
-                .requests
-                .get_or_create(&RequestLabels { route: route.clone(), outcome: "forwarded" })
-                .clone();
+            r.counters = RouteCounters::bind(&route, &self.requests, &self.violations);
             r.latency = self.latency.get_or_create(&RouteLabel { route }).clone();
+            r.upstream.size_pools(self.workers);
         }
     }
 }
@@ -77,9 +75,20 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway over `table` that authenticates with `authority`; requests that fail
     /// authentication are limited to `unauthenticated_per_ip` per source address.
-    pub fn new(authority: Arc<Authority>, table: RouteTable, unauthenticated_per_ip: Option<Rate>) -> Self {
+    /// `workers` is the device port's (`device.workers`; 0: one per CPU).
+    pub fn new(
+        authority: Arc<Authority>,
+        table: RouteTable,
+        unauthenticated_per_ip: Option<Rate>,
+        workers: usize,
+    ) -> Self {
+        let requests: Family<RequestLabels, Counter> = Family::default();
+        let no_route =
+            requests.get_or_create(&RequestLabels { route: "none".into(), outcome: "no_route" }).clone();
         let metrics = GatewayMetrics {
-            requests: Family::default(),
+            requests,
+            no_route,
+            workers: crate::listener::worker_count(workers),
             violations: Family::default(),
             latency: Family::new_with_constructor(|| {
                 Histogram::new([
@@ -158,16 +167,12 @@ impl Gateway {
                     "operations": r.spec.as_ref().map(|s| s.operations()),
                     "action": r.cfg.action,
                     "strict_query": r.cfg.strict_query,
-                    "counts": r.counters,
+                    "counts": r.counters.describe(),
                 })
             })
             .collect();
         serde_json::json!({ "routes": routes })
     }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Why a request path is refused before any decision is made on it; `None` for a
@@ -378,26 +383,21 @@ async fn proxy(gw: &Gateway, req: Request) -> Response {
     let table = gw.current();
     let (parts, body) = req.into_parts();
     let Some(route) = table.find(path) else {
-        gw.metrics.requests.get_or_create(&RequestLabels { route: "none".into(), outcome: "no_route" }).inc();
+        gw.metrics.no_route.inc();
         portcullis_http::drain(body).await;
         return Problem::new(StatusCode::NOT_FOUND, "no-route", format!("no route for {path}"))
             .into_response();
     };
     let mut body = Some(body);
-    let (outcome, resp) = forward(gw, route, parts, &mut body).await;
+    let (outcome, resp) = match forward(gw, route, parts, &mut body).await {
+        Ok(done) | Err(done) => done,
+    };
     if let Some(unsent) = body {
         // Refused before forwarding: read (a bounded amount of) what the client is still
         // sending, so an HTTP/2 client gets the answer instead of a stream reset.
         portcullis_http::drain(unsent).await;
     }
-    if outcome.reason == "forwarded" {
-        route.forwarded.inc();
-    } else {
-        gw.metrics
-            .requests
-            .get_or_create(&RequestLabels { route: route.cfg.prefix.clone(), outcome: outcome.reason })
-            .inc();
-    }
+    route.counters.count(outcome.outcome);
     route.latency.observe(started.elapsed().as_secs_f64());
     tracing::info!(
         target: "portcullis::access",
@@ -406,7 +406,7 @@ async fn proxy(gw: &Gateway, req: Request) -> Response {
         device = outcome.device.as_ref().map(|d| d.id.as_str()).unwrap_or("-"),
         operation = outcome.operation.unwrap_or("-"),
         status = resp.status().as_u16(),
-        outcome = outcome.reason,
+        outcome = outcome.outcome.label(),
         violation = outcome.logged.unwrap_or("-"),
         latency_us = started.elapsed().as_micros() as u64,
         "request"
@@ -429,30 +429,26 @@ fn too_many(wait: Duration, what: &str) -> Response {
     resp
 }
 
-struct Outcome<'r> {
+/// What is logged and counted of one request.
+struct Record<'r> {
     device: Option<Arc<AuthenticatedDevice>>,
-    reason: &'static str,
+    outcome: Outcome,
     operation: Option<&'r str>,
     /// A violation forwarded in log mode.
     logged: Option<&'static str>,
 }
 
-impl Outcome<'_> {
-    fn of(device: Option<Arc<AuthenticatedDevice>>, reason: &'static str) -> Self {
-        Self { device, reason, operation: None, logged: None }
+impl Record<'_> {
+    fn of(device: Option<Arc<AuthenticatedDevice>>, outcome: Outcome) -> Self {
+        Self { device, outcome, operation: None, logged: None }
     }
 }
 
-fn violation_counter<'c>(c: &'c Counters, reason: &str) -> &'c AtomicU64 {
-    match reason {
-        "no_operation" => &c.no_operation,
-        "method_not_allowed" => &c.method_not_allowed,
-        "unsupported_media_type" => &c.unsupported_media_type,
-        "binding_mismatch" => &c.binding_mismatch,
-        "group_denied" => &c.group_denied,
-        "body_too_large" => &c.body_too_large,
-        _ => &c.invalid_request,
-    }
+/// A request refused at some step: what to record, and the answer.
+type Refused<'r> = (Record<'r>, Response);
+
+fn refuse<'r>(device: Option<Arc<AuthenticatedDevice>>, outcome: Outcome, p: Problem) -> Refused<'r> {
+    (Record::of(device, outcome), p.into_response())
 }
 
 fn violation_response(v: Violation) -> Response {
@@ -466,22 +462,34 @@ fn violation_response(v: Violation) -> Response {
     resp
 }
 
-/// Decides on and, if admitted, forwards one request. The body is taken out of `body`
-/// only when the request is forwarded; the caller drains what is left.
+/// Decides on and, if admitted, forwards one request: [`admit`] (path, identity,
+/// binding, group, rate), [`validate`] (headers, size, OpenAPI), [`rewrite`] (headers
+/// and target for the upstream), [`send`]. Each step either hands the request on or
+/// refuses it with what to record. The body is taken out of `body` only when it is read
+/// or forwarded; the caller drains what is left.
 async fn forward<'r>(
     gw: &Gateway,
     route: &'r Route,
     parts: http::request::Parts,
     body: &mut Option<Body>,
-) -> (Outcome<'r>, Response) {
-    let c = &route.counters;
-    let reject = |device: Option<Arc<AuthenticatedDevice>>, reason: &'static str, p: Problem| {
-        (Outcome::of(device, reason), p.into_response())
-    };
+) -> Result<(Record<'r>, Response), Refused<'r>> {
+    let (device, peer) = admit(gw, route, &parts).await?;
+    let checked = validate(route, &device, &parts, body).await?;
+    let (parts, outgoing, over_limit) = rewrite(route, &device, peer.as_ref(), parts, checked.buffered, body)
+        .map_err(|p| refuse(Some(device.clone()), Outcome::BadPath, p))?;
+    Ok(send(route, parts, outgoing, &over_limit, checked.record).await)
+}
 
+/// Who is calling, and may they use this route now: a canonical path, a device
+/// certificate that authenticates against the live registry, the identity binding, the
+/// route's groups and the device's rate.
+async fn admit<'r>(
+    gw: &Gateway,
+    route: &'r Route,
+    parts: &http::request::Parts,
+) -> Result<(Arc<AuthenticatedDevice>, Option<PeerCertificate>), Refused<'r>> {
     if let Some(why) = path_problem(parts.uri.path()) {
-        bump(&c.bad_path);
-        return reject(None, "bad_path", Problem::new(StatusCode::BAD_REQUEST, "bad-path", why));
+        return Err(refuse(None, Outcome::BadPath, Problem::new(StatusCode::BAD_REQUEST, "bad-path", why)));
     }
     let peer = parts.extensions.get::<PeerCertificate>().cloned();
     let device = match gw.authority.authenticate(peer.as_ref()).await {
@@ -492,64 +500,59 @@ async fn forward<'r>(
                 (&gw.unauthenticated, parts.extensions.get::<ConnectInfo<SocketAddr>>())
                 && let Err(wait) = limiter.check(&addr.ip(), Instant::now())
             {
-                bump(&c.rate_limited);
-                return (
-                    Outcome::of(None, "unauthenticated_rate_limited"),
+                return Err((
+                    Record::of(None, Outcome::UnauthenticatedRateLimited),
                     too_many(wait, "unauthenticated requests from your address"),
-                );
+                ));
             }
-            let forbidden = e.is_forbidden();
-            bump(if forbidden { &c.forbidden } else { &c.unauthenticated });
-            return reject(
-                None,
-                if forbidden { "forbidden" } else { "unauthenticated" },
-                est::auth_problem(&e),
-            );
+            let outcome = if e.is_forbidden() { Outcome::Forbidden } else { Outcome::Unauthenticated };
+            return Err(refuse(None, outcome, est::auth_problem(&e)));
         }
     };
     let id = Some(device.clone());
     if let Some(named) = bound_device(&route.bindings, parts.uri.path())
         && named != device.id.as_str()
     {
-        bump(&c.binding_mismatch);
-        return reject(
-            id,
-            "binding_mismatch",
-            Problem::new(
-                StatusCode::FORBIDDEN,
-                "identity-binding",
-                format!("path names device {named:?} but the caller is {}", device.id),
-            ),
-        );
+        let detail = format!("path names device {named:?} but the caller is {}", device.id);
+        let p = Problem::new(StatusCode::FORBIDDEN, "identity-binding", detail);
+        return Err(refuse(id, Outcome::BindingMismatch, p));
     }
     if !route.cfg.groups.is_empty() && !route.cfg.groups.contains(&device.group) {
-        bump(&c.group_denied);
-        return reject(
-            id,
-            "group_denied",
-            Problem::new(
-                StatusCode::FORBIDDEN,
-                "group-denied",
-                format!("group {} may not use route {}", device.group, route.cfg.prefix),
-            ),
-        );
+        let detail = format!("group {} may not use route {}", device.group, route.cfg.prefix);
+        let p = Problem::new(StatusCode::FORBIDDEN, "group-denied", detail);
+        return Err(refuse(id, Outcome::GroupDenied, p));
     }
     if let Some(limiter) = &route.limiter
         && let Err(wait) = limiter.check(&device.id, Instant::now())
     {
-        bump(&c.rate_limited);
         let what = format!("requests of this device on route {}", route.cfg.prefix);
-        return (Outcome::of(id, "rate_limited"), too_many(wait, &what));
+        return Err((Record::of(id, Outcome::RateLimited), too_many(wait, &what)));
     }
+    Ok((device, peer))
+}
+
+/// A request that passed [`validate`]: what to record, and its body if it was read.
+struct Checked<'r> {
+    record: Record<'r>,
+    buffered: Option<bytes::Bytes>,
+}
+
+/// Is the request what the route accepts: one Content-Type, a body within the limit,
+/// and (with an OpenAPI document) an operation whose parameters and body pass. In log
+/// mode a violation is recorded and the request goes on.
+async fn validate<'r>(
+    route: &'r Route,
+    device: &Arc<AuthenticatedDevice>,
+    parts: &http::request::Parts,
+    body: &mut Option<Body>,
+) -> Result<Checked<'r>, Refused<'r>> {
+    let id = Some(device.clone());
     // The body is validated under the first Content-Type; a last-wins backend would read
     // it under another.
     if parts.headers.get_all(header::CONTENT_TYPE).iter().nth(1).is_some() {
-        bump(&c.invalid_request);
-        return reject(
-            id,
-            "duplicate_header",
-            Problem::new(StatusCode::BAD_REQUEST, "duplicate-header", "Content-Type is given more than once"),
-        );
+        let p =
+            Problem::new(StatusCode::BAD_REQUEST, "duplicate-header", "Content-Type is given more than once");
+        return Err(refuse(id, Outcome::DuplicateHeader, p));
     }
     let declared = parts
         .headers
@@ -559,97 +562,94 @@ async fn forward<'r>(
     if let Some(len) = declared
         && len > route.cfg.max_body_bytes
     {
-        bump(&c.body_too_large);
-        return reject(
-            id,
-            "body_too_large",
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
-                format!(
-                    "request body exceeds the {} bytes allowed on {}",
-                    route.cfg.max_body_bytes, route.cfg.prefix
-                ),
-            ),
+        let detail = format!(
+            "request body exceeds the {} bytes allowed on {}",
+            route.cfg.max_body_bytes, route.cfg.prefix
         );
+        let p = Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", detail);
+        return Err(refuse(id, Outcome::BodyTooLarge, p));
     }
-
-    let mut outcome = Outcome::of(id.clone(), "forwarded");
-    let mut buffered: Option<bytes::Bytes> = None;
-    if let Some(spec) = &route.spec {
-        let caller = Caller { device: device.id.as_str(), group: device.group.as_str() };
-        let (op, mut violation) =
-            match spec.check(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers, caller) {
-                Ok(op) => (Some(op), None),
-                Err((op, v)) => (op, Some(v)),
-            };
-        outcome.operation = op.map(|o| o.id());
-        let action = op.and_then(|o| o.action()).unwrap_or(route.cfg.action);
-        let mut plan = None;
-        if violation.is_none()
-            && let Some(op) = op
-        {
-            let has_body = match declared {
-                Some(len) => len > 0,
-                None => body.as_ref().is_some_and(|b| !b.is_end_stream()),
-            };
-            let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-            match spec.body_plan(op, ct, has_body) {
-                Ok(p) => plan = Some(p),
-                Err(v) => violation = Some(v),
-            }
-        }
-        if let Some(p) = plan.as_ref().filter(|p| p.needs_body()) {
-            let limit = usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX);
-            let unread = body.take().unwrap_or_default();
-            match http_body_util::Limited::new(unread, limit).collect().await {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    if let Err(v) = p.check(&bytes) {
-                        violation = Some(v);
-                    }
-                    buffered = Some(bytes);
-                }
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    let v = crate::openapi::too_large(route.cfg.max_body_bytes, &route.cfg.prefix);
-                    bump(&c.body_too_large);
-                    return ((Outcome { reason: "body_too_large", ..outcome }), violation_response(v));
-                }
-                Err(_) => {
-                    bump(&c.invalid_request);
-                    let p =
-                        Problem::new(StatusCode::BAD_REQUEST, "bad-body", "request body could not be read");
-                    return (Outcome { reason: "bad_body", ..outcome }, p.into_response());
-                }
-            }
-        }
-        if let Some(v) = violation {
-            if action == Action::Block || v.always_enforced {
-                bump(violation_counter(c, v.reason));
-                return (Outcome { reason: v.reason, ..outcome }, violation_response(v));
-            }
-            // Shadow mode: record what would have been refused, then forward.
-            bump(&c.violations_logged);
-            gw.metrics
-                .violations
-                .get_or_create(&RequestLabels { route: route.cfg.prefix.clone(), outcome: v.reason })
-                .inc();
-            tracing::warn!(
-                target: "portcullis::access",
-                route = %route.cfg.prefix,
-                device = %device.id,
-                operation = outcome.operation.unwrap_or("-"),
-                status = v.status.as_u16(),
-                reason = v.reason,
-                detail = %v.detail,
-                "violation forwarded (action = log)"
-            );
-            outcome.logged = Some(v.reason);
+    let mut record = Record::of(id, Outcome::Forwarded);
+    let Some(spec) = &route.spec else { return Ok(Checked { record, buffered: None }) };
+    let caller = Caller { device: device.id.as_str(), group: device.group.as_str() };
+    let (op, mut violation) =
+        match spec.check(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers, caller) {
+            Ok(op) => (Some(op), None),
+            Err((op, v)) => (op, Some(v)),
+        };
+    record.operation = op.map(|o| o.id());
+    let action = op.and_then(|o| o.action()).unwrap_or(route.cfg.action);
+    let mut plan = None;
+    if violation.is_none()
+        && let Some(op) = op
+    {
+        let has_body = match declared {
+            Some(len) => len > 0,
+            None => body.as_ref().is_some_and(|b| !b.is_end_stream()),
+        };
+        let ct = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        match spec.body_plan(op, ct, has_body) {
+            Ok(p) => plan = Some(p),
+            Err(v) => violation = Some(v),
         }
     }
+    let mut buffered = None;
+    if let Some(p) = plan.as_ref().filter(|p| p.needs_body()) {
+        let limit = usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX);
+        let unread = body.take().unwrap_or_default();
+        match http_body_util::Limited::new(unread, limit).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                if let Err(v) = p.check(&bytes) {
+                    violation = Some(v);
+                }
+                buffered = Some(bytes);
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let v = crate::openapi::too_large(route.cfg.max_body_bytes, &route.cfg.prefix);
+                return Err((Record { outcome: Outcome::BodyTooLarge, ..record }, violation_response(v)));
+            }
+            Err(_) => {
+                let p = Problem::new(StatusCode::BAD_REQUEST, "bad-body", "request body could not be read");
+                return Err((Record { outcome: Outcome::BadBody, ..record }, p.into_response()));
+            }
+        }
+    }
+    if let Some(v) = violation {
+        let outcome = Outcome::of_violation(v.reason);
+        if action == Action::Block || v.always_enforced {
+            return Err((Record { outcome, ..record }, violation_response(v)));
+        }
+        // Shadow mode: record what would have been refused, then forward.
+        route.counters.count_logged(outcome);
+        tracing::warn!(
+            target: "portcullis::access",
+            route = %route.cfg.prefix,
+            device = %device.id,
+            operation = record.operation.unwrap_or("-"),
+            status = v.status.as_u16(),
+            reason = v.reason,
+            detail = %v.detail,
+            "violation forwarded (action = log)"
+        );
+        record.logged = Some(v.reason);
+    }
+    Ok(Checked { record, buffered })
+}
 
+/// The request as the upstream gets it: the gateway's headers stripped and set (device,
+/// group, forwarding, client certificate), origin-form target under the upstream's base
+/// path, the upstream's `Host`, and the body (read, or streamed within the limit; the
+/// flag says when a stream ran past it). Refused (400) if the target cannot be built.
+fn rewrite(
+    route: &Route,
+    device: &AuthenticatedDevice,
+    peer: Option<&PeerCertificate>,
+    mut parts: http::request::Parts,
+    buffered: Option<bytes::Bytes>,
+    body: &mut Option<Body>,
+) -> Result<(http::request::Parts, Outgoing, Arc<std::sync::atomic::AtomicBool>), Problem> {
     let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let mut parts = parts;
     // The upstream exchange writes its own framing (Content-Length or chunked).
     let limit = usize::try_from(route.cfg.max_body_bytes).unwrap_or(usize::MAX);
     // A body streamed without a length that runs past the limit ends the upstream
@@ -697,7 +697,7 @@ async fn forward<'r>(
         (Forwarded::None, _) => {}
     }
     if route.cfg.client_cert_header
-        && let Some(leaf) = peer.as_ref().and_then(|p| p.chain.first())
+        && let Some(leaf) = peer.and_then(|p| p.chain.first())
     {
         // RFC 9440: a structured-field byte sequence of the DER certificate.
         let v = format!(":{}:", base64::engine::general_purpose::STANDARD.encode(leaf));
@@ -718,62 +718,48 @@ async fn forward<'r>(
         uri.push_str(path_and_query);
         Uri::try_from(uri).map_err(|_| ())
     };
-    parts.uri = match forwarded_uri {
-        Ok(u) => u,
-        Err(_) => {
-            bump(&c.bad_path);
-            return reject(
-                id,
-                "bad_path",
-                Problem::new(StatusCode::BAD_REQUEST, "bad-path", "request target cannot be forwarded"),
-            );
-        }
-    };
+    parts.uri = forwarded_uri.map_err(|_| {
+        Problem::new(StatusCode::BAD_REQUEST, "bad-path", "request target cannot be forwarded")
+    })?;
     if let Some(host) = &route.host {
         parts.headers.insert(header::HOST, host.clone());
     }
+    Ok((parts, outgoing, over_limit))
+}
+
+/// Sends the request upstream within the route's timeout; the answer with its
+/// hop-by-hop headers stripped, or 413 / 502 / 504.
+async fn send<'r>(
+    route: &'r Route,
+    parts: http::request::Parts,
+    outgoing: Outgoing,
+    over_limit: &std::sync::atomic::AtomicBool,
+    record: Record<'r>,
+) -> (Record<'r>, Response) {
     match tokio::time::timeout(route.cfg.timeout, route.upstream.send(&parts, outgoing)).await {
         Ok(Ok(resp)) => {
-            bump(&c.forwarded);
             let (mut parts, body) = resp.into_parts();
             strip(&mut parts.headers, Strip::HopByHop);
-            (outcome, Response::from_parts(parts, Body::new(body)))
+            (record, Response::from_parts(parts, Body::new(body)))
         }
         Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => {
-            bump(&c.body_too_large);
             let v = crate::openapi::too_large(route.cfg.max_body_bytes, &route.cfg.prefix);
-            (Outcome { reason: "body_too_large", ..outcome }, violation_response(v))
+            (Record { outcome: Outcome::BodyTooLarge, ..record }, violation_response(v))
         }
         Ok(Err(e)) => {
-            bump(&c.upstream_error);
             tracing::warn!(route = %route.cfg.prefix, error = %e, "upstream request failed");
-            let id = outcome.device.clone();
-            reject(
-                id,
-                "upstream_error",
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unavailable",
-                    format!("upstream of {} is unavailable", route.cfg.prefix),
-                ),
-            )
+            let detail = format!("upstream of {} is unavailable", route.cfg.prefix);
+            let p = Problem::new(StatusCode::BAD_GATEWAY, "upstream-unavailable", detail);
+            (Record { outcome: Outcome::UpstreamError, ..record }, p.into_response())
         }
         Err(_) => {
-            bump(&c.upstream_timeout);
-            let id = outcome.device.clone();
-            reject(
-                id,
-                "upstream_timeout",
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream-timeout",
-                    format!(
-                        "upstream of {} did not answer within {} ms",
-                        route.cfg.prefix,
-                        route.cfg.timeout.as_millis()
-                    ),
-                ),
-            )
+            let detail = format!(
+                "upstream of {} did not answer within {} ms",
+                route.cfg.prefix,
+                route.cfg.timeout.as_millis()
+            );
+            let p = Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", detail);
+            (Record { outcome: Outcome::UpstreamTimeout, ..record }, p.into_response())
         }
     }
 }

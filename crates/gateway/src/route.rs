@@ -3,14 +3,12 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use portcullis_core::{DeviceId, GroupName};
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -175,40 +173,22 @@ pub(crate) fn bound_device<'p>(bindings: &[Vec<Seg>], path: &'p str) -> Option<C
     })
 }
 
-#[derive(Debug, Default, Serialize)]
-pub(crate) struct Counters {
-    pub(crate) forwarded: AtomicU64,
-    pub(crate) unauthenticated: AtomicU64,
-    pub(crate) forbidden: AtomicU64,
-    pub(crate) group_denied: AtomicU64,
-    pub(crate) rate_limited: AtomicU64,
-    pub(crate) body_too_large: AtomicU64,
-    pub(crate) bad_path: AtomicU64,
-    pub(crate) binding_mismatch: AtomicU64,
-    pub(crate) no_operation: AtomicU64,
-    pub(crate) method_not_allowed: AtomicU64,
-    pub(crate) unsupported_media_type: AtomicU64,
-    pub(crate) invalid_request: AtomicU64,
-    pub(crate) violations_logged: AtomicU64,
-    pub(crate) upstream_error: AtomicU64,
-    pub(crate) upstream_timeout: AtomicU64,
-}
-
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) cfg: RouteConfig,
-    /// Handles into the metric families for the hot path, resolved once per load.
-    pub(crate) forwarded: Counter,
+    /// Handles into the metric families for the hot path, resolved once per load: the
+    /// one set of counters behind both `/metrics` and `describe`.
+    pub(crate) counters: crate::outcome::RouteCounters,
     pub(crate) latency: Histogram,
     pub(crate) bindings: Vec<Vec<Seg>>,
     pub(crate) base: Uri,
     /// `Host` for the upstream: the authority of `base`.
     pub(crate) host: Option<HeaderValue>,
     pub(crate) limiter: Option<Limiter<DeviceId>>,
-    pub(crate) counters: Counters,
     pub(crate) spec: Option<Spec>,
-    /// Pooled upstream connections, one pool per device-port worker, so a request and
-    /// its upstream connection stay on one thread.
+    /// Pooled upstream connections, one pool per device-port worker (sized when the
+    /// gateway takes the table), so a request and its upstream connection stay on one
+    /// thread.
     pub(crate) upstream: Upstream,
 }
 
@@ -279,18 +259,17 @@ impl RouteTable {
                 .path_and_query("/")
                 .build()
                 .map_err(|_| bad("not a URL"))?;
-            let upstream = Upstream::new(connector(tls), target, crate::listener::worker_count(0));
+            let upstream = Upstream::new(connector(tls), target);
             routes.push(Route {
                 spec,
                 upstream,
-                forwarded: Counter::default(),
+                counters: Default::default(),
                 latency: Histogram::new(std::iter::empty()),
                 cfg,
                 bindings,
                 host: base.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
                 base,
                 limiter,
-                counters: Counters::default(),
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));

@@ -115,8 +115,14 @@ impl Failed {
 }
 
 impl Upstream {
-    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, target: Uri, workers: usize) -> Self {
-        Self { connector, target, pools: (0..workers.max(1)).map(|_| Pool::default()).collect() }
+    pub(crate) fn new(connector: HttpsConnector<HttpConnector>, target: Uri) -> Self {
+        Self { connector, target, pools: vec![Pool::default()] }
+    }
+
+    /// One pool per device-port worker (before the route serves: pooled connections
+    /// are dropped).
+    pub(crate) fn size_pools(&mut self, workers: usize) {
+        self.pools = (0..workers.max(1)).map(|_| Pool::default()).collect();
     }
 
     fn pool(&self) -> &Pool {
