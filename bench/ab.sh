@@ -55,14 +55,8 @@ with open(f"{work}/queries.txt", "w") as f:
     for i in range(20000):
         f.write(f"{random.choice(names)} A\n" if i % 2 else f"host{i % 1000}.example.net A\n")
 PY
-cat >"$work/ab.toml" <<CONF
-[gateway]
-unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
-[[gateway.routes]]
-prefix = "/api/"
-upstream = "http://127.0.0.1:$up_port"
-openapi = "$PWD/examples/telemetry.openapi.yaml"
-max_body_bytes = 4096
+gateway_route_conf "$up_port" >"$work/ab.toml"
+cat >>"$work/ab.toml" <<CONF
 rate_limit = { per_second = 1000000, burst = 1000000 }
 [dns]
 upstreams = ["127.0.0.1:$dns_up"]
@@ -85,10 +79,7 @@ for b in base new; do
   INSTANCE=$b PORTCULLIS_BIN="$dir/portcullis" start_portcullis "$work/ab.toml"
   DEV[$b]=$dev
   DNSPORT[$b]=${dns##*:}
-  token=$($P device add bench-cam 2>/dev/null)
-  "$dir/portcullis-agent" enroll --server "https://$dev" --ca "$work/root$b.pem" --id bench-cam \
-    --token "$token" --dir "$work/agent$b" >/dev/null
-  cat "$work/agent$b/chain.pem" "$work/agent$b/key.pem" >"$work/client$b.pem"
+  INSTANCE=$b AGENT_BIN="$dir/portcullis-agent" enroll_bench_cam "$b"
   code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$work/root$b.pem" --cert "$work/agent$b/chain.pem" \
     --key "$work/agent$b/key.pem" -H 'Content-Type: application/json' -d '{"temperature": 1000}' "https://$dev$path")
   [ "$code" = 400 ] || { echo "$b: validation is not on (got $code)" >&2; exit 1; }

@@ -36,18 +36,10 @@ up_port=$(free_port); ng_port=$(free_port)
 cat >"$work/portcullis.toml" <<CONF
 [device]
 workers = ${WORKERS:-0}
-[gateway]
-unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
-[[gateway.routes]]
-prefix = "/api/"
-upstream = "http://127.0.0.1:$up_port"
-openapi = "$PWD/examples/telemetry.openapi.yaml"
-max_body_bytes = 4096
 CONF
+gateway_route_conf "$up_port" >>"$work/portcullis.toml"
 start_portcullis "$work/portcullis.toml"
-token=$($P device add bench-cam 2>/dev/null)
-$AGENT_BIN enroll --server "https://$dev" --ca "$work/root.pem" --id bench-cam \
-  --token "$token" --dir "$work/agent" >/dev/null
+enroll_bench_cam
 
 nginx_upstream_conf "$up_port"
 NGINX_HTTP2=1 nginx_proxy_conf "$ng_port" "$up_port" ${NGINX_WORKERS:-2}

@@ -18,19 +18,10 @@ up_port=$(free_port); ng_port=$(free_port)
 cat >"$work/portcullis.toml" <<CONF
 [device]
 workers = 1
-[gateway]
-unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
-[[gateway.routes]]
-prefix = "/api/"
-upstream = "http://127.0.0.1:$up_port"
-openapi = "$PWD/examples/telemetry.openapi.yaml"
-max_body_bytes = 4096
 CONF
+gateway_route_conf "$up_port" >>"$work/portcullis.toml"
 PORTCULLIS_ENV="valgrind --tool=callgrind --callgrind-out-file=$work/pc.out" start_portcullis "$work/portcullis.toml"
-token=$($P device add bench-cam 2>/dev/null)
-target/release/portcullis-agent enroll --server "https://$dev" --ca "$work/root.pem" --id bench-cam \
-  --token "$token" --dir "$work/agent" >/dev/null
-cat "$work/agent/chain.pem" "$work/agent/key.pem" >"$work/client.pem"
+enroll_bench_cam
 nginx_upstream_conf "$up_port"
 nginx_proxy_conf "$ng_port" "$up_port" 1 "master_process off;"
 nginx -c "$work/up/nginx.conf" -g 'daemon off;' &

@@ -32,19 +32,10 @@ up_port=$(free_port); ng_port=$(free_port)
 cat >"$work/portcullis.toml" <<CONF
 [device]
 workers = ${WORKERS:-0}
-[gateway]
-unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
-[[gateway.routes]]
-prefix = "/api/"
-upstream = "http://127.0.0.1:$up_port"
-openapi = "$PWD/examples/telemetry.openapi.yaml"
-max_body_bytes = 4096
 CONF
+gateway_route_conf "$up_port" >>"$work/portcullis.toml"
 start_portcullis "$work/portcullis.toml"
-token=$($P device add bench-cam 2>/dev/null)
-target/release/portcullis-agent enroll --server "https://$dev" --ca "$work/root.pem" --id bench-cam \
-  --token "$token" --dir "$work/agent" >/dev/null
-cat "$work/agent/chain.pem" "$work/agent/key.pem" >"$work/client.pem"
+enroll_bench_cam
 
 # Two nginx instances, so each one's CPU can be measured: the upstream (1 worker) and
 # the mTLS proxy (NGINX_WORKERS, default 2: one per core).

@@ -34,6 +34,31 @@ start_portcullis() {
   $P ca chain >"$work/chain${INSTANCE:-}.pem"
 }
 
+# gateway_route_conf UPSTREAM-PORT: the gateway benchmarks' route (OpenAPI validation of
+# the telemetry API, 4 KiB bodies) with the unauthenticated limit out of the way.
+gateway_route_conf() {
+  cat <<CONF
+[gateway]
+unauthenticated_per_ip = { per_second = 1000000, burst = 1000000 }
+[[gateway.routes]]
+prefix = "/api/"
+upstream = "http://127.0.0.1:$1"
+openapi = "$PWD/examples/telemetry.openapi.yaml"
+max_body_bytes = 4096
+CONF
+}
+
+# enroll_bench_cam [SUFFIX]: registers bench-cam on the instance started last and enrolls
+# it with the agent ($AGENT_BIN) into $work/agentSUFFIX; $work/clientSUFFIX.pem holds its
+# chain and key (for ab -E).
+enroll_bench_cam() {
+  local token
+  token=$($P device add bench-cam 2>/dev/null)
+  $AGENT_BIN enroll --server "https://$dev" --ca "$work/root${INSTANCE:-}.pem" --id bench-cam \
+    --token "$token" --dir "$work/agent${1:-}" >/dev/null
+  cat "$work/agent${1:-}/chain.pem" "$work/agent${1:-}/key.pem" >"$work/client${1:-}.pem"
+}
+
 # The gateway benchmarks' nginx pair, both written under $work:
 #   nginx_upstream_conf UPSTREAM-PORT: $work/up/nginx.conf, `return 200` on plain HTTP;
 #   nginx_proxy_conf PORT UPSTREAM-PORT WORKERS [EXTRA-MAIN-DIRECTIVE]: $work/nginx/nginx.conf,

@@ -136,7 +136,8 @@ impl AdminClient {
 
     /// Another one-time enrollment token for a device.
     pub async fn new_token(&self, id: &str, ttl: Option<&str>) -> Result<wire::TokenIssued, ClientError> {
-        self.post_as(&format!("/v1/devices/{}/tokens", seg(id)), &serde_json::json!({ "ttl": ttl })).await
+        self.post_as(&format!("/v1/devices/{}/tokens", component(id)), &serde_json::json!({ "ttl": ttl }))
+            .await
     }
 
     /// Every device.
@@ -146,7 +147,7 @@ impl AdminClient {
 
     /// One device with its certificates.
     pub async fn device(&self, id: &str) -> Result<wire::DeviceDetail, ClientError> {
-        self.get_as(&format!("/v1/devices/{}", seg(id))).await
+        self.get_as(&format!("/v1/devices/{}", component(id))).await
     }
 
     /// `suspend`, `resume` or `revoke` a device.
@@ -156,8 +157,11 @@ impl AdminClient {
         action: &str,
         reason: Option<&str>,
     ) -> Result<wire::DeviceChanged, ClientError> {
-        self.post_as(&format!("/v1/devices/{}/{action}", seg(id)), &serde_json::json!({ "reason": reason }))
-            .await
+        self.post_as(
+            &format!("/v1/devices/{}/{action}", component(id)),
+            &serde_json::json!({ "reason": reason }),
+        )
+        .await
     }
 
     /// Replaces a device's source addresses.
@@ -167,7 +171,7 @@ impl AdminClient {
         addresses: &[String],
     ) -> Result<wire::DeviceChanged, ClientError> {
         self.post_as(
-            &format!("/v1/devices/{}/addresses", seg(id)),
+            &format!("/v1/devices/{}/addresses", component(id)),
             &serde_json::json!({ "addresses": addresses }),
         )
         .await
@@ -175,7 +179,7 @@ impl AdminClient {
 
     /// One certificate.
     pub async fn certificate(&self, serial: &str) -> Result<wire::CertificateDetail, ClientError> {
-        self.get_as(&format!("/v1/certificates/{}", seg(serial))).await
+        self.get_as(&format!("/v1/certificates/{}", component(serial))).await
     }
 
     /// Revokes one certificate with an RFC 5280 reason name.
@@ -186,7 +190,7 @@ impl AdminClient {
         note: Option<&str>,
     ) -> Result<wire::CertificateRevoked, ClientError> {
         self.post_as(
-            &format!("/v1/certificates/{}/revoke", seg(serial)),
+            &format!("/v1/certificates/{}/revoke", component(serial)),
             &serde_json::json!({ "reason": reason, "note": note }),
         )
         .await
@@ -195,7 +199,7 @@ impl AdminClient {
     /// The event log, optionally of one device.
     pub async fn events(&self, device: Option<&str>) -> Result<wire::EventList, ClientError> {
         match device {
-            Some(d) => self.get_as(&format!("/v1/events?device={}", seg(d))).await,
+            Some(d) => self.get_as(&format!("/v1/events?device={}", component(d))).await,
             None => self.get_as("/v1/events").await,
         }
     }
@@ -269,15 +273,9 @@ impl ClientError {
 }
 
 /// One path segment or query value, percent-encoded (ids and serials are plain, but the
-/// CLI passes whatever the operator typed).
-fn seg(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// CLI passes whatever the operator typed). RFC 3986 unreserved characters stay.
+pub fn component(v: &str) -> String {
+    const UNRESERVED: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    percent_encoding::utf8_percent_encode(v, UNRESERVED).to_string()
 }

@@ -12,4 +12,4 @@ mod firmware;
 pub mod wire;
 
 pub use api::{AdminToken, Reload, Running, router};
-pub use client::{AdminClient, ClientError};
+pub use client::{AdminClient, ClientError, component};

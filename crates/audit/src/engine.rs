@@ -15,7 +15,7 @@ use portcullis_core::{Cidr, DeviceState};
 use portcullis_store::{
     Actor, AuditScope, AuditSummary, AuditTotals, Device, FindingCounts, FindingRecord, NotTested, Store,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
@@ -29,70 +29,40 @@ use crate::scan::{self, PortState};
 use crate::{ports, wire};
 use portcullis_store::Profile;
 
-/// What to audit and how hard to push.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// What to audit and how hard to push: the scope (recorded with the run) and the
+/// operator's credentials to try after the built-in list (never recorded or echoed; the
+/// run records only how many there were).
+#[derive(Debug, Clone, Default)]
 pub struct AuditRequest {
-    /// Only this device.
-    #[serde(default)]
-    pub device: Option<String>,
-    /// Only this group.
-    #[serde(default)]
-    pub group: Option<String>,
-    /// Only these addresses; each must be an inventory device's address.
-    #[serde(default)]
-    pub addresses: Vec<String>,
-    /// Port expression (`default`, `1-1024,8080`, `all`).
-    #[serde(default)]
-    pub ports: Option<String>,
-    /// Plan only.
-    #[serde(default)]
-    pub dry_run: bool,
-    /// Global cap on probes (connection attempts) per second.
-    #[serde(default)]
-    pub rate: Option<u32>,
-    /// Concurrent probes per device.
-    #[serde(default)]
-    pub per_device: Option<usize>,
-    /// TCP connect timeout in milliseconds.
-    #[serde(default)]
-    pub connect_timeout_ms: Option<u64>,
-    /// Login attempts per device, over all its services.
-    #[serde(default)]
-    pub attempts: Option<u32>,
-    /// Skip the default-credential check.
-    #[serde(default)]
-    pub no_credentials: bool,
-    /// Exposure check alone: the connect scan, without service identification, TLS
-    /// checks or logins.
-    #[serde(default)]
-    pub scan_only: bool,
-    /// Operator-supplied credentials, tried after the built-in list (never echoed).
-    #[serde(default, skip_serializing)]
+    /// What to audit.
+    pub scope: AuditScope,
+    /// Operator-supplied credentials.
     pub credentials: Vec<Credential>,
-    /// Certificates expiring within this many days are findings.
-    #[serde(default)]
-    pub cert_expiry_days: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for AuditRequest {
+    /// The scope's fields and `credentials`, in one object (as the admin API takes it).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut fields = serde_json::Map::<String, Value>::deserialize(d)?;
+        if fields.contains_key("operator_credentials") {
+            return Err(D::Error::custom("unknown field `operator_credentials`: it is recorded, not asked"));
+        }
+        let credentials = match fields.remove("credentials") {
+            Some(v) => {
+                serde_json::from_value(v).map_err(|e| D::Error::custom(format!("credentials: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        let scope = AuditScope::deserialize(Value::Object(fields)).map_err(D::Error::custom)?;
+        Ok(Self { scope, credentials })
+    }
 }
 
 impl AuditRequest {
-    /// What is recorded of the request: everything but the credentials (only their count).
+    /// What is recorded of the request: the scope and how many credentials came with it.
     pub fn scope(&self) -> AuditScope {
-        AuditScope {
-            device: self.device.clone(),
-            group: self.group.clone(),
-            addresses: self.addresses.clone(),
-            ports: self.ports.clone(),
-            dry_run: self.dry_run,
-            rate: self.rate,
-            per_device: self.per_device,
-            connect_timeout_ms: self.connect_timeout_ms,
-            attempts: self.attempts,
-            no_credentials: self.no_credentials,
-            scan_only: self.scan_only,
-            cert_expiry_days: self.cert_expiry_days,
-            operator_credentials: self.credentials.len(),
-        }
+        AuditScope { operator_credentials: self.credentials.len(), ..self.scope.clone() }
     }
 }
 
@@ -299,32 +269,33 @@ impl Auditor {
     /// address of an inventory device; anything else is refused.
     pub async fn plan(&self, req: &AuditRequest) -> Result<Plan, AuditError> {
         let refuse = |s: String| AuditError::Refused(s);
-        let ports = ports::parse(req.ports.as_deref().unwrap_or("default")).map_err(refuse)?;
-        let rate = req.rate.unwrap_or(limits::RATE);
+        let ports = ports::parse(req.scope.ports.as_deref().unwrap_or("default")).map_err(refuse)?;
+        let rate = req.scope.rate.unwrap_or(limits::RATE);
         if rate == 0 || rate > limits::MAX_RATE {
             return Err(refuse(format!("rate: {rate} probes/s is outside 1-{}", limits::MAX_RATE)));
         }
-        let per_device = req.per_device.unwrap_or(limits::PER_DEVICE);
+        let per_device = req.scope.per_device.unwrap_or(limits::PER_DEVICE);
         if per_device == 0 || per_device > limits::SOCKETS {
             return Err(refuse(format!("per_device: {per_device} is outside 1-{}", limits::SOCKETS)));
         }
-        let connect =
-            Duration::from_millis(req.connect_timeout_ms.unwrap_or(limits::CONNECT_MS).clamp(50, 30_000));
+        let connect = Duration::from_millis(
+            req.scope.connect_timeout_ms.unwrap_or(limits::CONNECT_MS).clamp(50, 30_000),
+        );
         let devices = self.store.devices().await?;
         let profiles: HashMap<String, Profile> =
             self.store.profiles().await?.into_iter().map(|p| (p.name, p.document)).collect();
-        if let Some(d) = &req.device
+        if let Some(d) = &req.scope.device
             && !devices.iter().any(|x| x.id.as_str() == d)
         {
             return Err(refuse(format!("device {d} is not in the inventory")));
         }
-        if let Some(g) = &req.group
+        if let Some(g) = &req.scope.group
             && !devices.iter().any(|x| x.group.as_str() == g)
         {
             return Err(refuse(format!("group {g} has no devices in the inventory")));
         }
         let mut wanted: Vec<IpAddr> = Vec::new();
-        for a in &req.addresses {
+        for a in &req.scope.addresses {
             let ip: IpAddr =
                 a.trim().parse().map_err(|_| refuse(format!("address {a:?} is not an IP address")))?;
             wanted.push(ip);
@@ -333,8 +304,8 @@ impl Auditor {
         let mut targets = Vec::new();
         let mut matched: BTreeSet<IpAddr> = BTreeSet::new();
         for d in devices {
-            if req.device.as_deref().is_some_and(|x| x != d.id.as_str())
-                || req.group.as_deref().is_some_and(|g| g != d.group.as_str())
+            if req.scope.device.as_deref().is_some_and(|x| x != d.id.as_str())
+                || req.scope.group.as_deref().is_some_and(|g| g != d.group.as_str())
             {
                 continue;
             }
@@ -376,7 +347,7 @@ impl Auditor {
             return Err(refuse("no devices in scope".into()));
         }
         let mut creds = Vec::new();
-        if !req.no_credentials && !req.scan_only {
+        if !req.scope.no_credentials && !req.scope.scan_only {
             creds = creds::built_in();
             for c in &req.credentials {
                 if !creds.contains(c) {
@@ -394,17 +365,17 @@ impl Auditor {
             rate,
             per_device,
             connect,
-            attempts: req.attempts.unwrap_or(limits::ATTEMPTS),
+            attempts: req.scope.attempts.unwrap_or(limits::ATTEMPTS),
             creds,
-            expiry_days: req.cert_expiry_days.unwrap_or(limits::EXPIRY_DAYS),
-            scan_only: req.scan_only,
+            expiry_days: req.scope.cert_expiry_days.unwrap_or(limits::EXPIRY_DAYS),
+            scan_only: req.scope.scan_only,
         })
     }
 
     /// Starts a run in the background (or returns the plan for a dry run).
     pub async fn start(self: &Arc<Self>, req: AuditRequest, actor: Actor) -> Result<Started, AuditError> {
         let plan = self.plan(&req).await?;
-        if req.dry_run {
+        if req.scope.dry_run {
             return Ok(Started::Plan(plan.describe()));
         }
         let progress = Arc::new(Progress::default());

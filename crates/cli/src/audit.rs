@@ -46,10 +46,6 @@ pub fn auditor(
     )
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
 fn list(v: &Value) -> String {
     let items: Vec<String> = v
         .as_array()
@@ -115,7 +111,7 @@ pub async fn profile_import_mud(
         serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", file.display()))?;
     let r = c.post("/v1/profiles/import-mud", &json!({ "name": name, "mud": mud })).await?;
     if as_json {
-        print_json(&r);
+        crate::manage::print_json(&r);
         return Ok(());
     }
     let p = &r["profile"];
@@ -136,7 +132,7 @@ pub async fn profile_import_mud(
 pub async fn profile_list(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
     let r = c.get("/v1/profiles").await?;
     if as_json {
-        print_json(&r);
+        crate::manage::print_json(&r);
         return Ok(());
     }
     println!("{:<20} {:<16} {:<10} {:<12} {:<30} DEVICES", "NAME", "TCP", "UDP", "TLS", "DOMAINS");
@@ -227,7 +223,7 @@ pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
     let r = c.post("/v1/audit/runs", &req).await?;
     if f.dry_run {
         if f.json {
-            print_json(&r["plan"]);
+            crate::manage::print_json(&r["plan"]);
         } else {
             print_plan(&r["plan"]);
         }
@@ -280,7 +276,7 @@ pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
         eprintln!();
     }
     if f.json {
-        print_json(&done);
+        crate::manage::print_json(&done);
         return Ok(());
     }
     print_findings(&done);
@@ -367,7 +363,7 @@ pub async fn report(c: &AdminClient, run: Option<&str>, format: &str) -> anyhow:
 pub async fn runs(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
     let r = c.get("/v1/audit/runs").await?;
     if as_json {
-        print_json(&r);
+        crate::manage::print_json(&r);
         return Ok(());
     }
     println!(

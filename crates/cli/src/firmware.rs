@@ -161,14 +161,6 @@ pub enum KeysCmd {
     },
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn enc(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
 fn print_target(t: &Value) {
     println!(
         "published {} ({} bytes, sha256 {})",
@@ -194,18 +186,18 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let mut path = format!(
                 "/v1/firmware/targets?hardware={}&version={}&name={}",
-                enc(&hardware),
-                enc(&version),
-                enc(&name)
+                portcullis_admin::component(&hardware),
+                portcullis_admin::component(&version),
+                portcullis_admin::component(&name)
             );
             if let Some(n) = notes {
-                path.push_str(&format!("&notes={}", enc(&n)));
+                path.push_str(&format!("&notes={}", portcullis_admin::component(&n)));
             }
             if allow_downgrade {
                 path.push_str("&allow_downgrade=true");
             }
             let r = c.post_bytes(&path, bytes.into()).await?;
-            if json { print_json(&r) } else { print_target(&r["target"]) }
+            if json { crate::manage::print_json(&r) } else { print_target(&r["target"]) }
         }
         FirmwareCmd::Publish { keys: Some(_), .. } | FirmwareCmd::Keys(_) => {
             unreachable!("handled without the admin API")
@@ -215,7 +207,10 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
             println!("{root}");
         }
         FirmwareCmd::Metadata { role } => {
-            println!("{}", c.get_text(&format!("/v1/firmware/metadata/{}", enc(&role))).await?);
+            println!(
+                "{}",
+                c.get_text(&format!("/v1/firmware/metadata/{}", portcullis_admin::component(&role))).await?
+            );
         }
         FirmwareCmd::SignTargets { .. } => unreachable!("handled without the admin API"),
         FirmwareCmd::ImportTargets { signed, images } => {
@@ -239,7 +234,7 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
         FirmwareCmd::List { json } => {
             let r = c.get("/v1/firmware/targets").await?;
             if json {
-                print_json(&r);
+                crate::manage::print_json(&r);
                 return Ok(());
             }
             println!("{:<16} {:<12} {:>12}  {:<64}  PATH", "HARDWARE", "VERSION", "BYTES", "SHA256");
@@ -256,12 +251,12 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
         }
         FirmwareCmd::Status { hardware, json } => {
             let path = match &hardware {
-                Some(h) => format!("/v1/firmware/status?hardware={}", enc(h)),
+                Some(h) => format!("/v1/firmware/status?hardware={}", portcullis_admin::component(h)),
                 None => "/v1/firmware/status".to_owned(),
             };
             let r = c.get(&path).await?;
             if json {
-                print_json(&r);
+                crate::manage::print_json(&r);
                 return Ok(());
             }
             for hw in r["hardware"].as_array().into_iter().flatten() {
@@ -332,7 +327,7 @@ async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
         RolloutCmd::List { json } => {
             let r = c.get("/v1/firmware/rollouts").await?;
             if json {
-                print_json(&r);
+                crate::manage::print_json(&r);
             } else {
                 r["rollouts"].as_array().into_iter().flatten().for_each(print_rollout);
             }
@@ -340,7 +335,7 @@ async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
         }
     };
     if json {
-        print_json(&r)
+        crate::manage::print_json(&r)
     } else {
         print_rollout(&r)
     }
@@ -416,7 +411,7 @@ pub fn local(data_dir: &Path, cmd: FirmwareCmd) -> anyhow::Result<()> {
             let (file, hw, notes) = (&image.file, &image.hardware, image.notes.as_deref());
             let t = repo.publish(file, hw, &v, notes, image.allow_downgrade, Some(&KeyDir::new(keys)))?;
             let t = serde_json::to_value(&t)?;
-            if json { print_json(&json!({ "target": t })) } else { print_target(&t) }
+            if json { crate::manage::print_json(&json!({ "target": t })) } else { print_target(&t) }
         }
         _ => unreachable!("only key custody runs locally"),
     }

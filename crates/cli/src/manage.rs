@@ -28,7 +28,8 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("-")
 }
 
-fn print_json(v: &impl serde::Serialize) {
+/// Pretty JSON on stdout (`--json`).
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -145,27 +146,18 @@ pub async fn device_addresses(
 fn dns_query(device: Option<&str>, blocked: bool, since: Option<&str>, limit: Option<u32>) -> String {
     let mut q: Vec<String> = Vec::new();
     if let Some(d) = device {
-        q.push(format!("device={}", enc(d)));
+        q.push(format!("device={}", portcullis_admin::component(d)));
     }
     if blocked {
         q.push("blocked=true".into());
     }
     if let Some(s) = since {
-        q.push(format!("since={}", enc(s)));
+        q.push(format!("since={}", portcullis_admin::component(s)));
     }
     if let Some(l) = limit {
         q.push(format!("limit={l}"));
     }
     if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) }
-}
-
-fn enc(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 pub async fn dns_log(

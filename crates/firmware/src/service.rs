@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use portcullis_core::{DeviceId, DeviceState};
-use portcullis_store::{Actor, FirmwareOutcome, FirmwareReport, FirmwareStatus, RolloutRecord, Store};
-use serde::{Deserialize, Serialize};
+use portcullis_store::{Actor, FirmwareOutcome, FirmwareStatus, RolloutRecord, Store};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::repo::FirmwareRepo;
@@ -27,26 +27,7 @@ pub struct CheckIn {
 }
 
 /// A device's status report.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct Report {
-    /// One of [`REPORT_STATES`].
-    pub state: String,
-    /// Its hardware model.
-    pub hardware: String,
-    /// The version it runs.
-    pub installed: String,
-    /// The version the report is about.
-    pub version: String,
-    /// Why (free text, capped).
-    #[serde(default)]
-    pub reason: String,
-    /// The rollout that directed the update.
-    #[serde(default)]
-    pub rollout: Option<i64>,
-    /// The device the report claims to be from; must be the certificate's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-}
+pub use portcullis_store::FirmwareReport as Report;
 
 /// Firmware on the server: repository plus fleet state.
 #[derive(Debug)]
@@ -334,19 +315,11 @@ impl Firmware {
             }),
             rollout: report.rollout,
         };
-        let record = FirmwareReport {
-            state: report.state.clone(),
-            hardware: report.hardware.clone(),
-            installed: report.installed.clone(),
-            version: report.version.clone(),
-            reason: report.reason.clone(),
-            rollout: report.rollout,
-            device: device.to_string(),
-            at,
-        };
-        self.store.record_firmware_report(device, Some(record), status).await.map_err(store_err)?;
-        if let Some(id) = report.rollout
-            && matches!(report.state.as_str(), "failed" | "confirmed")
+        report.at = Some(at);
+        let (rollout, decisive) = (report.rollout, matches!(report.state.as_str(), "failed" | "confirmed"));
+        self.store.record_firmware_report(device, Some(report), status).await.map_err(store_err)?;
+        if let Some(id) = rollout
+            && decisive
         {
             self.evaluate(id).await?;
         }

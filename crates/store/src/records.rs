@@ -62,7 +62,8 @@ fn default_min_reports() -> usize {
     DEFAULT_MIN_REPORTS
 }
 
-/// A device's report on an update, as stored (already authenticated and checked).
+/// A device's report on an update: as the device sends it, and as stored once the
+/// server checked it and filled in `device` (the certificate's) and `at`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FirmwareReport {
     /// `downloading`, `installing`, `confirmed`, `failed`, `rolled-back`.
@@ -73,16 +74,18 @@ pub struct FirmwareReport {
     pub installed: String,
     /// Version the report is about.
     pub version: String,
-    /// Why (failures), at most 500 characters.
+    /// Why (free text, capped at 500 characters when stored).
     #[serde(default)]
     pub reason: String,
-    /// The rollout it is about.
+    /// The rollout that directed the update.
     #[serde(default)]
     pub rollout: Option<i64>,
-    /// The device (its certificate's).
-    pub device: String,
-    /// When the server took it, RFC 3339.
-    pub at: String,
+    /// The device: as claimed (must be the certificate's), as stored the certificate's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// When the server took it, RFC 3339 (set by the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// The outcome of a device's last report, kept with its firmware status.
@@ -117,47 +120,50 @@ pub struct FirmwareStatus {
     pub rollout: Option<i64>,
 }
 
-/// What an audit run was asked to cover, as recorded (never the credentials themselves:
-/// only how many the operator supplied).
+/// What an audit run was asked to cover and how hard to push, as the operator asks it
+/// and as it is recorded (never the credentials themselves: only how many the operator
+/// supplied).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditScope {
-    /// One device.
+    /// Only this device.
     #[serde(default)]
     pub device: Option<String>,
-    /// One group.
+    /// Only this group.
     #[serde(default)]
     pub group: Option<String>,
-    /// Addresses to scan instead of the registry's.
+    /// Only these addresses; each must be an inventory device's address.
     #[serde(default)]
     pub addresses: Vec<String>,
-    /// Ports (`22,80,8000-8100`).
+    /// Port expression (`default`, `1-1024,8080`, `all`).
     #[serde(default)]
     pub ports: Option<String>,
-    /// Only the plan.
+    /// Plan only.
     #[serde(default)]
     pub dry_run: bool,
-    /// Probes per second.
+    /// Global cap on probes (connection attempts) per second.
     #[serde(default)]
     pub rate: Option<u32>,
-    /// Probes at once per device.
+    /// Concurrent probes per device.
     #[serde(default)]
     pub per_device: Option<usize>,
-    /// Connect timeout.
+    /// TCP connect timeout in milliseconds.
     #[serde(default)]
     pub connect_timeout_ms: Option<u64>,
-    /// Login attempts per service.
+    /// Login attempts per device, over all its services.
     #[serde(default)]
     pub attempts: Option<u32>,
-    /// No default-credential checks.
+    /// Skip the default-credential check.
     #[serde(default)]
     pub no_credentials: bool,
-    /// Only the port scan.
+    /// Exposure check alone: the connect scan, without service identification, TLS
+    /// checks or logins.
     #[serde(default)]
     pub scan_only: bool,
-    /// Days before expiry a certificate is reported.
+    /// Certificates expiring within this many days are findings.
     #[serde(default)]
     pub cert_expiry_days: Option<u32>,
-    /// How many credentials the operator supplied.
+    /// How many credentials the operator supplied (recorded with the run).
     #[serde(default)]
     pub operator_credentials: usize,
 }

@@ -345,15 +345,15 @@ async fn firmware_documents_round_trip_typed() {
         version: "1.2.0".into(),
         reason: "checksum".into(),
         rollout: Some(rid),
-        device: "cam-1".into(),
-        at: "2026-12-08T00:01:00Z".into(),
+        device: Some("cam-1".into()),
+        at: Some("2026-12-08T00:01:00Z".into()),
     };
     let outcome = FirmwareOutcome {
         state: report.state.clone(),
         version: report.version.clone(),
         reason: report.reason.clone(),
         rollout: Some(rid),
-        at: report.at.clone(),
+        at: "2026-12-08T00:01:00Z".into(),
     };
     let after = FirmwareStatus {
         hardware: "cam-v2".into(),
