@@ -470,7 +470,9 @@ impl DnsLogQuery {
     }
 }
 
-async fn dns_policies(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+async fn dns_policies(
+    State(s): State<AppState>,
+) -> Result<Json<portcullis_dns::service::DnsPolicies>, Problem> {
     match running(&s)?.dns.as_ref() {
         Some(dns) => Ok(Json(dns.describe())),
         None => {
@@ -479,17 +481,20 @@ async fn dns_policies(State(s): State<AppState>) -> Result<Json<Value>, Problem>
     }
 }
 
-async fn dns_log(State(s): State<AppState>, Query(q): Query<DnsLogQuery>) -> Result<Json<Value>, Problem> {
-    let rows = s.authority.store().dns_queries(q.filter()?).await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({ "queries": rows })))
+async fn dns_log(
+    State(s): State<AppState>,
+    Query(q): Query<DnsLogQuery>,
+) -> Result<Json<wire::DnsLog>, Problem> {
+    let queries = s.authority.store().dns_queries(q.filter()?).await.map_err(|e| err(e.into()))?;
+    Ok(Json(wire::DnsLog { queries }))
 }
 
 async fn dns_top_blocked(
     State(s): State<AppState>,
     Query(q): Query<DnsLogQuery>,
-) -> Result<Json<Value>, Problem> {
-    let rows = s.authority.store().dns_top_blocked(q.filter()?).await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({ "top_blocked": rows })))
+) -> Result<Json<wire::TopBlocked>, Problem> {
+    let top_blocked = s.authority.store().dns_top_blocked(q.filter()?).await.map_err(|e| err(e.into()))?;
+    Ok(Json(wire::TopBlocked { top_blocked }))
 }
 
 #[derive(Deserialize)]
@@ -588,7 +593,7 @@ fn running(s: &AppState) -> Result<&Running, Problem> {
     })
 }
 
-async fn gateway_routes(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+async fn gateway_routes(State(s): State<AppState>) -> Result<Json<portcullis_gateway::Routes>, Problem> {
     Ok(Json(running(&s)?.gateway.describe()))
 }
 
@@ -599,7 +604,10 @@ struct ReloadRequest {
     config: Option<PathBuf>,
 }
 
-async fn gateway_reload(State(s): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, Problem> {
+async fn gateway_reload(
+    State(s): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<wire::Reloaded>, Problem> {
     let hooks = running(&s)?;
     let asked: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ReloadRequest::default()
@@ -629,7 +637,7 @@ async fn gateway_reload(State(s): State<AppState>, body: axum::body::Bytes) -> R
     }
     let config = hooks.config.as_ref().map(|p| p.display().to_string());
     match hooks.reload.reload() {
-        Ok(n) => Ok(Json(json!({ "reloaded": true, "routes": n, "config": config }))),
+        Ok(routes) => Ok(Json(wire::Reloaded { reloaded: true, routes, config })),
         Err(e) => Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "reload-failed",

@@ -196,6 +196,31 @@ impl AdminClient {
         .await
     }
 
+    /// The DNS query log; `query` is the query string (with its `?`), if any.
+    pub async fn dns_log(&self, query: &str) -> Result<wire::DnsLog, ClientError> {
+        self.get_as(&format!("/v1/dns/log{query}")).await
+    }
+
+    /// The most often blocked names; `query` as for [`Self::dns_log`].
+    pub async fn dns_top_blocked(&self, query: &str) -> Result<wire::TopBlocked, ClientError> {
+        self.get_as(&format!("/v1/dns/top-blocked{query}")).await
+    }
+
+    /// The DNS policies and lists in force.
+    pub async fn dns_policies(&self) -> Result<wire::DnsPolicies, ClientError> {
+        self.get_as("/v1/dns/policies").await
+    }
+
+    /// The gateway's routes and their counts.
+    pub async fn gateway_routes(&self) -> Result<wire::Routes, ClientError> {
+        self.get_as("/v1/gateway/routes").await
+    }
+
+    /// Reloads the running server's configuration (`config`: the file the caller means).
+    pub async fn reload(&self, config: Option<&std::path::Path>) -> Result<wire::Reloaded, ClientError> {
+        self.post_as("/v1/gateway/reload", &serde_json::json!({ "config": config })).await
+    }
+
     /// The event log, optionally of one device.
     pub async fn events(&self, device: Option<&str>) -> Result<wire::EventList, ClientError> {
         match device {

@@ -3,7 +3,7 @@
 //! keys, and a field renamed on one side breaks the build, not the operator.
 
 use portcullis_core::{DeviceId, DeviceState, GroupName};
-use portcullis_store::{CertificateRecord, Device, Event};
+use portcullis_store::{BlockedName, CertificateRecord, Device, DnsQueryRecord, Event};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/devices`: the device and its one-time enrollment token (shown once).
@@ -84,3 +84,34 @@ pub struct EventList {
     /// Oldest first.
     pub events: Vec<Event>,
 }
+
+/// `GET /v1/dns/log`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DnsLog {
+    /// Newest first.
+    pub queries: Vec<DnsQueryRecord>,
+}
+
+/// `GET /v1/dns/top-blocked`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopBlocked {
+    /// Most first.
+    pub top_blocked: Vec<BlockedName>,
+}
+
+/// `POST /v1/gateway/reload` (and `dns reload`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// Always true (a failure is a problem document).
+    pub reloaded: bool,
+    /// Gateway routes in force.
+    pub routes: usize,
+    /// The file reloaded; `None` on the embedded defaults.
+    pub config: Option<String>,
+}
+
+/// `GET /v1/gateway/routes`: the gateway's description.
+pub use portcullis_gateway::{RouteView, Routes};
+
+/// `GET /v1/dns/policies`: the DNS service's description.
+pub use portcullis_dns::service::{DnsPolicies, ListView, PolicyView};

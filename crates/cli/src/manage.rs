@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use portcullis_admin::AdminClient;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::config::Config;
 use crate::instance::Instance;
@@ -22,10 +22,6 @@ pub async fn client(cfg: &Config) -> anyhow::Result<AdminClient> {
     let token = node.inst.admin_token()?;
     let router = node.admin(portcullis_admin::AdminToken::new(&token), "cli", None);
     Ok(AdminClient::local(router, token, node.lock))
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("-")
 }
 
 /// Pretty JSON on stdout (`--json`).
@@ -168,59 +164,47 @@ pub async fn dns_log(
     limit: Option<u32>,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let r = c.get(&format!("/v1/dns/log{}", dns_query(device, blocked, since, limit))).await?;
+    let r = c.dns_log(&dns_query(device, blocked, since, limit)).await?;
     if as_json {
         print_json(&r);
         return Ok(());
     }
-    for q in r["queries"].as_array().into_iter().flatten() {
+    for q in &r.queries {
         println!(
             "{} {:<15} {:<16} {:<40} {:<5} {:<8} {:<9} {}",
-            s(q, "at"),
-            s(q, "client"),
-            q.get("device").and_then(Value::as_str).unwrap_or("-"),
-            s(q, "name"),
-            s(q, "qtype"),
-            s(q, "action"),
-            s(q, "rcode"),
-            s(q, "reason")
+            rfc3339(q.at),
+            q.client,
+            q.device.as_deref().unwrap_or("-"),
+            q.name,
+            q.qtype,
+            q.action,
+            q.rcode,
+            q.reason
         );
     }
     Ok(())
 }
 
 pub async fn dns_policies(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
-    let r = c.get("/v1/dns/policies").await?;
+    let r = c.dns_policies().await?;
     if as_json {
         print_json(&r);
         return Ok(());
     }
-    let names = |v: &Value| -> String {
-        let items: Vec<&str> = v.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        if items.is_empty() { "-".into() } else { items.join(", ") }
-    };
-    println!("queries from no known device: {}", s(&r, "unknown_clients"));
-    for p in r["policies"].as_array().into_iter().flatten() {
-        println!("policy {} ({})", s(p, "name"), s(p, "mode"));
-        println!("  groups: {}   devices: {}", names(&p["groups"]), names(&p["devices"]));
-        println!(
-            "  lists: {}   allow: {}   deny: {}",
-            names(&p["lists"]),
-            names(&p["allow"]),
-            names(&p["deny"])
-        );
-        println!("  blocked names get: {}", s(p, "block"));
-        println!("  every other name: {}", s(p, "everything_else"));
+    let names = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+    println!("queries from no known device: {}", r.unknown_clients);
+    for p in &r.policies {
+        println!("policy {} ({})", p.name, json_word(&p.mode));
+        println!("  groups: {}   devices: {}", names(&p.groups), names(&p.devices));
+        println!("  lists: {}   allow: {}   deny: {}", names(&p.lists), names(&p.allow), names(&p.deny));
+        println!("  blocked names get: {}", json_word(&p.block));
+        println!("  every other name: {}", p.everything_else);
     }
-    for l in r["lists"].as_array().into_iter().flatten() {
-        let from = l.get("url").or_else(|| l.get("file")).and_then(Value::as_str).unwrap_or("-");
+    for l in &r.lists {
+        let from = l.url.as_deref().or(l.file.as_deref()).unwrap_or("-");
         println!(
             "list {}: {} rules, {} comments, {} junk lines skipped, refreshed every {} s, from {from}",
-            s(l, "name"),
-            l["rules"].as_u64().unwrap_or(0),
-            l["comments"].as_u64().unwrap_or(0),
-            l["junk"].as_u64().unwrap_or(0),
-            l["refresh_s"].as_u64().unwrap_or(0)
+            l.name, l.rules, l.comments, l.junk, l.refresh_s
         );
     }
     Ok(())
@@ -233,18 +217,13 @@ pub async fn dns_top(
     limit: Option<u32>,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let r = c.get(&format!("/v1/dns/top-blocked{}", dns_query(device, false, since, limit))).await?;
+    let r = c.dns_top_blocked(&dns_query(device, false, since, limit)).await?;
     if as_json {
         print_json(&r);
         return Ok(());
     }
-    for b in r["top_blocked"].as_array().into_iter().flatten() {
-        println!(
-            "{:>8}  {:<16} {}",
-            b["count"].as_u64().unwrap_or(0),
-            b.get("device").and_then(Value::as_str).unwrap_or("-"),
-            s(b, "name")
-        );
+    for b in &r.top_blocked {
+        println!("{:>8}  {:<16} {}", b.count, b.device.as_deref().unwrap_or("-"), b.name);
     }
     Ok(())
 }
@@ -276,7 +255,7 @@ pub async fn pem(c: &AdminClient, path: &str) -> anyhow::Result<()> {
 }
 
 pub async fn gateway_routes(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
-    let r = c.get("/v1/gateway/routes").await?;
+    let r = c.gateway_routes().await?;
     if as_json {
         print_json(&r);
         return Ok(());
@@ -285,34 +264,30 @@ pub async fn gateway_routes(c: &AdminClient, as_json: bool) -> anyhow::Result<()
         "{:<20} {:<28} {:<16} {:>10}  REJECTED (by reason), LOGGED",
         "PREFIX", "UPSTREAM", "GROUPS", "FORWARDED"
     );
-    for route in r["routes"].as_array().into_iter().flatten() {
-        let counts = &route["counts"];
-        let rejected: Vec<String> = counts
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| k.as_str() != "forwarded" && v.as_u64().unwrap_or(0) > 0)
-            .map(|(k, v)| format!("{k}={v}"))
+    for route in &r.routes {
+        let rejected: Vec<String> = route
+            .counts
+            .iter()
+            .filter(|(k, n)| k.as_str() != "forwarded" && **n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
             .collect();
-        let groups: Vec<&str> =
-            route["groups"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         println!(
             "{:<20} {:<28} {:<16} {:>10}  {}",
-            s(route, "prefix"),
-            s(route, "upstream"),
-            if groups.is_empty() { "*".to_owned() } else { groups.join(",") },
-            counts["forwarded"].as_u64().unwrap_or(0),
+            route.prefix,
+            route.upstream,
+            if route.groups.is_empty() { "*".to_owned() } else { route.groups.join(",") },
+            route.counts.get("forwarded").copied().unwrap_or(0),
             if rejected.is_empty() { "-".to_owned() } else { rejected.join(" ") }
         );
-        if let Some(doc) = route["openapi"].as_str() {
+        if let Some(doc) = &route.openapi {
             println!(
                 "{:<20} openapi {doc} (OpenAPI {}, {} operations under {}, action {}{})",
                 "",
-                s(route, "openapi_version"),
-                route["operations"].as_u64().unwrap_or(0),
-                s(route, "openapi_base"),
-                s(route, "action"),
-                if route["strict_query"] == true { ", strict query" } else { "" }
+                route.openapi_version.as_deref().unwrap_or("-"),
+                route.operations.unwrap_or(0),
+                route.openapi_base.as_deref().unwrap_or("-"),
+                json_word(&route.action),
+                if route.strict_query { ", strict query" } else { "" }
             );
         }
     }
@@ -326,12 +301,12 @@ pub async fn gateway_reload(c: &AdminClient, config: Option<&std::path::Path>) -
         Some(p) => Some(std::path::absolute(p).with_context(|| format!("--config {}", p.display()))?),
         None => None,
     };
-    let r = c.post("/v1/gateway/reload", &json!({ "config": asked })).await?;
-    let from = match r["config"].as_str() {
+    let r = c.reload(asked.as_deref()).await?;
+    let from = match &r.config {
         Some(p) => format!("from {p}"),
         None => "(embedded defaults: the server runs without a config file)".to_owned(),
     };
-    println!("reloaded: {} routes {from}", r["routes"].as_u64().unwrap_or(0));
+    println!("reloaded: {} routes {from}", r.routes);
     Ok(())
 }
 
@@ -383,4 +358,12 @@ pub async fn cert_revoke(
 /// A timestamp as the admin API writes it (RFC 3339).
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// A unit enum as the API spells it (`blocklist`, `nxdomain`, `block`).
+fn json_word(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        _ => "-".to_owned(),
+    }
 }

@@ -803,55 +803,119 @@ pub(crate) fn upstreams(cfg: &DnsConfig) -> Result<Vec<crate::Upstream>, Service
 
 impl DnsLists {
     /// The policies and lists in force, for the admin API and CLI.
-    pub fn describe(&self) -> serde_json::Value {
-        let Ok(st) = self.state.lock() else { return serde_json::json!({}) };
-        let Some(cfg) = &st.cfg else { return serde_json::json!({}) };
-        let policies: Vec<_> = cfg
+    pub fn describe(&self) -> DnsPolicies {
+        let empty = || DnsPolicies {
+            policies: Vec::new(),
+            lists: Vec::new(),
+            unknown_clients: "refuse".into(),
+            default_policy: None,
+        };
+        let Ok(st) = self.state.lock() else { return empty() };
+        let Some(cfg) = &st.cfg else { return empty() };
+        let policies = cfg
             .policies
             .iter()
-            .map(|p| {
-                let otherwise = match p.mode {
+            .map(|p| PolicyView {
+                name: p.name.clone(),
+                mode: p.mode,
+                groups: p.groups.clone(),
+                devices: p.devices.clone(),
+                lists: p.lists.clone(),
+                allow: p.allow.clone(),
+                deny: p.deny.clone(),
+                block: p.block,
+                everything_else: match p.mode {
                     crate::Mode::Allowlist => "DENIED: only the lists and allow rules resolve",
                     crate::Mode::Blocklist => "resolved",
-                };
-                serde_json::json!({
-                    "name": p.name,
-                    "mode": p.mode,
-                    "groups": p.groups,
-                    "devices": p.devices,
-                    "lists": p.lists,
-                    "allow": p.allow,
-                    "deny": p.deny,
-                    "block": p.block,
-                    "everything_else": otherwise,
-                })
+                }
+                .into(),
             })
             .collect();
-        let lists: Vec<_> = cfg
+        let lists = cfg
             .lists
             .iter()
             .map(|l| {
-                let (source, kind) = match &l.from {
-                    ListFrom::File(p) => (p.display().to_string(), "file"),
-                    ListFrom::Url(u) => (u.clone(), "url"),
+                let (file, url) = match &l.from {
+                    ListFrom::File(p) => (Some(p.display().to_string()), None),
+                    ListFrom::Url(u) => (None, Some(u.clone())),
                 };
                 let stats = st.stats.get(&l.name);
-                serde_json::json!({
-                    "name": l.name,
-                    kind: source,
-                    "refresh_s": l.refresh.as_secs(),
-                    "rules": st.sets.get(&l.name).map_or(0, |(s, _)| s.len()),
-                    "comments": stats.map_or(0, |s| s.comments),
-                    "junk": stats.map_or(0, |s| s.junk),
-                    "junk_examples": stats.map(|s| s.junk_examples.clone()).unwrap_or_default(),
-                })
+                ListView {
+                    name: l.name.clone(),
+                    file,
+                    url,
+                    refresh_s: l.refresh.as_secs(),
+                    rules: st.sets.get(&l.name).map_or(0, |(s, _)| s.len() as u64),
+                    comments: stats.map_or(0, |s| s.comments as u64),
+                    junk: stats.map_or(0, |s| s.junk as u64),
+                    junk_examples: stats.map(|s| s.junk_examples.clone()).unwrap_or_default(),
+                }
             })
             .collect();
-        serde_json::json!({
-            "policies": policies,
-            "lists": lists,
-            "unknown_clients": cfg.unknown_clients.as_deref().unwrap_or("refuse"),
-            "default_policy": cfg.default_policy,
-        })
+        DnsPolicies {
+            policies,
+            lists,
+            unknown_clients: cfg.unknown_clients.clone().unwrap_or_else(|| "refuse".into()),
+            default_policy: cfg.default_policy.clone(),
+        }
     }
+}
+
+/// The DNS policies and lists in force, as the admin API describes them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DnsPolicies {
+    /// Every policy.
+    pub policies: Vec<PolicyView>,
+    /// Every list.
+    pub lists: Vec<ListView>,
+    /// The policy for queries from no known device, or `refuse`.
+    pub unknown_clients: String,
+    /// The policy for devices no other policy names.
+    pub default_policy: Option<String>,
+}
+
+/// One policy.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PolicyView {
+    /// Its name.
+    pub name: String,
+    /// Blocklist or allowlist.
+    pub mode: crate::Mode,
+    /// The groups it applies to.
+    pub groups: Vec<String>,
+    /// The devices it applies to.
+    pub devices: Vec<String>,
+    /// Its lists.
+    pub lists: Vec<String>,
+    /// Names always resolved.
+    pub allow: Vec<String>,
+    /// Names never resolved.
+    pub deny: Vec<String>,
+    /// What a blocked name gets.
+    pub block: crate::BlockResponse,
+    /// What happens to every name no rule or list mentions.
+    pub everything_else: String,
+}
+
+/// One list and what loading it found.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ListView {
+    /// Its name.
+    pub name: String,
+    /// Read from this file,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// or fetched from this URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Refresh period.
+    pub refresh_s: u64,
+    /// Rules loaded.
+    pub rules: u64,
+    /// Comment lines.
+    pub comments: u64,
+    /// Lines that were neither (skipped).
+    pub junk: u64,
+    /// A few of those: line number and text.
+    pub junk_examples: Vec<(usize, String)>,
 }

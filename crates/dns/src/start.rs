@@ -194,7 +194,7 @@ impl Dns {
     }
 
     /// The policies and lists in force, for the admin API and CLI.
-    pub fn describe(&self) -> serde_json::Value {
+    pub fn describe(&self) -> crate::service::DnsPolicies {
         self.lists.describe()
     }
 

@@ -30,7 +30,7 @@ pub use h2guard::H2Limits;
 pub use h2guard::guard_for_fuzzing;
 pub use listener::{DeviceApp, ListenerConfig, serve};
 pub use portcullis_net::{Limiter, Rate, conns};
-pub use proxy::Gateway;
+pub use proxy::{Gateway, RateView, RouteView, Routes};
 pub use route::{Forwarded, RouteConfig, RouteError, RouteTable};
 #[doc(hidden)]
 pub use upstream::parse_response_for_fuzzing;

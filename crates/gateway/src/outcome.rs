@@ -198,7 +198,7 @@ impl RouteCounters {
     }
 
     /// The counts for `describe`: the same counters, grouped.
-    pub(crate) fn describe(&self) -> serde_json::Value {
+    pub(crate) fn describe(&self) -> std::collections::BTreeMap<String, u64> {
         let mut counts: Vec<(&str, u64)> = COUNT_KEYS.iter().map(|&k| (k, 0)).collect();
         let mut add = |key: &str, n: u64| {
             if let Some(slot) = counts.iter_mut().find(|(k, _)| *k == key) {
@@ -209,7 +209,7 @@ impl RouteCounters {
             add(o.count_key(), c.get());
         }
         add("violations_logged", self.logged.iter().map(Counter::get).sum());
-        serde_json::Value::Object(counts.into_iter().map(|(k, n)| (k.to_owned(), n.into())).collect())
+        counts.into_iter().map(|(k, n)| (k.to_owned(), n)).collect()
     }
 }
 

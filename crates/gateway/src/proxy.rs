@@ -56,6 +56,60 @@ impl GatewayMetrics {
     }
 }
 
+/// The routes in force, as the admin API describes them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Routes {
+    /// Longest prefix first (the order they are matched in).
+    pub routes: Vec<RouteView>,
+}
+
+/// One route: its configuration, its OpenAPI document, and its counts.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RouteView {
+    /// Path prefix.
+    pub prefix: String,
+    /// Upstream URL.
+    pub upstream: String,
+    /// Groups allowed (empty: all).
+    pub groups: Vec<String>,
+    /// Per-device rate.
+    pub rate_limit: Option<RateView>,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Upstream timeout.
+    pub timeout_ms: u64,
+    /// Whether the client certificate is passed on (RFC 9440).
+    pub client_cert_header: bool,
+    /// Forwarding headers set.
+    pub forwarded: crate::Forwarded,
+    /// Identity-binding templates.
+    pub bind_device: Vec<String>,
+    /// The OpenAPI document's file.
+    pub openapi: Option<String>,
+    /// Its OpenAPI version.
+    pub openapi_version: Option<String>,
+    /// The base path its paths are under.
+    pub openapi_base: Option<String>,
+    /// How many operations it has.
+    pub operations: Option<usize>,
+    /// `block` or `log`.
+    pub action: Action,
+    /// Unknown query parameters refused.
+    pub strict_query: bool,
+    /// Requests by outcome (rejections grouped by reason; `violations_logged` counts
+    /// violations forwarded in log mode).
+    pub counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// A rate as configured.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct RateView {
+    /// Sustained requests per second.
+    pub per_second: f64,
+    /// Burst on top.
+    pub burst: u32,
+}
+
 impl std::fmt::Debug for GatewayMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GatewayMetrics")
@@ -145,33 +199,31 @@ impl Gateway {
     }
 
     /// The routes and their counters, for the admin API.
-    pub fn describe(&self) -> serde_json::Value {
+    pub fn describe(&self) -> Routes {
         let table = self.current();
-        let routes: Vec<_> = table
+        let routes = table
             .routes
             .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "prefix": r.cfg.prefix,
-                    "upstream": r.cfg.upstream,
-                    "groups": r.cfg.groups,
-                    "rate_limit": r.cfg.rate.map(|x| serde_json::json!({"per_second": x.per_second, "burst": x.burst})),
-                    "max_body_bytes": r.cfg.max_body_bytes,
-                    "timeout_ms": r.cfg.timeout.as_millis() as u64,
-                    "client_cert_header": r.cfg.client_cert_header,
-                    "forwarded": r.cfg.forwarded,
-                    "bind_device": r.cfg.bind_device,
-                    "openapi": r.cfg.openapi.as_ref().map(|p| p.display().to_string()),
-                    "openapi_version": r.spec.as_ref().map(|s| s.version()),
-                    "openapi_base": r.spec.as_ref().map(|s| s.base_path()),
-                    "operations": r.spec.as_ref().map(|s| s.operations()),
-                    "action": r.cfg.action,
-                    "strict_query": r.cfg.strict_query,
-                    "counts": r.counters.describe(),
-                })
+            .map(|r| RouteView {
+                prefix: r.cfg.prefix.clone(),
+                upstream: r.cfg.upstream.clone(),
+                groups: r.cfg.groups.iter().map(ToString::to_string).collect(),
+                rate_limit: r.cfg.rate.map(|x| RateView { per_second: x.per_second, burst: x.burst }),
+                max_body_bytes: r.cfg.max_body_bytes,
+                timeout_ms: r.cfg.timeout.as_millis() as u64,
+                client_cert_header: r.cfg.client_cert_header,
+                forwarded: r.cfg.forwarded,
+                bind_device: r.cfg.bind_device.clone(),
+                openapi: r.cfg.openapi.as_ref().map(|p| p.display().to_string()),
+                openapi_version: r.spec.as_ref().map(|s| s.version().to_owned()),
+                openapi_base: r.spec.as_ref().map(|s| s.base_path().to_owned()),
+                operations: r.spec.as_ref().map(|s| s.operations()),
+                action: r.cfg.action,
+                strict_query: r.cfg.strict_query,
+                counts: r.counters.describe(),
             })
             .collect();
-        serde_json::json!({ "routes": routes })
+        Routes { routes }
     }
 }
 

@@ -74,7 +74,7 @@ pub enum RouteError {
 }
 
 /// The forwarding headers a route sets for its upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Forwarded {
     /// `X-Forwarded-For` and `X-Forwarded-Proto` (the default).

@@ -220,7 +220,7 @@ pub struct Event {
 }
 
 /// One answered DNS query, for the query log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DnsQueryRecord {
     /// When (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
@@ -257,7 +257,7 @@ pub struct DnsQueryFilter {
 }
 
 /// A blocked name and how often it was asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct BlockedName {
     /// The device that asked.
     pub device: Option<String>,

@@ -56,7 +56,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, SpecError> {
 }
 
 /// What happens to a request that violates the document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Refuse it with a problem document (the default).
