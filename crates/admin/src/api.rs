@@ -671,18 +671,23 @@ fn store_err(e: portcullis_store::Error) -> Problem {
     }
 }
 
-async fn list_profiles(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+async fn list_profiles(State(s): State<AppState>) -> Result<Json<wire::ProfileList>, Problem> {
     let profiles = s.authority.store().profiles().await.map_err(store_err)?;
     let devices = s.authority.store().devices().await.map_err(store_err)?;
-    let rows: Vec<Value> = profiles
+    let profiles = profiles
         .into_iter()
-        .map(|p| {
-            let using: Vec<&str> =
-                devices.iter().filter(|d| d.profile.as_deref() == Some(p.name.as_str())).map(|d| d.id.as_str()).collect();
-            json!({ "name": p.name, "profile": p.document, "updated_at": rfc3339(p.updated_at), "devices": using })
+        .map(|p| wire::ProfileUse {
+            devices: devices
+                .iter()
+                .filter(|d| d.profile.as_deref() == Some(p.name.as_str()))
+                .map(|d| d.id.to_string())
+                .collect(),
+            updated_at: rfc3339(p.updated_at),
+            name: p.name,
+            profile: p.document,
         })
         .collect();
-    Ok(Json(json!({ "profiles": rows })))
+    Ok(Json(wire::ProfileList { profiles }))
 }
 
 #[derive(Deserialize)]
@@ -702,7 +707,8 @@ fn checked_profile(name: &str, doc: Value) -> Result<Profile, Problem> {
 async fn put_profile(State(s): State<AppState>, Body(b): Body<PutProfile>) -> Result<Response, Problem> {
     let doc = checked_profile(&b.name, b.profile)?;
     let rec = s.authority.store().put_profile(&b.name, doc, s.actor.clone()).await.map_err(store_err)?;
-    Ok((StatusCode::CREATED, Json(json!({ "name": rec.name, "profile": rec.document }))).into_response())
+    let saved = wire::ProfileSaved { name: rec.name, profile: rec.document, warnings: Vec::new() };
+    Ok((StatusCode::CREATED, Json(saved)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -719,11 +725,8 @@ async fn import_mud(State(s): State<AppState>, Body(b): Body<ImportMud>) -> Resu
     let name = b.name.unwrap_or(imported.suggested_name);
     let doc = checked_profile(&name, serde_json::to_value(&imported.profile).unwrap_or_default())?;
     let rec = s.authority.store().put_profile(&name, doc, s.actor.clone()).await.map_err(store_err)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "name": rec.name, "profile": rec.document, "warnings": imported.warnings })),
-    )
-        .into_response())
+    let saved = wire::ProfileSaved { name: rec.name, profile: rec.document, warnings: imported.warnings };
+    Ok((StatusCode::CREATED, Json(saved)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -757,10 +760,11 @@ fn audit_err(e: AuditError) -> Problem {
 
 async fn audit_start(State(s): State<AppState>, Body(req): Body<AuditRequest>) -> Result<Response, Problem> {
     match s.audit.start(req, s.actor.clone()).await.map_err(audit_err)? {
-        Started::Run(id) => {
-            Ok((StatusCode::ACCEPTED, Json(json!({ "run": id, "status": "running" }))).into_response())
+        Started::Run(run) => {
+            let started = wire::AuditStarted::Run { run, status: "running".into() };
+            Ok((StatusCode::ACCEPTED, Json(started)).into_response())
         }
-        Started::Plan(plan) => Ok(Json(json!({ "dry_run": true, "plan": plan })).into_response()),
+        Started::Plan(plan) => Ok(Json(wire::AuditStarted::Plan { dry_run: true, plan }).into_response()),
     }
 }
 
@@ -770,9 +774,12 @@ struct RunsQuery {
     limit: Option<u32>,
 }
 
-async fn audit_runs(State(s): State<AppState>, Query(q): Query<RunsQuery>) -> Result<Json<Value>, Problem> {
+async fn audit_runs(
+    State(s): State<AppState>,
+    Query(q): Query<RunsQuery>,
+) -> Result<Json<wire::AuditRuns>, Problem> {
     let runs = s.authority.store().audit_runs(q.limit.unwrap_or(20)).await.map_err(store_err)?;
-    Ok(Json(json!({ "runs": runs })))
+    Ok(Json(wire::AuditRuns { runs }))
 }
 
 async fn load_run(
@@ -801,10 +808,13 @@ async fn load_run(
         .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "not-found", format!("audit run {id} not found")))
 }
 
-async fn audit_run(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+async fn audit_run(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<wire::AuditRunDetail>, Problem> {
     let (run, findings) = load_run(&s, &id).await?;
     let progress = s.audit.progress(run.id);
-    Ok(Json(json!({ "run": run, "progress": progress, "findings": findings })))
+    Ok(Json(wire::AuditRunDetail { run, progress, findings }))
 }
 
 #[derive(Deserialize)]
@@ -843,11 +853,11 @@ struct FindingsQuery {
 async fn audit_findings(
     State(s): State<AppState>,
     Query(q): Query<FindingsQuery>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::OpenFindings>, Problem> {
     let (run, findings) = load_run(&s, "latest").await?;
     let open: Vec<_> = findings
         .into_iter()
         .filter(|f| f.status != "resolved" && q.device.as_deref().is_none_or(|d| d == f.device))
         .collect();
-    Ok(Json(json!({ "run": run.id, "findings": open })))
+    Ok(Json(wire::OpenFindings { run: run.id, findings: open }))
 }

@@ -221,6 +221,53 @@ impl AdminClient {
         self.post_as("/v1/gateway/reload", &serde_json::json!({ "config": config })).await
     }
 
+    /// Saves a profile (a JSON document; the server checks and normalises it).
+    pub async fn put_profile(&self, name: &str, profile: &Value) -> Result<wire::ProfileSaved, ClientError> {
+        self.post_as("/v1/profiles", &serde_json::json!({ "name": name, "profile": profile })).await
+    }
+
+    /// Imports a MUD file (RFC 8520) as a profile.
+    pub async fn import_mud(
+        &self,
+        name: Option<&str>,
+        mud: &Value,
+    ) -> Result<wire::ProfileSaved, ClientError> {
+        self.post_as("/v1/profiles/import-mud", &serde_json::json!({ "name": name, "mud": mud })).await
+    }
+
+    /// Every profile and its devices.
+    pub async fn profiles(&self) -> Result<wire::ProfileList, ClientError> {
+        self.get_as("/v1/profiles").await
+    }
+
+    /// Assigns a profile to a device, or clears it.
+    pub async fn set_device_profile(
+        &self,
+        id: &str,
+        profile: Option<&str>,
+    ) -> Result<wire::DeviceChanged, ClientError> {
+        self.post_as(
+            &format!("/v1/devices/{}/profile", component(id)),
+            &serde_json::json!({ "profile": profile }),
+        )
+        .await
+    }
+
+    /// Starts an audit run (or plans one: `dry_run`); the request as the API takes it.
+    pub async fn start_audit(&self, request: &Value) -> Result<wire::AuditStarted, ClientError> {
+        self.post_as("/v1/audit/runs", request).await
+    }
+
+    /// One audit run (`latest`: the newest finished one).
+    pub async fn audit_run(&self, id: &str) -> Result<wire::AuditRunDetail, ClientError> {
+        self.get_as(&format!("/v1/audit/runs/{}", component(id))).await
+    }
+
+    /// Audit runs, newest first.
+    pub async fn audit_runs(&self) -> Result<wire::AuditRuns, ClientError> {
+        self.get_as("/v1/audit/runs").await
+    }
+
     /// The event log, optionally of one device.
     pub async fn events(&self, device: Option<&str>) -> Result<wire::EventList, ClientError> {
         match device {

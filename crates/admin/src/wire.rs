@@ -3,7 +3,9 @@
 //! keys, and a field renamed on one side breaks the build, not the operator.
 
 use portcullis_core::{DeviceId, DeviceState, GroupName};
-use portcullis_store::{BlockedName, CertificateRecord, Device, DnsQueryRecord, Event};
+use portcullis_store::{
+    AuditRunRecord, BlockedName, CertificateRecord, Device, DnsQueryRecord, Event, FindingRecord, Profile,
+};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/devices`: the device and its one-time enrollment token (shown once).
@@ -115,3 +117,82 @@ pub use portcullis_gateway::{RouteView, Routes};
 
 /// `GET /v1/dns/policies`: the DNS service's description.
 pub use portcullis_dns::service::{DnsPolicies, ListView, PolicyView};
+
+/// `POST /v1/profiles` and `POST /v1/profiles/import-mud`: the profile as saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileSaved {
+    /// Its name.
+    pub name: String,
+    /// The profile, normalised.
+    pub profile: Profile,
+    /// What a MUD import could not carry over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// `GET /v1/profiles`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileList {
+    /// By name.
+    pub profiles: Vec<ProfileUse>,
+}
+
+/// One profile and the devices that have it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileUse {
+    /// Its name.
+    pub name: String,
+    /// The profile.
+    pub profile: Profile,
+    /// When it was last saved (RFC 3339).
+    pub updated_at: String,
+    /// The devices assigned it.
+    pub devices: Vec<String>,
+}
+
+/// `POST /v1/audit/runs`: a run started, or a dry run's plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AuditStarted {
+    /// A dry run: what would be probed.
+    Plan {
+        /// Always true.
+        dry_run: bool,
+        /// The plan.
+        plan: portcullis_audit::PlanView,
+    },
+    /// The run, going on in the background.
+    Run {
+        /// Its id.
+        run: i64,
+        /// `running`.
+        status: String,
+    },
+}
+
+/// `GET /v1/audit/runs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRuns {
+    /// Newest first.
+    pub runs: Vec<AuditRunRecord>,
+}
+
+/// `GET /v1/audit/runs/{id}`: the run, its progress while it runs, its findings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRunDetail {
+    /// The run.
+    pub run: AuditRunRecord,
+    /// Its progress, while it runs.
+    pub progress: Option<portcullis_audit::ProgressView>,
+    /// Its findings (new, open and resolved).
+    pub findings: Vec<FindingRecord>,
+}
+
+/// `GET /v1/audit/findings`: the open findings of the latest finished run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenFindings {
+    /// The run.
+    pub run: i64,
+    /// Not resolved.
+    pub findings: Vec<FindingRecord>,
+}

@@ -15,8 +15,8 @@ use portcullis_core::{Cidr, DeviceState};
 use portcullis_store::{
     Actor, AuditScope, AuditSummary, AuditTotals, Device, FindingCounts, FindingRecord, NotTested, Store,
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -130,27 +130,101 @@ impl Plan {
     }
 
     /// What `--dry-run` prints.
-    pub fn describe(&self) -> Value {
-        json!({
-            "devices": self.targets.iter().map(|t| json!({
-                "device": t.device.id,
-                "state": t.device.state,
-                "profile": t.profile_name,
-                "addresses": t.addrs,
-                "probes": t.addrs.len() * self.ports.len(),
-            })).collect::<Vec<_>>(),
-            "ports": compress(&self.ports),
-            "port_count": self.ports.len(),
-            "scan_probes": self.scan_probes(),
-            "rate_per_second": self.rate,
-            "per_device_concurrency": self.per_device,
-            "connect_timeout_ms": self.connect.as_millis() as u64,
-            "login_attempts_per_device": if self.creds.is_empty() { 0 } else { self.attempts },
-            "credentials": self.creds.len(),
-            "then": if self.scan_only { "nothing more (scan only)" } else { "each open port: service identification (banner, TLS, HTTP, MQTT, RTSP), plaintext and TLS checks, default credentials" },
-            "notes": self.notes,
-        })
+    pub fn describe(&self) -> PlanView {
+        PlanView {
+            devices: self
+                .targets
+                .iter()
+                .map(|t| PlannedDevice {
+                    device: t.device.id.to_string(),
+                    state: t.device.state,
+                    profile: t.profile_name.clone(),
+                    addresses: t.addrs.clone(),
+                    probes: (t.addrs.len() * self.ports.len()) as u64,
+                })
+                .collect(),
+            ports: compress(&self.ports),
+            port_count: self.ports.len(),
+            scan_probes: self.scan_probes(),
+            rate_per_second: self.rate,
+            per_device_concurrency: self.per_device,
+            connect_timeout_ms: self.connect.as_millis() as u64,
+            login_attempts_per_device: if self.creds.is_empty() { 0 } else { self.attempts },
+            credentials: self.creds.len(),
+            then: if self.scan_only {
+                "nothing more (scan only)"
+            } else {
+                "each open port: service identification (banner, TLS, HTTP, MQTT, RTSP), plaintext and TLS checks, default credentials"
+            }
+            .to_owned(),
+            notes: self.notes.clone(),
+        }
     }
+}
+
+/// A dry run's answer: who would be probed where, and how hard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanView {
+    /// Each device in scope.
+    pub devices: Vec<PlannedDevice>,
+    /// The ports, compressed (`22,80,8000-8100`).
+    pub ports: String,
+    /// How many ports.
+    pub port_count: usize,
+    /// Connection probes of the scan.
+    pub scan_probes: u64,
+    /// Probe rate cap.
+    pub rate_per_second: u32,
+    /// Probes at once per device.
+    pub per_device_concurrency: usize,
+    /// Connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Login attempts per device (0: no credential check).
+    pub login_attempts_per_device: u32,
+    /// Credentials that would be tried.
+    pub credentials: usize,
+    /// What follows the scan.
+    pub then: String,
+    /// Notes (limits applied, addresses skipped).
+    pub notes: Vec<String>,
+}
+
+/// One device of a plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedDevice {
+    /// Its id.
+    pub device: String,
+    /// Its state.
+    pub state: DeviceState,
+    /// Its profile.
+    pub profile: Option<String>,
+    /// The addresses it would be probed at.
+    pub addresses: Vec<IpAddr>,
+    /// Probes at those addresses.
+    pub probes: u64,
+}
+
+/// A running audit's progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressView {
+    /// The run.
+    pub run: i64,
+    /// `running` or `finished`.
+    pub status: String,
+    /// What it is doing (`scanning`, `registry checks`, `saving`, `done`).
+    pub phase: String,
+    /// Probes planned.
+    pub probes_planned: u64,
+    /// Probes made.
+    pub probes_done: u64,
+    /// Devices in scope.
+    pub devices: u64,
+    /// Devices done.
+    pub devices_done: u64,
+    /// Open ports found so far.
+    pub open_ports: u64,
+    /// Login attempts so far.
+    pub login_attempts: u64,
 }
 
 /// `1-3,7` from a sorted port list.
@@ -182,18 +256,18 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn snapshot(&self, run: i64) -> Value {
-        json!({
-            "run": run,
-            "status": if self.finished.load(Ordering::Relaxed) { "finished" } else { "running" },
-            "phase": *self.phase.lock().unwrap_or_else(|e| e.into_inner()),
-            "probes_planned": self.planned.load(Ordering::Relaxed),
-            "probes_done": self.done.load(Ordering::Relaxed),
-            "devices": self.devices.load(Ordering::Relaxed),
-            "devices_done": self.devices_done.load(Ordering::Relaxed),
-            "open_ports": self.open_ports.load(Ordering::Relaxed),
-            "login_attempts": self.logins.load(Ordering::Relaxed),
-        })
+    fn snapshot(&self, run: i64) -> ProgressView {
+        ProgressView {
+            run,
+            status: if self.finished.load(Ordering::Relaxed) { "finished" } else { "running" }.to_owned(),
+            phase: (*self.phase.lock().unwrap_or_else(|e| e.into_inner())).to_owned(),
+            probes_planned: self.planned.load(Ordering::Relaxed),
+            probes_done: self.done.load(Ordering::Relaxed),
+            devices: self.devices.load(Ordering::Relaxed),
+            devices_done: self.devices_done.load(Ordering::Relaxed),
+            open_ports: self.open_ports.load(Ordering::Relaxed),
+            login_attempts: self.logins.load(Ordering::Relaxed),
+        }
     }
 
     fn phase(&self, p: &'static str) {
@@ -245,7 +319,7 @@ pub enum Started {
     /// The run, going on in the background.
     Run(i64),
     /// `dry_run`: what would be probed.
-    Plan(Value),
+    Plan(PlanView),
 }
 
 impl Auditor {
@@ -416,7 +490,7 @@ impl Auditor {
     }
 
     /// Progress of the current (or last) run started by this process.
-    pub fn progress(&self, run: i64) -> Option<Value> {
+    pub fn progress(&self, run: i64) -> Option<ProgressView> {
         let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         cur.as_ref().filter(|(id, _)| *id == run).map(|(id, p)| p.snapshot(*id))
     }

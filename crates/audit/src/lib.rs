@@ -21,7 +21,8 @@ pub mod tlscheck;
 pub mod wire;
 
 pub use engine::{
-    AuditError, AuditRequest, Auditor, FirmwareView, Outdated, Plan, Started, compress, limits,
+    AuditError, AuditRequest, Auditor, FirmwareView, Outdated, Plan, PlanView, PlannedDevice, ProgressView,
+    Started, compress, limits,
 };
 pub use portcullis_store::Profile;
 pub use portcullis_store::profile;

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use portcullis_admin::AdminClient;
+use portcullis_admin::{AdminClient, wire};
+use portcullis_store::{AuditSummary, AuditTotals};
 use serde_json::{Value, json};
 
 /// The firmware service's fleet view, as the audit reads it.
@@ -46,12 +47,13 @@ pub fn auditor(
     )
 }
 
-fn list(v: &Value) -> String {
-    let items: Vec<String> = v
-        .as_array()
-        .map(|a| a.iter().map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned)).collect())
-        .unwrap_or_default();
-    if items.is_empty() { "-".into() } else { items.join(",") }
+/// Items joined with commas, `-` for none.
+fn list(items: &[impl std::fmt::Display]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
 }
 
 /// Reads a profile document: TOML (`tcp = [443]`) or JSON.
@@ -88,14 +90,13 @@ pub async fn profile_set(c: &AdminClient, name: &str, f: ProfileFlags) -> anyhow
     if let Some(o) = doc.as_object_mut() {
         o.retain(|_, v| !v.is_null());
     }
-    let r = c.post("/v1/profiles", &json!({ "name": name, "profile": doc })).await?;
-    let p = &r["profile"];
+    let p = c.put_profile(name, &doc).await?.profile;
     println!(
         "profile {name} saved: tcp {} udp {} tls-required {} domains {}",
-        list(&p["tcp"]),
-        list(&p["udp"]),
-        list(&p["tls_required"]),
-        list(&p["domains"])
+        list(&p.tcp),
+        list(&p.udp),
+        list(&p.tls_required),
+        list(&p.domains)
     );
     Ok(())
 }
@@ -109,51 +110,51 @@ pub async fn profile_import_mud(
     let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let mud: Value =
         serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", file.display()))?;
-    let r = c.post("/v1/profiles/import-mud", &json!({ "name": name, "mud": mud })).await?;
+    let r = c.import_mud(name, &mud).await?;
     if as_json {
         crate::manage::print_json(&r);
         return Ok(());
     }
-    let p = &r["profile"];
+    let p = &r.profile;
     println!(
         "profile {} imported from {}: tcp {} udp {} domains {}",
-        r["name"].as_str().unwrap_or("-"),
-        p["source"].as_str().unwrap_or("-"),
-        list(&p["tcp"]),
-        list(&p["udp"]),
-        list(&p["domains"])
+        r.name,
+        p.source.as_deref().unwrap_or("-"),
+        list(&p.tcp),
+        list(&p.udp),
+        list(&p.domains)
     );
-    for w in r["warnings"].as_array().into_iter().flatten() {
-        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
     }
     Ok(())
 }
 
 pub async fn profile_list(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
-    let r = c.get("/v1/profiles").await?;
+    let r = c.profiles().await?;
     if as_json {
         crate::manage::print_json(&r);
         return Ok(());
     }
     println!("{:<20} {:<16} {:<10} {:<12} {:<30} DEVICES", "NAME", "TCP", "UDP", "TLS", "DOMAINS");
-    for p in r["profiles"].as_array().into_iter().flatten() {
-        let d = &p["profile"];
+    for p in &r.profiles {
+        let d = &p.profile;
         println!(
             "{:<20} {:<16} {:<10} {:<12} {:<30} {}",
-            p["name"].as_str().unwrap_or("-"),
-            list(&d["tcp"]),
-            list(&d["udp"]),
-            list(&d["tls_required"]),
-            list(&d["domains"]),
-            list(&p["devices"])
+            p.name,
+            list(&d.tcp),
+            list(&d.udp),
+            list(&d.tls_required),
+            list(&d.domains),
+            list(&p.devices)
         );
     }
     Ok(())
 }
 
 pub async fn device_profile(c: &AdminClient, id: &str, profile: Option<&str>) -> anyhow::Result<()> {
-    let r = c.post(&format!("/v1/devices/{id}/profile"), &json!({ "profile": profile })).await?;
-    match r["device"]["profile"].as_str() {
+    let r = c.set_device_profile(id, profile).await?;
+    match r.device.profile.as_deref() {
         Some(p) => println!("device {id} now has profile {p}"),
         None => println!("device {id} has no profile (nothing is allowed to listen)"),
     }
@@ -220,16 +221,17 @@ pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
         "rate": f.rate, "per_device": f.per_device, "connect_timeout_ms": f.connect_timeout_ms,
         "attempts": f.attempts, "credentials": creds, "no_credentials": f.no_credentials, "scan_only": f.scan_only, "cert_expiry_days": f.cert_expiry_days, "dry_run": f.dry_run,
     });
-    let r = c.post("/v1/audit/runs", &req).await?;
-    if f.dry_run {
-        if f.json {
-            crate::manage::print_json(&r["plan"]);
-        } else {
-            print_plan(&r["plan"]);
+    let id = match c.start_audit(&req).await? {
+        wire::AuditStarted::Plan { plan, .. } => {
+            if f.json {
+                crate::manage::print_json(&plan);
+            } else {
+                print_plan(&plan);
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
-    let id = r["run"].as_i64().context("server did not return a run id")?;
+        wire::AuditStarted::Run { run, .. } => run,
+    };
     let tty = std::io::stderr().is_terminal() && !f.json;
     if !f.json {
         eprintln!("audit run {id} started");
@@ -237,22 +239,16 @@ pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
     let mut last_line = String::new();
     let mut last_print = std::time::Instant::now();
     let done = loop {
-        let v = c.get(&format!("/v1/audit/runs/{id}")).await?;
-        let status = v["run"]["status"].as_str().unwrap_or("running").to_owned();
-        if status != "running" {
+        let v = c.audit_run(&id.to_string()).await?;
+        if v.run.status != "running" {
             break v;
         }
-        let p = &v["progress"];
-        if !p.is_null() && !f.json {
-            let planned = p["probes_planned"].as_u64().unwrap_or(0).max(1);
-            let done = p["probes_done"].as_u64().unwrap_or(0);
+        if let Some(p) = v.progress.as_ref().filter(|_| !f.json) {
+            let planned = p.probes_planned.max(1);
+            let done = p.probes_done;
             let line = format!(
                 "{} devices {}/{}, probes {done}/{planned}, open ports {}, logins {}",
-                p["phase"].as_str().unwrap_or(""),
-                p["devices_done"],
-                p["devices"],
-                p["open_ports"],
-                p["login_attempts"]
+                p.phase, p.devices_done, p.devices, p.open_ports, p.login_attempts
             );
             if tty {
                 let width = 30usize;
@@ -280,79 +276,72 @@ pub async fn run(c: &AdminClient, f: RunFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     print_findings(&done);
-    if done["run"]["status"] != "finished" {
-        anyhow::bail!("audit run {id} {}: {}", done["run"]["status"], done["run"]["summary"]["error"]);
+    if done.run.status != "finished" {
+        let why = match &done.run.summary {
+            AuditSummary::Failed { error } => error.clone(),
+            _ => "no summary".to_owned(),
+        };
+        anyhow::bail!("audit run {id} {}: {why}", done.run.status);
     }
     Ok(())
 }
 
-fn print_plan(p: &Value) {
+fn print_plan(p: &portcullis_audit::PlanView) {
     println!(
         "dry run: {} probes over ports {} ({} ports) at most {}/s, {} at a time per device; login attempts per device: {}",
-        p["scan_probes"],
-        p["ports"].as_str().unwrap_or("-"),
-        p["port_count"],
-        p["rate_per_second"],
-        p["per_device_concurrency"],
-        p["login_attempts_per_device"]
+        p.scan_probes,
+        if p.ports.is_empty() { "-" } else { &p.ports },
+        p.port_count,
+        p.rate_per_second,
+        p.per_device_concurrency,
+        p.login_attempts_per_device
     );
-    for d in p["devices"].as_array().into_iter().flatten() {
+    for d in &p.devices {
         println!(
             "  {:<20} profile {:<14} addresses {:<24} probes {}",
-            d["device"].as_str().unwrap_or("-"),
-            d["profile"].as_str().unwrap_or("-"),
-            list(&d["addresses"]),
-            d["probes"]
+            d.device,
+            d.profile.as_deref().unwrap_or("-"),
+            list(&d.addresses),
+            d.probes
         );
     }
-    println!("  then: {}", p["then"].as_str().unwrap_or_default());
-    for n in p["notes"].as_array().into_iter().flatten() {
-        println!("  note: {}", n.as_str().unwrap_or_default());
+    println!("  then: {}", p.then);
+    for n in &p.notes {
+        println!("  note: {n}");
     }
 }
 
-fn print_findings(v: &Value) {
-    let run = &v["run"];
-    let s = &run["summary"];
+fn print_findings(v: &wire::AuditRunDetail) {
+    let run = &v.run;
+    let t = match &run.summary {
+        AuditSummary::Finished(t) => t.as_ref().clone(),
+        _ => AuditTotals::default(),
+    };
     println!(
         "audit run {} {}: {} devices, {} probes in {} s ({}/s), {} open ports; findings: {} new, {} still open, {} resolved",
-        run["id"],
-        run["status"].as_str().unwrap_or("-"),
-        s["devices"],
-        s["scan_probes"],
-        s["seconds"],
-        s["probes_per_second"],
-        s["open_ports"],
-        s["findings"]["new"],
-        s["findings"]["still_open"],
-        s["findings"]["resolved"]
+        run.id,
+        run.status,
+        t.devices,
+        t.scan_probes,
+        t.seconds,
+        t.probes_per_second,
+        t.open_ports,
+        t.findings.new,
+        t.findings.still_open,
+        t.findings.resolved
     );
     println!("{:<9} {:<9} {:<16} {:<22} FINDING", "STATUS", "SEVERITY", "DEVICE", "TARGET");
-    for f in v["findings"].as_array().into_iter().flatten() {
-        println!(
-            "{:<9} {:<9} {:<16} {:<22} {}",
-            f["status"].as_str().unwrap_or("-"),
-            f["severity"].as_str().unwrap_or("-"),
-            f["device"].as_str().unwrap_or("-"),
-            f["target"].as_str().unwrap_or("-"),
-            f["title"].as_str().unwrap_or("-")
-        );
+    for f in &v.findings {
+        println!("{:<9} {:<9} {:<16} {:<22} {}", f.status, f.severity, f.device, f.target, f.title);
     }
-    for n in s["not_tested"].as_array().into_iter().flatten() {
-        println!(
-            "NOT TESTED {:<16} {:<22} {}: {}",
-            n["device"].as_str().unwrap_or("-"),
-            n["target"].as_str().unwrap_or("-"),
-            n["check"].as_str().unwrap_or("-"),
-            n["reason"].as_str().unwrap_or("-")
-        );
+    for n in &t.not_tested {
+        println!("NOT TESTED {:<16} {:<22} {}: {}", n.device, n.target, n.check, n.reason);
     }
-    for n in s["notes"].as_array().into_iter().flatten() {
-        println!("note: {}", n.as_str().unwrap_or_default());
+    for n in &t.notes {
+        println!("note: {n}");
     }
-    println!("details: portcullis audit report {} --format markdown|html|json", run["id"]);
+    println!("details: portcullis audit report {} --format markdown|html|json", run.id);
 }
-
 pub async fn report(c: &AdminClient, run: Option<&str>, format: &str) -> anyhow::Result<()> {
     let run = run.unwrap_or("latest");
     let body = c.get_text(&format!("/v1/audit/runs/{run}/report?format={format}")).await?;
@@ -361,7 +350,7 @@ pub async fn report(c: &AdminClient, run: Option<&str>, format: &str) -> anyhow:
 }
 
 pub async fn runs(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
-    let r = c.get("/v1/audit/runs").await?;
+    let r = c.audit_runs().await?;
     if as_json {
         crate::manage::print_json(&r);
         return Ok(());
@@ -370,18 +359,20 @@ pub async fn runs(c: &AdminClient, as_json: bool) -> anyhow::Result<()> {
         "{:<5} {:<26} {:<12} {:<8} {:<6} {:<6} RESOLVED",
         "RUN", "STARTED", "STATUS", "DEVICES", "NEW", "OPEN"
     );
-    for x in r["runs"].as_array().into_iter().flatten() {
-        let s = &x["summary"];
-        let n = |v: &Value| v.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string());
+    for x in &r.runs {
+        let (devices, new, open, resolved) = match &x.summary {
+            AuditSummary::Finished(t) => (
+                t.devices.to_string(),
+                t.findings.new.to_string(),
+                t.findings.still_open.to_string(),
+                t.findings.resolved.to_string(),
+            ),
+            _ => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let started = x.started_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         println!(
-            "{:<5} {:<26} {:<12} {:<8} {:<6} {:<6} {}",
-            n(&x["id"]),
-            x["started_at"].as_str().unwrap_or("-"),
-            x["status"].as_str().unwrap_or("-"),
-            n(&s["devices"]),
-            n(&s["findings"]["new"]),
-            n(&s["findings"]["still_open"]),
-            n(&s["findings"]["resolved"])
+            "{:<5} {:<26} {:<12} {:<8} {:<6} {:<6} {resolved}",
+            x.id, started, x.status, devices, new, open
         );
     }
     Ok(())

@@ -280,7 +280,7 @@ pub struct ProfileRecord {
 }
 
 /// An audit run as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AuditRunRecord {
     /// Its id, increasing.
     pub id: i64,
