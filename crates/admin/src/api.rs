@@ -506,10 +506,10 @@ struct CertQuery {
 async fn list_certificates(
     State(s): State<AppState>,
     Query(q): Query<CertQuery>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::CertificateList>, Problem> {
     let device = q.device.as_deref().map(device_id).transpose()?;
-    let certs = s.authority.store().certificates(device.as_ref()).await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({ "certificates": certs })))
+    let certificates = s.authority.store().certificates(device.as_ref()).await.map_err(|e| err(e.into()))?;
+    Ok(Json(wire::CertificateList { certificates }))
 }
 
 fn serial(s: &str) -> Result<portcullis_core::Serial, Problem> {

@@ -81,7 +81,7 @@ impl AdminClient {
         matches!(self.target, Target::Remote(_))
     }
 
-    /// GET `path`, JSON.
+    /// GET `path`, untyped JSON (for endpoints without a typed method).
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         let body = self.call(Method::GET, path, None).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
@@ -93,7 +93,7 @@ impl AdminClient {
         String::from_utf8(body.to_vec()).map_err(|e| ClientError::Http(e.to_string()))
     }
 
-    /// POST `body` as JSON to `path`.
+    /// POST `body` as JSON to `path`, the answer untyped.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         let body =
             self.call(Method::POST, path, Some((Bytes::from(body.to_string()), "application/json"))).await?;
@@ -175,6 +175,14 @@ impl AdminClient {
             &serde_json::json!({ "addresses": addresses }),
         )
         .await
+    }
+
+    /// Every certificate (newest first), optionally of one device.
+    pub async fn certificates(&self, device: Option<&str>) -> Result<wire::CertificateList, ClientError> {
+        match device {
+            Some(d) => self.get_as(&format!("/v1/certificates?device={}", component(d))).await,
+            None => self.get_as("/v1/certificates").await,
+        }
     }
 
     /// One certificate.
@@ -266,6 +274,74 @@ impl AdminClient {
     /// Audit runs, newest first.
     pub async fn audit_runs(&self) -> Result<wire::AuditRuns, ClientError> {
         self.get_as("/v1/audit/runs").await
+    }
+
+    /// POST raw bytes (an upload) to `path`, the answer read as `T`.
+    pub async fn post_bytes_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        let body = self.call(Method::POST, path, Some((body, "application/octet-stream"))).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http(format!("answer of POST {path}: {e}")))
+    }
+
+    /// Publishes an image; `query` carries hardware, version, name (and notes, downgrade).
+    pub async fn publish_firmware(
+        &self,
+        query: &str,
+        image: Bytes,
+    ) -> Result<wire::FirmwarePublished, ClientError> {
+        self.post_bytes_as(&format!("/v1/firmware/targets?{query}"), image).await
+    }
+
+    /// Stages an image for a signed-offline import.
+    pub async fn upload_firmware(&self, image: Bytes) -> Result<wire::FirmwareUploaded, ClientError> {
+        self.post_bytes_as("/v1/firmware/uploads", image).await
+    }
+
+    /// Imports targets metadata signed offline (its images uploaded first).
+    pub async fn import_firmware(&self, signed: Bytes) -> Result<wire::FirmwareTargets, ClientError> {
+        self.post_bytes_as("/v1/firmware/import", signed).await
+    }
+
+    /// The published images.
+    pub async fn firmware_targets(&self) -> Result<wire::FirmwareTargets, ClientError> {
+        self.get_as("/v1/firmware/targets").await
+    }
+
+    /// The fleet view, optionally of one hardware model.
+    pub async fn firmware_status(&self, hardware: Option<&str>) -> Result<wire::FleetStatus, ClientError> {
+        match hardware {
+            Some(h) => self.get_as(&format!("/v1/firmware/status?hardware={}", component(h))).await,
+            None => self.get_as("/v1/firmware/status").await,
+        }
+    }
+
+    /// Re-signs snapshot and timestamp if due.
+    pub async fn refresh_firmware(&self) -> Result<wire::Refreshed, ClientError> {
+        self.post_as("/v1/firmware/refresh", &serde_json::json!({})).await
+    }
+
+    /// Creates a rollout.
+    pub async fn create_rollout(&self, request: &Value) -> Result<wire::RolloutStatus, ClientError> {
+        self.post_as("/v1/firmware/rollouts", request).await
+    }
+
+    /// `advance`, `pause`, `resume` or `abort` a rollout.
+    pub async fn change_rollout(&self, id: i64, action: &str) -> Result<wire::RolloutStatus, ClientError> {
+        self.post_as(&format!("/v1/firmware/rollouts/{id}/{}", component(action)), &serde_json::json!({}))
+            .await
+    }
+
+    /// One rollout.
+    pub async fn rollout(&self, id: i64) -> Result<wire::RolloutStatus, ClientError> {
+        self.get_as(&format!("/v1/firmware/rollouts/{id}")).await
+    }
+
+    /// Every rollout.
+    pub async fn rollouts(&self) -> Result<wire::Rollouts, ClientError> {
+        self.get_as("/v1/firmware/rollouts").await
     }
 
     /// The event log, optionally of one device.

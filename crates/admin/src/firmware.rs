@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::wire;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +14,6 @@ use portcullis_firmware::service::{Firmware, NewRollout};
 use portcullis_http::Problem;
 use portcullis_store::Actor;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 #[derive(Clone)]
 pub(crate) struct FwState {
@@ -74,10 +74,10 @@ async fn root(State(s): State<FwState>) -> Result<Response, Problem> {
     Ok(resp)
 }
 
-async fn targets(State(s): State<FwState>) -> Result<Json<Value>, Problem> {
+async fn targets(State(s): State<FwState>) -> Result<Json<wire::FirmwareTargets>, Problem> {
     let fw = s.firmware.clone();
-    let list = blocking(move || fw.repo().targets()).await?;
-    Ok(Json(json!({ "targets": list })))
+    let targets = blocking(move || fw.repo().targets()).await?;
+    Ok(Json(wire::FirmwareTargets { targets }))
 }
 
 #[derive(Deserialize)]
@@ -124,7 +124,7 @@ async fn publish(
     })
     .await?;
     tracing::info!(target = %info.path, actor = %s.actor, "firmware published");
-    Ok((StatusCode::CREATED, Json(json!({ "target": info }))).into_response())
+    Ok((StatusCode::CREATED, Json(wire::FirmwarePublished { target: info })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -133,22 +133,24 @@ struct StatusQuery {
     hardware: Option<String>,
 }
 
-async fn status(State(s): State<FwState>, Query(q): Query<StatusQuery>) -> Result<Json<Value>, Problem> {
+async fn status(
+    State(s): State<FwState>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<wire::FleetStatus>, Problem> {
     Ok(Json(s.firmware.status(q.hardware.as_deref()).await.map_err(fw_err)?))
 }
 
-async fn refresh(State(s): State<FwState>) -> Result<Json<Value>, Problem> {
+async fn refresh(State(s): State<FwState>) -> Result<Json<wire::Refreshed>, Problem> {
     let fw = s.firmware.clone();
-    let r = blocking(move || fw.repo().refresh(chrono::Utc::now())).await?;
-    Ok(Json(json!({ "snapshot": r.snapshot, "timestamp": r.timestamp })))
+    Ok(Json(blocking(move || fw.repo().refresh(chrono::Utc::now())).await?))
 }
 
-async fn rollouts(State(s): State<FwState>) -> Result<Json<Value>, Problem> {
-    let mut out = Vec::new();
+async fn rollouts(State(s): State<FwState>) -> Result<Json<wire::Rollouts>, Problem> {
+    let mut rollouts = Vec::new();
     for r in s.firmware.rollouts().await.map_err(fw_err)? {
-        out.push(s.firmware.rollout_status(r.id).await.map_err(fw_err)?);
+        rollouts.push(s.firmware.rollout_status(r.id).await.map_err(fw_err)?);
     }
-    Ok(Json(json!({ "rollouts": out })))
+    Ok(Json(wire::Rollouts { rollouts }))
 }
 
 async fn create_rollout(State(s): State<FwState>, Json(req): Json<NewRollout>) -> Result<Response, Problem> {
@@ -157,14 +159,17 @@ async fn create_rollout(State(s): State<FwState>, Json(req): Json<NewRollout>) -
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn rollout(State(s): State<FwState>, Path(id): Path<i64>) -> Result<Json<Value>, Problem> {
+async fn rollout(
+    State(s): State<FwState>,
+    Path(id): Path<i64>,
+) -> Result<Json<wire::RolloutStatus>, Problem> {
     Ok(Json(s.firmware.rollout_status(id).await.map_err(fw_err)?))
 }
 
 async fn change_rollout(
     State(s): State<FwState>,
     Path((id, action)): Path<(i64, String)>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<wire::RolloutStatus>, Problem> {
     s.firmware.change_rollout(id, &action, s.actor.clone()).await.map_err(fw_err)?;
     Ok(Json(s.firmware.rollout_status(id).await.map_err(fw_err)?))
 }
@@ -183,12 +188,12 @@ async fn upload(State(s): State<FwState>, body: Bytes) -> Result<Response, Probl
     }
     let fw = s.firmware.clone();
     let (sha256, length) = blocking(move || fw.repo().stage_upload(&body)).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "sha256": sha256, "length": length }))).into_response())
+    Ok((StatusCode::CREATED, Json(wire::FirmwareUploaded { sha256, length })).into_response())
 }
 
-async fn import(State(s): State<FwState>, body: Bytes) -> Result<Json<Value>, Problem> {
+async fn import(State(s): State<FwState>, body: Bytes) -> Result<Json<wire::FirmwareTargets>, Problem> {
     let fw = s.firmware.clone();
-    let added = blocking(move || fw.repo().import_targets(&body)).await?;
-    tracing::info!(targets = added.len(), actor = %s.actor, "signed targets metadata imported");
-    Ok(Json(json!({ "targets": added })))
+    let targets = blocking(move || fw.repo().import_targets(&body)).await?;
+    tracing::info!(targets = targets.len(), actor = %s.actor, "signed targets metadata imported");
+    Ok(Json(wire::FirmwareTargets { targets }))
 }

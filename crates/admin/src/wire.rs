@@ -71,6 +71,13 @@ pub struct CertificateDetail {
     pub pem: String,
 }
 
+/// `GET /v1/certificates`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateList {
+    /// Newest first.
+    pub certificates: Vec<CertificateRecord>,
+}
+
 /// `POST /v1/certificates/{serial}/revoke`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CertificateRevoked {
@@ -196,3 +203,38 @@ pub struct OpenFindings {
     /// Not resolved.
     pub findings: Vec<FindingRecord>,
 }
+
+/// `GET /v1/firmware/targets` and `POST /v1/firmware/import`: published images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirmwareTargets {
+    /// The images.
+    pub targets: Vec<portcullis_firmware::TargetInfo>,
+}
+
+/// `POST /v1/firmware/targets`: the image published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirmwarePublished {
+    /// The image.
+    pub target: portcullis_firmware::TargetInfo,
+}
+
+/// `POST /v1/firmware/uploads`: an image staged for a signed-offline import.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirmwareUploaded {
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// `GET /v1/firmware/rollouts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollouts {
+    /// Oldest first.
+    pub rollouts: Vec<RolloutStatus>,
+}
+
+/// `GET /v1/firmware/status`, `GET /v1/firmware/rollouts/{id}` (and the rollout
+/// actions) and `POST /v1/firmware/refresh`: the firmware service's own types.
+pub use portcullis_firmware::repo::Refreshed;
+pub use portcullis_firmware::service::{DeviceVersion, FleetStatus, ModelStatus, RolloutStatus};

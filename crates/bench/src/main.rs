@@ -209,8 +209,8 @@ async fn firmware_fleet(args: FleetArgs) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.n {
         let id = format!("agent-{i:04}");
-        let r = admin.post("/v1/devices", &json!({ "id": id, "group": "bench" })).await?;
-        let token = Token::from_presented(r["token"].as_str().context("token")?);
+        let r = admin.register_device(&id, Some("bench"), None).await?;
+        let token = Token::from_presented(&r.token);
         let dir = args.dir.join(&id);
         let (server, ca_pem, root) = (args.at.server.clone(), ca_pem.clone(), root.clone());
         tasks.spawn(async move {
@@ -349,8 +349,8 @@ async fn enroll(args: Args) -> anyhow::Result<()> {
     let mut devices = Vec::with_capacity(args.n);
     for i in 0..args.n {
         let id = DeviceId::try_new(format!("{}-{i:06}", args.prefix))?;
-        let r = admin.post("/v1/devices", &json!({ "id": id })).await?;
-        let token = Token::from_presented(r["token"].as_str().context("token")?);
+        let r = admin.register_device(id.as_str(), None, None).await?;
+        let token = Token::from_presented(&r.token);
         let csr = csr_for(&id)?;
         devices.push(Device { id, token, csr });
     }
@@ -396,13 +396,8 @@ async fn enroll(args: Args) -> anyhow::Result<()> {
     let e2e = lat.len() as f64 / elapsed.as_secs_f64();
 
     // Every returned certificate must be in the registry.
-    let stored: serde_json::Value = admin.get("/v1/certificates").await?;
-    let stored = stored["certificates"]
-        .as_array()
-        .map(|a| {
-            a.iter().filter(|c| c["device"].as_str().is_some_and(|d| d.starts_with(&args.prefix))).count()
-        })
-        .unwrap_or(0);
+    let stored = admin.certificates(None).await?;
+    let stored = stored.certificates.iter().filter(|c| c.device.as_str().starts_with(&args.prefix)).count();
 
     eprintln!("measuring the in-process ceiling ...");
     let csrs: Vec<Vec<u8>> = devices.iter().map(|d| d.csr.clone()).collect();

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use portcullis_admin::AdminClient;
+use portcullis_admin::wire;
 use portcullis_firmware::repo::{Expiry, FirmwareRepo, KeyDir};
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Subcommand)]
 pub enum FirmwareCmd {
@@ -161,13 +162,8 @@ pub enum KeysCmd {
     },
 }
 
-fn print_target(t: &Value) {
-    println!(
-        "published {} ({} bytes, sha256 {})",
-        t["path"].as_str().unwrap_or("-"),
-        t["length"],
-        t["sha256"].as_str().unwrap_or("-")
-    );
+fn print_target(t: &portcullis_firmware::TargetInfo) {
+    println!("published {} ({} bytes, sha256 {})", t.path, t.length, t.sha256);
 }
 
 /// Runs the subcommands that go through the admin API.
@@ -184,20 +180,20 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
                 .with_context(|| format!("{}: not a file name", file.display()))?
                 .to_owned();
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let mut path = format!(
-                "/v1/firmware/targets?hardware={}&version={}&name={}",
+            let mut query = format!(
+                "hardware={}&version={}&name={}",
                 portcullis_admin::component(&hardware),
                 portcullis_admin::component(&version),
                 portcullis_admin::component(&name)
             );
             if let Some(n) = notes {
-                path.push_str(&format!("&notes={}", portcullis_admin::component(&n)));
+                query.push_str(&format!("&notes={}", portcullis_admin::component(&n)));
             }
             if allow_downgrade {
-                path.push_str("&allow_downgrade=true");
+                query.push_str("&allow_downgrade=true");
             }
-            let r = c.post_bytes(&path, bytes.into()).await?;
-            if json { crate::manage::print_json(&r) } else { print_target(&r["target"]) }
+            let r = c.publish_firmware(&query, bytes.into()).await?;
+            if json { crate::manage::print_json(&r) } else { print_target(&r.target) }
         }
         FirmwareCmd::Publish { keys: Some(_), .. } | FirmwareCmd::Keys(_) => {
             unreachable!("handled without the admin API")
@@ -217,88 +213,77 @@ pub async fn run(c: &AdminClient, cmd: FirmwareCmd) -> anyhow::Result<()> {
             for image in &images {
                 let bytes =
                     std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
-                let r = c.post_bytes("/v1/firmware/uploads", bytes.into()).await?;
-                println!(
-                    "uploaded {} ({} bytes, sha256 {})",
-                    image.display(),
-                    r["length"],
-                    r["sha256"].as_str().unwrap_or("-")
-                );
+                let r = c.upload_firmware(bytes.into()).await?;
+                println!("uploaded {} ({} bytes, sha256 {})", image.display(), r.length, r.sha256);
             }
             let doc = std::fs::read(&signed).with_context(|| format!("cannot read {}", signed.display()))?;
-            let r = c.post_bytes("/v1/firmware/import", doc.into()).await?;
-            for t in r["targets"].as_array().into_iter().flatten() {
+            for t in &c.import_firmware(doc.into()).await?.targets {
                 print_target(t);
             }
         }
         FirmwareCmd::List { json } => {
-            let r = c.get("/v1/firmware/targets").await?;
+            let r = c.firmware_targets().await?;
             if json {
                 crate::manage::print_json(&r);
                 return Ok(());
             }
             println!("{:<16} {:<12} {:>12}  {:<64}  PATH", "HARDWARE", "VERSION", "BYTES", "SHA256");
-            for t in r["targets"].as_array().into_iter().flatten() {
+            for t in &r.targets {
                 println!(
                     "{:<16} {:<12} {:>12}  {:<64}  {}",
-                    t["hardware"].as_str().unwrap_or("-"),
-                    t["version"].as_str().unwrap_or("-"),
-                    t["length"],
-                    t["sha256"].as_str().unwrap_or("-"),
-                    t["path"].as_str().unwrap_or("-")
+                    t.hardware,
+                    t.version.to_string(),
+                    t.length,
+                    t.sha256,
+                    t.path
                 );
             }
         }
         FirmwareCmd::Status { hardware, json } => {
-            let path = match &hardware {
-                Some(h) => format!("/v1/firmware/status?hardware={}", portcullis_admin::component(h)),
-                None => "/v1/firmware/status".to_owned(),
-            };
-            let r = c.get(&path).await?;
+            let r = c.firmware_status(hardware.as_deref()).await?;
             if json {
                 crate::manage::print_json(&r);
                 return Ok(());
             }
-            for hw in r["hardware"].as_array().into_iter().flatten() {
+            for hw in &r.hardware {
                 println!(
                     "hardware {} (newest published: {})",
-                    hw["hardware"].as_str().unwrap_or("-"),
-                    hw["newest"]
+                    hw.hardware,
+                    hw.newest.as_deref().unwrap_or("none")
                 );
-                for (v, n) in hw["versions"].as_object().into_iter().flatten() {
+                for (v, n) in &hw.versions {
                     println!("  {v:<12} {n} device(s)");
                 }
-                let count = |k: &str| hw[k].as_array().map_or(0, Vec::len);
-                println!("  behind: {}   last report failed: {}", count("behind"), count("failed"));
-                for r in hw["rollouts"].as_array().into_iter().flatten() {
+                println!("  behind: {}   last report failed: {}", hw.behind.len(), hw.failed.len());
+                for r in &hw.rollouts {
                     print_rollout(r);
                 }
             }
         }
         FirmwareCmd::Refresh => {
-            let r = c.post("/v1/firmware/refresh", &json!({})).await?;
-            println!("re-signed: snapshot {}, timestamp {}", r["snapshot"], r["timestamp"]);
+            let r = c.refresh_firmware().await?;
+            println!("re-signed: snapshot {}, timestamp {}", r.snapshot, r.timestamp);
         }
         FirmwareCmd::Rollout(cmd) => rollout(c, cmd).await?,
     }
     Ok(())
 }
 
-fn print_rollout(r: &Value) {
+fn print_rollout(r: &wire::RolloutStatus) {
     println!(
         "  rollout {} {} {} -> {}: {} at stage {} ({}%): {} of {} admitted, {} confirmed, {} failed{}",
-        r["id"],
-        r["hardware"].as_str().unwrap_or("-"),
-        r["group"].as_str().unwrap_or("(all groups)"),
-        r["version"].as_str().unwrap_or("-"),
-        r["state"].as_str().unwrap_or("-"),
-        r["stage"],
-        r["percent"],
-        r["admitted"],
-        r["population"],
-        r["confirmed"],
-        r["failed"],
-        r["reason"].as_str().map(|s| format!(" — {s}")).unwrap_or_default()
+        r.id,
+        r.hardware,
+        r.group.as_deref().unwrap_or("(all groups)"),
+        r.version,
+        crate::manage::json_word(&r.state),
+        r.stage,
+        r.percent,
+        r.admitted,
+        r.population,
+        r.confirmed,
+        r.failed,
+        r.reason.as_deref().map(|s| format!(" — {s}")).unwrap_or_default()
     );
 }
 
@@ -309,27 +294,19 @@ async fn rollout(c: &AdminClient, cmd: RolloutCmd) -> anyhow::Result<()> {
                 "hardware": hardware, "version": version, "group": group,
                 "stages": stages, "max_failure_rate": max_failure_rate, "min_reports": min_reports,
             });
-            (c.post("/v1/firmware/rollouts", &body).await?, json)
+            (c.create_rollout(&body).await?, json)
         }
-        RolloutCmd::Advance { id } => {
-            (c.post(&format!("/v1/firmware/rollouts/{id}/advance"), &json!({})).await?, false)
-        }
-        RolloutCmd::Pause { id } => {
-            (c.post(&format!("/v1/firmware/rollouts/{id}/pause"), &json!({})).await?, false)
-        }
-        RolloutCmd::Resume { id } => {
-            (c.post(&format!("/v1/firmware/rollouts/{id}/resume"), &json!({})).await?, false)
-        }
-        RolloutCmd::Abort { id } => {
-            (c.post(&format!("/v1/firmware/rollouts/{id}/abort"), &json!({})).await?, false)
-        }
-        RolloutCmd::Status { id, json } => (c.get(&format!("/v1/firmware/rollouts/{id}")).await?, json),
+        RolloutCmd::Advance { id } => (c.change_rollout(id, "advance").await?, false),
+        RolloutCmd::Pause { id } => (c.change_rollout(id, "pause").await?, false),
+        RolloutCmd::Resume { id } => (c.change_rollout(id, "resume").await?, false),
+        RolloutCmd::Abort { id } => (c.change_rollout(id, "abort").await?, false),
+        RolloutCmd::Status { id, json } => (c.rollout(id).await?, json),
         RolloutCmd::List { json } => {
-            let r = c.get("/v1/firmware/rollouts").await?;
+            let r = c.rollouts().await?;
             if json {
                 crate::manage::print_json(&r);
             } else {
-                r["rollouts"].as_array().into_iter().flatten().for_each(print_rollout);
+                r.rollouts.iter().for_each(print_rollout);
             }
             return Ok(());
         }
@@ -410,8 +387,8 @@ pub fn local(data_dir: &Path, cmd: FirmwareCmd) -> anyhow::Result<()> {
             let v = image.semver()?;
             let (file, hw, notes) = (&image.file, &image.hardware, image.notes.as_deref());
             let t = repo.publish(file, hw, &v, notes, image.allow_downgrade, Some(&KeyDir::new(keys)))?;
-            let t = serde_json::to_value(&t)?;
-            if json { crate::manage::print_json(&json!({ "target": t })) } else { print_target(&t) }
+            let published = wire::FirmwarePublished { target: t };
+            if json { crate::manage::print_json(&published) } else { print_target(&published.target) }
         }
         _ => unreachable!("only key custody runs locally"),
     }

@@ -361,7 +361,7 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 /// A unit enum as the API spells it (`blocklist`, `nxdomain`, `block`).
-fn json_word(v: &impl serde::Serialize) -> String {
+pub(crate) fn json_word(v: &impl serde::Serialize) -> String {
     match serde_json::to_value(v) {
         Ok(Value::String(s)) => s,
         _ => "-".to_owned(),

@@ -116,8 +116,36 @@ pub struct FirmwareRepo {
     write: Mutex<()>,
 }
 
+/// The repository's signed roles and where its keys are, for the fleet view.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RepositoryView {
+    /// The root role.
+    pub root: RoleView,
+    /// The targets role.
+    pub targets: Option<RoleView>,
+    /// The snapshot role.
+    pub snapshot: Option<RoleView>,
+    /// The timestamp role.
+    pub timestamp: Option<RoleView>,
+    /// Whether metadata is served under consistent-snapshot names.
+    pub consistent_snapshot: bool,
+    /// Whether the server holds the targets key (else targets are signed offline).
+    pub targets_key_online: bool,
+    /// Whether the server holds the root key (it should not).
+    pub root_key_online: bool,
+}
+
+/// One role's version and expiry.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RoleView {
+    /// Its version.
+    pub version: u32,
+    /// When it expires (RFC 3339).
+    pub expires: String,
+}
+
 /// What [`FirmwareRepo::refresh`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Refreshed {
     /// A new snapshot was signed.
     pub snapshot: bool,
@@ -377,19 +405,19 @@ impl FirmwareRepo {
     }
 
     /// Metadata versions and expiry of each role, for status output.
-    pub fn describe(&self) -> Result<serde_json::Value, Error> {
+    pub fn describe(&self) -> Result<RepositoryView, Error> {
         let db = self.database()?;
-        let role = |v: u32, e: &DateTime<Utc>| serde_json::json!({"version": v, "expires": e.to_rfc3339()});
+        let role = |v: u32, e: &DateTime<Utc>| RoleView { version: v, expires: e.to_rfc3339() };
         let root = db.trusted_root();
-        Ok(serde_json::json!({
-            "root": role(root.version(), root.expires()),
-            "targets": db.trusted_targets().map(|t| role(t.version(), t.expires())),
-            "snapshot": db.trusted_snapshot().map(|t| role(t.version(), t.expires())),
-            "timestamp": db.trusted_timestamp().map(|t| role(t.version(), t.expires())),
-            "consistent_snapshot": root.consistent_snapshot(),
-            "targets_key_online": self.holds_targets_key(),
-            "root_key_online": self.keys().has("root"),
-        }))
+        Ok(RepositoryView {
+            root: role(root.version(), root.expires()),
+            targets: db.trusted_targets().map(|t| role(t.version(), t.expires())),
+            snapshot: db.trusted_snapshot().map(|t| role(t.version(), t.expires())),
+            timestamp: db.trusted_timestamp().map(|t| role(t.version(), t.expires())),
+            consistent_snapshot: root.consistent_snapshot(),
+            targets_key_online: self.holds_targets_key(),
+            root_key_online: self.keys().has("root"),
+        })
     }
 
     /// Adds `image` as target `HW/VERSION/NAME` (version and hardware in its custom

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use portcullis_core::{DeviceId, DeviceState};
 use portcullis_store::{Actor, FirmwareOutcome, FirmwareStatus, RolloutRecord, Store};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::repo::FirmwareRepo;
@@ -399,16 +399,28 @@ impl Firmware {
     }
 
     /// A rollout with its progress.
-    pub async fn rollout_status(&self, id: i64) -> Result<Value, Error> {
+    pub async fn rollout_status(&self, id: i64) -> Result<RolloutStatus, Error> {
         let r = self.rollout(id).await?;
-        let (ok, failed) = self.outcomes(&r).await?;
-        Ok(json!({
-            "id": r.id, "hardware": r.hardware, "version": r.version, "target": r.target, "group": r.group,
-            "state": r.state, "reason": r.reason, "stages": r.stages, "stage": r.stage + 1,
-            "percent": r.percent(), "population": r.population.len(), "admitted": r.admitted_count(),
-            "confirmed": ok, "failed": failed, "max_failure_rate": r.max_failure_rate,
-            "min_reports": r.min_reports, "created_at": r.created_at,
-        }))
+        let (confirmed, failed) = self.outcomes(&r).await?;
+        Ok(RolloutStatus {
+            id: r.id,
+            hardware: r.hardware.clone(),
+            version: r.version.clone(),
+            target: r.target.clone(),
+            group: r.group.clone(),
+            state: r.state,
+            reason: r.reason.clone(),
+            stages: r.stages.clone(),
+            stage: r.stage + 1,
+            percent: r.percent(),
+            population: r.population.len(),
+            admitted: r.admitted_count(),
+            confirmed,
+            failed,
+            max_failure_rate: r.max_failure_rate,
+            min_reports: r.min_reports,
+            created_at: r.created_at.clone(),
+        })
     }
 
     /// Every device whose last report names an older version than the newest published
@@ -442,7 +454,7 @@ impl Firmware {
 
     /// The fleet view: per hardware model, devices per version, who is behind, failures,
     /// rollouts; per device the last report.
-    pub async fn status(&self, hardware: Option<&str>) -> Result<Value, Error> {
+    pub async fn status(&self, hardware: Option<&str>) -> Result<FleetStatus, Error> {
         let targets = self.repo.targets()?;
         let fw = self.devices_fw().await?;
         let mut models: BTreeMap<String, Vec<(&String, &FirmwareStatus)>> = BTreeMap::new();
@@ -472,25 +484,109 @@ impl Firmware {
                 if d.last.as_ref().is_some_and(|l| l.state == "failed") {
                     failures.push((*id).clone());
                 }
-                per_device.push(json!({ "device": id, "installed": d.installed, "last": d.last }));
+                per_device.push(DeviceVersion {
+                    device: (*id).clone(),
+                    installed: d.installed.clone(),
+                    last: d.last.clone(),
+                });
             }
             let mut rs = Vec::new();
             for r in rollouts.iter().filter(|r| r.hardware == hw) {
                 rs.push(self.rollout_status(r.id).await?);
             }
-            out.push(json!({
-                "hardware": hw,
-                "newest": newest.map(|v| v.to_string()),
-                "published": targets.iter().filter(|t| t.hardware == hw).cloned().collect::<Vec<TargetInfo>>(),
-                "versions": versions,
-                "behind": behind,
-                "failed": failures,
-                "rollouts": rs,
-                "devices": per_device,
-            }));
+            out.push(ModelStatus {
+                published: targets.iter().filter(|t| t.hardware == hw).cloned().collect(),
+                hardware: hw,
+                newest: newest.map(|v| v.to_string()),
+                versions,
+                behind,
+                failed: failures,
+                rollouts: rs,
+                devices: per_device,
+            });
         }
-        Ok(json!({ "hardware": out, "repository": self.repo.describe()? }))
+        Ok(FleetStatus { hardware: out, repository: self.repo.describe()? })
     }
+}
+
+/// A rollout and how far it got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// Its id.
+    pub id: i64,
+    /// Hardware model.
+    pub hardware: String,
+    /// Version offered.
+    pub version: String,
+    /// TUF target path.
+    pub target: String,
+    /// Only this group's devices, if set.
+    pub group: Option<String>,
+    /// Active, paused or aborted.
+    pub state: State,
+    /// Why paused or aborted.
+    pub reason: Option<String>,
+    /// Stage percentages.
+    pub stages: Vec<u8>,
+    /// The current stage, from 1.
+    pub stage: usize,
+    /// Its percentage.
+    pub percent: u8,
+    /// Devices eligible at creation.
+    pub population: usize,
+    /// Devices the stage admits.
+    pub admitted: usize,
+    /// Devices that confirmed the update.
+    pub confirmed: usize,
+    /// Devices whose update failed.
+    pub failed: usize,
+    /// Failure share that pauses it.
+    pub max_failure_rate: f64,
+    /// Reports needed before that applies.
+    pub min_reports: usize,
+    /// Created (RFC 3339).
+    pub created_at: String,
+}
+
+/// The fleet view: per hardware model, and the repository.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// Per hardware model.
+    pub hardware: Vec<ModelStatus>,
+    /// The repository's roles and keys.
+    pub repository: crate::repo::RepositoryView,
+}
+
+/// One hardware model's devices, versions and rollouts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// The model.
+    pub hardware: String,
+    /// The newest version published for it.
+    pub newest: Option<String>,
+    /// Everything published for it.
+    pub published: Vec<TargetInfo>,
+    /// Devices per installed version.
+    pub versions: BTreeMap<String, usize>,
+    /// Devices behind the newest.
+    pub behind: Vec<String>,
+    /// Devices whose last report failed.
+    pub failed: Vec<String>,
+    /// Its rollouts.
+    pub rollouts: Vec<RolloutStatus>,
+    /// Each device's version and last report.
+    pub devices: Vec<DeviceVersion>,
+}
+
+/// One device's installed version and last report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceVersion {
+    /// The device.
+    pub device: String,
+    /// Installed version.
+    pub installed: String,
+    /// Its last report's outcome.
+    pub last: Option<FirmwareOutcome>,
 }
 
 /// A device behind the newest firmware published for its hardware.

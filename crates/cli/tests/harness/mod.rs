@@ -189,8 +189,7 @@ impl Server {
     }
 
     pub async fn certificate_count(&self) -> usize {
-        let v: Value = self.admin_client().get("/v1/certificates").await.expect("certificates");
-        v["certificates"].as_array().map(Vec::len).unwrap_or(0)
+        self.admin_client().certificates(None).await.expect("certificates").certificates.len()
     }
 
     /// [`Self::certificate_count`] for synchronous tests.
