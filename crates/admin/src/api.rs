@@ -557,9 +557,9 @@ async fn revoke_certificate(
     Ok(Json(wire::CertificateRevoked { revoked: true, certificate }))
 }
 
-async fn list_groups(State(s): State<AppState>) -> Result<Json<Value>, Problem> {
+async fn list_groups(State(s): State<AppState>) -> Result<Json<wire::GroupList>, Problem> {
     let groups = s.authority.store().groups().await.map_err(|e| err(e.into()))?;
-    Ok(Json(json!({ "groups": groups })))
+    Ok(Json(wire::GroupList { groups }))
 }
 
 #[derive(Deserialize)]

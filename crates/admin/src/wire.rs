@@ -4,7 +4,8 @@
 
 use portcullis_core::{DeviceId, DeviceState, GroupName};
 use portcullis_store::{
-    AuditRunRecord, BlockedName, CertificateRecord, Device, DnsQueryRecord, Event, FindingRecord, Profile,
+    AuditRunRecord, BlockedName, CertificateRecord, Device, DnsQueryRecord, Event, FindingRecord, Group,
+    Profile,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,13 @@ pub struct TokenIssued {
 pub struct DeviceList {
     /// Every device, by id.
     pub devices: Vec<Device>,
+}
+
+/// `GET /v1/groups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupList {
+    /// Every group with its device count.
+    pub groups: Vec<Group>,
 }
 
 /// `GET /v1/devices/{id}`: the device, its SPIFFE ID and its certificates.

@@ -72,7 +72,7 @@ pub struct Device {
 }
 
 /// A group and how many devices it holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Group {
     /// Its name.
     pub name: GroupName,
