@@ -4,16 +4,18 @@
 # (Debian `valgrind`). Unlike requests/s on a shared machine, an instruction count barely
 # moves between runs, so it is the number to watch while optimising the hot path; kernel
 # time (the other ~45% of server CPU, about equal for both) is not in it.
-#   [KEEP=DIR] bench/gateway-instructions.sh [REQUESTS]
+#   [KEEP=DIR] [PORTCULLIS_BIN=… AGENT_BIN=…] bench/gateway-instructions.sh [REQUESTS]
+# (the binaries default to this tree's release build, built first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
+given_bin=${PORTCULLIS_BIN:-}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 need nginx nginx
 need ab apache2-utils
 need valgrind valgrind
-cargo build --release -q -p portcullis -p portcullis-agent
+[ -n "$given_bin" ] || cargo build --release -q -p portcullis -p portcullis-agent
 up_port=$(free_port); ng_port=$(free_port)
 cat >"$work/portcullis.toml" <<CONF
 [device]
