@@ -67,6 +67,10 @@ fn name_at(arena: &[u8], off: u32) -> &[u8] {
 
 impl NameSet {
     fn contains(&self, name: &str) -> bool {
+        // Most sets of a policy are empty (no exceptions, no wildcards): no hashing then.
+        if self.table.is_empty() {
+            return false;
+        }
         let h = self.hasher.hash_one(name.as_bytes());
         self.table.find(h, |&o| name_at(&self.arena, o) == name.as_bytes()).is_some()
     }
@@ -325,6 +329,9 @@ impl DomainSet {
         }
         if self.exact.contains(name) {
             return true;
+        }
+        if self.subtree.table.is_empty() && self.below.table.is_empty() {
+            return false;
         }
         let mut first = true;
         for s in suffixes(name) {

@@ -36,13 +36,14 @@ impl DnsLog for SqliteStore {
     async fn dns_queries(&self, filter: DnsQueryFilter) -> Result<Vec<DnsQueryRecord>> {
         self.read(move |c| {
             let limit = filter.limit.unwrap_or(100).min(10_000);
+            let from = first_id_since(c, filter.since)?;
             let mut stmt = c.prepare_cached(
                 "SELECT at_ms, client, device_id, name, qtype, action, reason, rcode, upstream_us FROM dns_queries
-                 WHERE (?1 IS NULL OR device_id = ?1) AND (?2 = 0 OR action = 'blocked') AND at_ms >= ?3
+                 WHERE id >= ?3 AND (?1 IS NULL OR device_id = ?1) AND (?2 = 0 OR action = 'blocked')
                  ORDER BY id DESC LIMIT ?4",
             )?;
             let rows = stmt.query_map(
-                params![filter.device, filter.blocked_only, filter.since.map_or(0, ms), limit],
+                params![filter.device, filter.blocked_only, from, limit],
                 |r| {
                     Ok(DnsQueryRecord {
                         at: from_ms(r.get(0)?),
@@ -65,12 +66,13 @@ impl DnsLog for SqliteStore {
     async fn dns_top_blocked(&self, filter: DnsQueryFilter) -> Result<Vec<BlockedName>> {
         self.read(move |c| {
             let limit = filter.limit.unwrap_or(20).min(10_000);
+            let from = first_id_since(c, filter.since)?;
             let mut stmt = c.prepare_cached(
                 "SELECT device_id, name, COUNT(*) AS n FROM dns_queries
-                 WHERE action = 'blocked' AND (?1 IS NULL OR device_id = ?1) AND at_ms >= ?2
+                 WHERE id >= ?2 AND action = 'blocked' AND (?1 IS NULL OR device_id = ?1)
                  GROUP BY device_id, name ORDER BY n DESC, name LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![filter.device, filter.since.map_or(0, ms), limit], |r| {
+            let rows = stmt.query_map(params![filter.device, from, limit], |r| {
                 Ok(BlockedName {
                     device: r.get(0)?,
                     name: r.get(1)?,
@@ -84,7 +86,8 @@ impl DnsLog for SqliteStore {
 
     async fn prune_dns_queries(&self, before: OffsetDateTime, max_rows: u64) -> Result<u64> {
         self.write(move |c| {
-            let old = c.prepare_cached("DELETE FROM dns_queries WHERE at_ms < ?1")?.execute([ms(before)])?;
+            let from = first_id_since(c, Some(before))?;
+            let old = c.prepare_cached("DELETE FROM dns_queries WHERE id < ?1")?.execute([from])?;
             let keep = i64::try_from(max_rows).unwrap_or(i64::MAX);
             let over = c
                 .prepare_cached("DELETE FROM dns_queries WHERE id <= (SELECT MAX(id) FROM dns_queries) - ?1")?
@@ -93,4 +96,34 @@ impl DnsLog for SqliteStore {
         })
         .await
     }
+}
+
+/// The id of the first row at or after `since` (0 without a bound), found by binary search
+/// over the rowid: the log is appended in time order by one writer, so `at_ms` rises with
+/// `id` (queries answered on different threads in the same millisecond may be a few
+/// rows out of order; a time bound is exact to that). O(log n) point reads, no index.
+fn first_id_since(c: &rusqlite::Connection, since: Option<OffsetDateTime>) -> rusqlite::Result<i64> {
+    let Some(since) = since.map(ms) else { return Ok(0) };
+    let (lo, hi): (Option<i64>, Option<i64>) = c
+        .prepare_cached("SELECT MIN(id), MAX(id) FROM dns_queries")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (Some(mut lo), Some(hi)) = (lo, hi) else { return Ok(0) };
+    // The first row with id >= `at`, and its time.
+    let mut probe =
+        c.prepare_cached("SELECT id, at_ms FROM dns_queries WHERE id >= ?1 ORDER BY id LIMIT 1")?;
+    let mut row_at = |at: i64| -> rusqlite::Result<Option<(i64, i64)>> {
+        use rusqlite::OptionalExtension;
+        probe.query_row([at], |r| Ok((r.get(0)?, r.get(1)?))).optional()
+    };
+    // Invariant: every row below `lo` is older than `since`; the answer is in lo..=hi+1.
+    let mut hi = hi + 1;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match row_at(mid)? {
+            Some((id, at)) if at < since => lo = id + 1,
+            Some(_) => hi = mid,
+            None => hi = mid,
+        }
+    }
+    Ok(lo)
 }

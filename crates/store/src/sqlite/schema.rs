@@ -157,6 +157,28 @@ CREATE INDEX firmware_reports_device ON firmware_reports(device_id, id);
 ALTER TABLE certificates ADD COLUMN crl_reason TEXT;
 ALTER TABLE certificates ADD COLUMN superseded_by TEXT;
 "#,
+    // The query log is written at the DNS port's rate: one B-tree append per query, no
+    // AUTOINCREMENT bookkeeping, no secondary index (each cost more than the row; a
+    // device index takes random writes). Rows are in time order by id (one writer, in
+    // arrival order), which is how time filters and pruning find their range.
+    r#"
+CREATE TABLE dns_queries_v6 (
+    id           INTEGER PRIMARY KEY,
+    at_ms        INTEGER NOT NULL,
+    client       TEXT NOT NULL,
+    device_id    TEXT,
+    name         TEXT NOT NULL,
+    qtype        TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    rcode        TEXT NOT NULL,
+    upstream_us  INTEGER
+) STRICT;
+INSERT INTO dns_queries_v6 SELECT id, at_ms, client, device_id, name, qtype, action, reason, rcode, upstream_us
+    FROM dns_queries ORDER BY id;
+DROP TABLE dns_queries;
+ALTER TABLE dns_queries_v6 RENAME TO dns_queries;
+"#,
 ];
 
 /// The schema version this build writes.

@@ -185,6 +185,68 @@ async fn dns_query_log_is_pruned_by_age_and_row_count() {
     assert_eq!(since.len(), 1);
 }
 
+/// Time bounds are found by binary search over the ids (no index on time): the same
+/// rows as a linear filter, with gaps in the ids from pruning, at every boundary.
+#[tokio::test]
+async fn query_log_time_bounds_match_a_linear_filter() {
+    let (_d, s) = store();
+    let t0 = OffsetDateTime::now_utc() - time::Duration::hours(10);
+    let rows: Vec<_> = (0..600)
+        .map(|i| DnsQueryRecord {
+            at: t0 + time::Duration::seconds(i * 30),
+            client: "127.0.0.2".into(),
+            device: None,
+            name: format!("n{i}.test"),
+            qtype: "A".into(),
+            action: "allowed".into(),
+            reason: "r".into(),
+            rcode: "NoError".into(),
+            upstream_us: None,
+        })
+        .collect();
+    s.log_dns_queries(rows).await.unwrap();
+    // Ids 1..=600; pruning by count leaves 401..=600, by age then a gap-free tail.
+    assert_eq!(s.prune_dns_queries(t0, 400).await.unwrap(), 200);
+    for minutes in [0i64, 1, 99, 100, 101, 150, 299, 300, 301, 400] {
+        let since = t0 + time::Duration::minutes(minutes);
+        let got = s
+            .dns_queries(DnsQueryFilter { since: Some(since), limit: Some(10_000), ..Default::default() })
+            .await
+            .unwrap();
+        let want = (200..600).filter(|i| t0 + time::Duration::seconds(i * 30) >= since).count();
+        assert_eq!(got.len(), want, "since +{minutes} min");
+    }
+    let gone = s.prune_dns_queries(t0 + time::Duration::minutes(200), 1_000_000).await.unwrap();
+    assert_eq!(gone, 200, "rows 200..400 are older than +200 min");
+}
+
+/// A registry written by the previous schema keeps its query log through the migration
+/// that rebuilt the table without AUTOINCREMENT and indexes.
+#[tokio::test]
+async fn the_query_log_survives_its_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let before = super::schema::MIGRATIONS.len() - 1;
+        for sql in &super::schema::MIGRATIONS[..before] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", before as i64).unwrap();
+        c.execute(
+            "INSERT INTO dns_queries (at_ms, client, device_id, name, qtype, action, reason, rcode)
+             VALUES (1765000000000, '10.0.0.9', 'cam-01', 'old.test', 'A', 'blocked', 'r', 'NXDomain')",
+            [],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
+    let rows = s.dns_queries(DnsQueryFilter::default()).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].name.as_str(), rows[0].device.as_deref()), ("old.test", Some("cam-01")));
+}
+
 #[tokio::test]
 async fn device_addresses_are_unique_across_devices() {
     let (_d, s) = store();
