@@ -106,6 +106,9 @@ struct RawList {
     path: Option<PathBuf>,
     url: Option<String>,
     refresh: Option<String>,
+    /// `exact` (default) or `subtree`.
+    #[serde(rename = "match")]
+    matching: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,7 +411,12 @@ fn dns_config(raw: RawDns, dir: &Path) -> anyhow::Result<Option<DnsConfig>> {
                     Some(r) => dur(&key("refresh"), &r)?,
                     None => default_refresh,
                 };
-                Ok(ListSource { name, from, refresh })
+                let matching = match l.matching.as_deref() {
+                    None | Some("exact") => portcullis_dns::Match::Exact,
+                    Some("subtree") => portcullis_dns::Match::Subtree,
+                    Some(other) => bail!("{}: {other:?} is neither \"exact\" nor \"subtree\"", key("match")),
+                };
+                Ok(ListSource { name, from, refresh, matching })
             })
             .collect::<anyhow::Result<_>>()?,
         policies: raw
@@ -605,5 +613,7 @@ mod tests {
         assert!(format!("{e:#}").contains("device.addr"), "{e:#}");
         let e = Config::from_toml("[device]\nbogus = 1").unwrap_err();
         assert!(format!("{e:#}").contains("bogus"), "{e:#}");
+        let e = Config::from_toml("[dns.lists.t]\npath = \"t.txt\"\nmatch = \"prefix\"").unwrap_err();
+        assert!(format!("{e:#}").contains("dns.lists.t.match"), "{e:#}");
     }
 }

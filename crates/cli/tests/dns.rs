@@ -631,3 +631,49 @@ mode = "blocklist"
         "other clients still served"
     );
 }
+
+/// A plain list matches the names it lists (Pi-hole's reading) unless it says
+/// `match = "subtree"` (a threat list: the names below a listed domain are blocked too,
+/// as unbound and dnsmasq read such lists).
+#[test]
+fn plain_lists_match_exactly_or_their_subtree() {
+    let up = DnsUpstream::start();
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (ads, threats) = (dir.join("ads.txt"), dir.join("threats.txt"));
+    std::fs::write(&ads, "tracker.test\n0.0.0.0 pixel.test\n").unwrap();
+    std::fs::write(&threats, "c2.test\n0.0.0.0 dropper.test\n").unwrap();
+    let cfg = |matching: &str| {
+        format!(
+            r#"
+[dns]
+upstreams = ["{up}"]
+unknown_clients = "lobby"
+[dns.lists.ads]
+path = "{ads}"
+[dns.lists.threats]
+path = "{threats}"
+match = "{matching}"
+[[dns.policies]]
+name = "lobby"
+mode = "blocklist"
+lists = ["ads", "threats"]
+"#,
+            up = up.addr,
+            ads = ads.display(),
+            threats = threats.display()
+        )
+    };
+    let s = Server::start_with_config(&cfg("subtree"));
+    for name in ["tracker.test", "pixel.test", "c2.test", "x.c2.test", "a.b.dropper.test", "dropper.test"] {
+        assert_eq!(status(&dig(&s, &[name, "A"])), "NXDOMAIN", "{name}");
+    }
+    // The exact list's subdomains are not on it: resolved upstream.
+    for name in ["www.tracker.test", "cdn.pixel.test"] {
+        assert_eq!(status(&dig(&s, &[name, "A"])), "NOERROR", "{name}");
+    }
+    assert_eq!(up.asked("x.c2.test.") + up.asked("a.b.dropper.test."), 0, "blocked without asking");
+    let policies = s.cli_ok(&["dns", "policies", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&policies).unwrap();
+    let matching: Vec<_> = v["lists"].as_array().unwrap().iter().map(|l| l["match"].clone()).collect();
+    assert_eq!(matching, [serde_json::json!("exact"), serde_json::json!("subtree")], "{policies}");
+}

@@ -54,6 +54,8 @@ pub struct DnsConfig {
 pub struct ListSource {
     pub name: String,
     pub from: ListFrom,
+    /// How its plain names (hosts lines, bare domains) match: the name, or its subtree.
+    pub matching: crate::Match,
     /// Read again this often (files: 1 minute; URLs: 1 day, unless set).
     pub refresh: Duration,
 }

@@ -23,7 +23,7 @@ mod start;
 pub mod upstream;
 
 pub use cache::{Cache, CacheConfig};
-pub use lists::{DomainSet, ListStats};
+pub use lists::{DomainSet, ListStats, Match};
 pub use pipeline::Pipeline;
 #[doc(hidden)]
 pub use pipeline::exchange_for_fuzzing as pipeline_for_fuzzing;

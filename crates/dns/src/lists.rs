@@ -29,10 +29,27 @@ pub struct ListStats {
 
 const JUNK_EXAMPLES: usize = 5;
 
+/// How a plain name in a list (a hosts line, or a bare `domain`) matches: the name alone
+/// (`exact`, Pi-hole's reading and the default) or the name and every name below it
+/// (`subtree`, as unbound's `always_nxdomain` zones, dnsmasq's `address=/d/` and uBlock
+/// read them; the safer reading for threat lists, where a C2 domain's subdomains are the
+/// threat too). `||d^`, `*.d` and `@@` rules say their own reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Match {
+    /// The name only.
+    #[default]
+    Exact,
+    /// The name and its subdomains.
+    Subtree,
+}
+
 /// A set of domain rules: exact names, whole subtrees (`||x^`), and strict wildcards
 /// (`*.x`), each possibly excepted.
 #[derive(Debug, Default, Clone)]
 pub struct DomainSet {
+    /// Where a plain name (a hosts line, a bare domain) goes.
+    plain: Match,
     exact: NameSet,
     subtree: NameSet,
     below: NameSet,
@@ -140,7 +157,12 @@ impl DomainSet {
 
     /// Parses `text` and adds its rules; returns what it found.
     pub fn parse(text: &str) -> (Self, ListStats) {
-        let mut set = Self::new();
+        Self::parse_as(text, Match::Exact)
+    }
+
+    /// [`Self::parse`] with plain names matching as `plain` says.
+    pub fn parse_as(text: &str, plain: Match) -> (Self, ListStats) {
+        let mut set = Self { plain, ..Self::new() };
         let stats = set.extend_from(text);
         set.shrink();
         (set, stats)
@@ -180,14 +202,17 @@ impl DomainSet {
     pub fn parse_reader(
         mut r: impl std::io::BufRead,
         size_hint: usize,
+        plain: Match,
     ) -> std::io::Result<(Self, ListStats, u64)> {
         use std::hash::Hasher;
-        let mut set = Self::new();
-        // Most rules are exact names: room for the file's bytes up front, so the arena
+        let mut set = Self { plain, ..Self::new() };
+        // Most rules are plain names: room for the file's bytes up front, so the arena
         // never grows by copying.
-        set.exact.arena.reserve(size_hint.min(1 << 31));
+        set.plain_set().arena.reserve(size_hint.min(1 << 31));
         let mut stats = ListStats::default();
         let mut digest = std::collections::hash_map::DefaultHasher::new();
+        // The same bytes read another way are another list.
+        digest.write_u8(plain as u8);
         let mut buf = Vec::with_capacity(512);
         let mut i = 0;
         loop {
@@ -209,10 +234,15 @@ impl DomainSet {
             }
             i += 1;
         }
-        set.exact.arena.shrink_to_fit();
-        let (arena, hasher) = (&set.exact.arena, &set.exact.hasher);
-        set.exact.table.shrink_to_fit(|&o| hasher.hash_one(name_at(arena, o)));
+        set.shrink();
         Ok((set, stats, digest.finish()))
+    }
+
+    fn plain_set(&mut self) -> &mut NameSet {
+        match self.plain {
+            Match::Exact => &mut self.exact,
+            Match::Subtree => &mut self.subtree,
+        }
     }
 
     fn add_raw(&mut self, i: usize, raw: &str, stats: &mut ListStats) {
@@ -275,7 +305,7 @@ impl DomainSet {
                 if let Some(d) = normalize(name)
                     && !is_local_alias(&d)
                 {
-                    self.exact.insert(&d);
+                    self.plain_set().insert(&d);
                     added += 1;
                 }
             }
@@ -295,7 +325,7 @@ impl DomainSet {
         }
         match normalize(first) {
             Some(d) => {
-                self.exact.insert(&d);
+                self.plain_set().insert(&d);
                 1
             }
             None => 0,
@@ -360,6 +390,27 @@ fn adblock_domain(rule: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_names_match_their_subtree_when_asked() {
+        let text = "0.0.0.0 c2.example\nbad.example\n||ads.example^\n@@||ok.c2.example^\n";
+        let (exact, _) = DomainSet::parse(text);
+        let (subtree, _) = DomainSet::parse_as(text, Match::Subtree);
+        for (name, e, s) in [
+            ("c2.example", true, true),
+            ("x.c2.example", false, true),
+            ("a.b.bad.example", false, true),
+            ("ok.c2.example", false, false),
+            ("x.ads.example", true, true),
+            ("example", false, false),
+        ] {
+            assert_eq!((exact.matches(name), subtree.matches(name)), (e, s), "{name}");
+        }
+        let read = |m| DomainSet::parse_reader(text.as_bytes(), text.len(), m).unwrap();
+        let ((a, _, da), (b, _, db)) = (read(Match::Exact), read(Match::Subtree));
+        assert!(!a.matches("x.c2.example") && b.matches("x.c2.example"));
+        assert_ne!(da, db, "the same file read another way is another list");
+    }
 
     #[test]
     fn formats_wildcards_and_exceptions() {

@@ -90,7 +90,13 @@ struct ListState {
 type Loaded = Result<Option<(Arc<DomainSet>, crate::ListStats, u64)>, String>;
 
 enum BuildJob {
-    Load { name: String, path: PathBuf, known: Option<u64>, reply: std::sync::mpsc::Sender<Loaded> },
+    Load {
+        name: String,
+        path: PathBuf,
+        plain: crate::Match,
+        known: Option<u64>,
+        reply: std::sync::mpsc::Sender<Loaded>,
+    },
     Retire(Arc<DomainSet>),
 }
 
@@ -104,12 +110,13 @@ struct ListBuilder {
 }
 
 /// Reads `path`; `None` when its digest is `known` (unchanged).
-fn load_list(name: &str, path: &std::path::Path, known: Option<u64>) -> Loaded {
+fn load_list(name: &str, path: &std::path::Path, plain: crate::Match, known: Option<u64>) -> Loaded {
     let fail = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
     let file = std::fs::File::open(path).map_err(fail)?;
     let size = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
     // Read and parsed in one pass; an unchanged list (same digest) is then dropped here.
-    let (set, stats, d) = DomainSet::parse_reader(std::io::BufReader::new(file), size).map_err(fail)?;
+    let (set, stats, d) =
+        DomainSet::parse_reader(std::io::BufReader::new(file), size, plain).map_err(fail)?;
     if known == Some(d) {
         return Ok(None);
     }
@@ -133,8 +140,8 @@ impl ListBuilder {
             let mut retired: Vec<Arc<DomainSet>> = Vec::new();
             loop {
                 match rx.recv_timeout(std::time::Duration::from_millis(200)) {
-                    Ok(BuildJob::Load { name, path, known, reply }) => {
-                        let _ = reply.send(load_list(&name, &path, known));
+                    Ok(BuildJob::Load { name, path, plain, known, reply }) => {
+                        let _ = reply.send(load_list(&name, &path, plain, known));
                     }
                     Ok(BuildJob::Retire(set)) => retired.push(set),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -151,12 +158,12 @@ impl ListBuilder {
     }
 
     /// Reads and parses on the list thread (in place if it is gone); blocks.
-    fn load(&self, name: &str, path: &std::path::Path, known: Option<u64>) -> Loaded {
+    fn load(&self, name: &str, path: &std::path::Path, plain: crate::Match, known: Option<u64>) -> Loaded {
         let (reply, rx) = std::sync::mpsc::channel();
-        let job = BuildJob::Load { name: name.to_owned(), path: path.to_owned(), known, reply };
+        let job = BuildJob::Load { name: name.to_owned(), path: path.to_owned(), plain, known, reply };
         match self.jobs.send(job) {
             Ok(()) => rx.recv().map_err(|_| "the list thread stopped".to_owned())?,
-            Err(_) => load_list(name, path, known),
+            Err(_) => load_list(name, path, plain, known),
         }
     }
 
@@ -198,7 +205,7 @@ impl DnsLists {
                 ListFrom::File(path) => {
                     let loaded = self
                         .builder
-                        .load(&src.name, path, current.as_ref().map(|(_, d)| *d))
+                        .load(&src.name, path, src.matching, current.as_ref().map(|(_, d)| *d))
                         .map_err(|reason| ServiceError::List { name: src.name.clone(), reason })?;
                     match (loaded, current) {
                         (Some((set, found, d)), _) => ((set, d), Some(found), now + src.refresh),
@@ -208,14 +215,16 @@ impl DnsLists {
                 }
                 ListFrom::Url(url) => match current {
                     Some(cur) => (cur, known_stats, st.next.get(&src.name).copied().unwrap_or(now)),
-                    None => match self.builder.load(&src.name, &self.cache_file(&src.name), None) {
-                        Ok(Some((set, found, d))) => {
-                            tracing::info!(list = %src.name, url = %url,
+                    None => {
+                        match self.builder.load(&src.name, &self.cache_file(&src.name), src.matching, None) {
+                            Ok(Some((set, found, d))) => {
+                                tracing::info!(list = %src.name, url = %url,
                                 "dns list: using the last good copy until it is fetched");
-                            ((set, d), Some(found), now)
+                                ((set, d), Some(found), now)
+                            }
+                            _ => ((Arc::new(DomainSet::new()), 0), None, now),
                         }
-                        _ => ((Arc::new(DomainSet::new()), 0), None, now),
-                    },
+                    }
                 },
             };
             sets.insert(src.name.clone(), entry);
@@ -269,8 +278,9 @@ impl DnsLists {
             };
             let loaded = match path {
                 Ok(p) => {
-                    let (builder, name, known) = (self.builder.clone(), src.name.clone(), *known);
-                    tokio::task::spawn_blocking(move || builder.load(&name, &p, known))
+                    let (builder, name, known, plain) =
+                        (self.builder.clone(), src.name.clone(), *known, src.matching);
+                    tokio::task::spawn_blocking(move || builder.load(&name, &p, plain, known))
                         .await
                         .unwrap_or_else(|e| Err(e.to_string()))
                 }
@@ -851,6 +861,7 @@ impl DnsLists {
                     name: l.name.clone(),
                     file,
                     url,
+                    matching: l.matching,
                     refresh_s: l.refresh.as_secs(),
                     rules: st.sets.get(&l.name).map_or(0, |(s, _)| s.len() as u64),
                     comments: stats.map_or(0, |s| s.comments as u64),
@@ -915,6 +926,9 @@ pub struct ListView {
     /// or fetched from this URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// How its plain names match.
+    #[serde(rename = "match")]
+    pub matching: crate::Match,
     /// Refresh period.
     pub refresh_s: u64,
     /// Rules loaded.
