@@ -1,30 +1,40 @@
 #!/usr/bin/env bash
-# The DNS port with a big blocklist, side by side in one run on this machine with
-# unbound (Debian; each name as `local-zone: "<d>" always_nxdomain`) and dnsmasq (Debian
-# dnsmasq-base, the resolver inside Pi-hole; each name as `address=/<d>/`), all loaded
-# with the same deterministic synthetic list (NXDOMAIN for listed names everywhere):
-#   - load time and memory per listed domain (RSS with the list minus RSS without);
-#   - memory across list refreshes (the old list must be freed after each swap);
-#   - queries/s with dnsperf (Debian dnsperf): half blocked names from the list, half
-#     allowed names answered from the cache of one upstream (dnsmasq answering everything
-#     under example.net).
-#   [PIN=1] bench/dns.sh [DOMAINS] [SECONDS]
+# The DNS port against unbound and dnsmasq, side by side in one run on this machine, the
+# way an outside evaluator measures it (issue 18):
+#   - data: DOMAINS (1,000,000) synthetic listed domains in a plain-domain file; 1,000
+#     allowed names with fixed A records; 200,000 queries, half listed names (a tenth of
+#     those a random subdomain of a listed name), half allowed names, repeating;
+#   - unbound: `local-zone: "<d>." always_nxdomain` per listed name, `local-data` for the
+#     allowed names, `local-zone: "." refuse`; dnsmasq: `address=/<d>/` and
+#     `address=/<name>/<ip>`, `--no-resolv --no-hosts`; Portcullis: a blocklist policy
+#     for unknown clients over the same file (`match = "subtree"`, the reading the other
+#     two give it), the allowed names from an upstream (a dnsmasq holding them with
+#     `--local-ttl=3600`, so they are cached) and then from its cache, query log on (the
+#     default) and off;
+#   - dnsperf, 8 clients, 200 outstanding, SECONDS per server and round; pinned (each
+#     server on CPU 1 with one thread/worker, dnsperf on CPU 0) and unpinned (2 threads);
+#     ROUNDS rounds, servers in rotating order; medians and ratios to unbound.
+# Also: load time (start to the first NXDOMAIN for a listed name), RSS after load and after
+# the benchmark, p99 latency (a second, rate-limited dnsperf run with per-query latencies),
+# and the query-log entries dropped during the benchmark (portcullis_dns_query_log_dropped).
+#   [ROUNDS=3] [MODES="pinned unpinned"] bench/dns.sh [DOMAINS] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-1000000}
 T=${2:-10}
+ROUNDS=${ROUNDS:-3}
+MODES=${MODES:-pinned unpinned}
+given_bin=${PORTCULLIS_BIN:-}
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 need dnsmasq dnsmasq-base
 need unbound unbound
-# dnsmasq's start with a big address= list is waited for at most this long.
-DNSMASQ_WAIT=${DNSMASQ_WAIT:-300}
 need dnsperf dnsperf
 need dig dnsutils
-if [ "${PIN:-0}" = 1 ]; then SERVER_CPU="taskset -c 0"; CLIENT_CPU="taskset -c 1"; else SERVER_CPU=""; CLIENT_CPU=""; fi
-cargo build --release -q -p portcullis
+need curl curl
+[ -n "$given_bin" ] || cargo build --release -q -p portcullis
 
-echo "== generating $D blocked domains (hosts format) and the query mix"
+echo "== data: $D listed domains, 1,000 allowed names, 200,000 queries"
 python3 - "$D" "$work" <<'PY'
 import random, sys
 n, work = int(sys.argv[1]), sys.argv[2]
@@ -32,87 +42,58 @@ random.seed(7)
 words = ["ads", "track", "metric", "pixel", "beacon", "cdn", "stat", "log", "tag", "promo"]
 tlds = ["com", "net", "org", "io", "biz", "info"]
 names = [f"{random.choice(words)}{i}-{random.randrange(1 << 30):x}.{random.choice(words)}.{random.choice(tlds)}" for i in range(n)]
-with open(f"{work}/block.hosts", "w") as f:
-    f.write("# synthetic blocklist\n")
-    for d in names:
-        f.write(f"0.0.0.0 {d}\n")
-with open(f"{work}/block.unbound", "w") as f:
-    for d in names:
-        f.write(f'local-zone: "{d}." always_nxdomain\n')
-with open(f"{work}/block.dnsmasq", "w") as f:
-    for d in names:
-        f.write(f"address=/{d}/\n")
+allowed = [(f"host{i}.example.net", f"192.0.2.{i % 250 + 1}") for i in range(1000)]
+with open(f"{work}/block.txt", "w") as f:
+    f.write("# synthetic blocklist, one domain per line\n")
+    f.writelines(f"{d}\n" for d in names)
+with open(f"{work}/unbound-zones.conf", "w") as f:
+    f.writelines(f'  local-zone: "{d}." always_nxdomain\n' for d in names)
+    for a, ip in allowed:
+        f.write(f'  local-data: "{a}. 3600 IN A {ip}"\n')
+    f.write('  local-zone: "." refuse\n')
+with open(f"{work}/dnsmasq-all.conf", "w") as f:
+    f.writelines(f"address=/{d}/\n" for d in names)
+    f.writelines(f"address=/{a}/{ip}\n" for a, ip in allowed)
+with open(f"{work}/dnsmasq-allowed.conf", "w") as f:
+    f.writelines(f"address=/{a}/{ip}\n" for a, ip in allowed)
 with open(f"{work}/queries.txt", "w") as f:
-    for i in range(20000):
+    for i in range(200000):
         if i % 2:
-            f.write(f"{random.choice(names)} A\n")
+            d = random.choice(names)
+            if random.random() < 0.1:
+                d = f"x{random.randrange(1 << 20):x}.{d}"
+            f.write(f"{d} A\n")
         else:
-            f.write(f"host{i % 1000}.example.net A\n")
+            f.write(f"{allowed[(i // 2) % 1000][0]} A\n")
 PY
-ls -la "$work/block.hosts" | awk '{printf "list file: %.0f MB\n", $5 / 1e6}'
+probe=$(sed -n 2p "$work/block.txt")
 
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+rss_mb() { awk '/VmRSS/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
+# wait_nx PORT: seconds until a listed name gets NXDOMAIN.
+wait_nx() {
+  local t0; t0=$(date +%s.%N)
+  for _ in $(seq 3000); do
+    dig @127.0.0.1 -p "$1" +time=1 +tries=1 "$probe" A 2>/dev/null | grep -q "status: NXDOMAIN" && break
+    sleep 0.1
+  done
+  awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'
+}
+
+# The upstream of Portcullis for the allowed names (cacheable: --local-ttl).
 up_port=$(free_port)
-dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$up_port" --listen-address=127.0.0.1 --bind-interfaces \
-  --address=/example.net/192.0.2.1 --pid-file="$work/up.pid" 2>/dev/null &
+dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$up_port" --listen-address=127.0.0.1 \
+  --bind-interfaces --local-ttl=3600 --conf-file="$work/dnsmasq-allowed.conf" --pid-file="$work/up.pid" 2>/dev/null &
 pids+=("$!")
 
-# Portcullis without the list (baseline), then with it.
-base_cfg() {
-  cat <<CONF
-[dns]
-upstreams = ["127.0.0.1:$up_port"]
-unknown_clients = "lobby"
-per_client = { per_second = 100000000, burst = 100000000 }
-log_queries = false
-CONF
-}
-base_cfg >"$work/empty.toml"
-printf '[[dns.policies]]\nname = "lobby"\nmode = "blocklist"\n' >>"$work/empty.toml"
-start_portcullis "$work/empty.toml"
-sleep 1
-empty_rss=$(rss_kb "$pid")
-kill "$pid"; wait "$pid" 2>/dev/null || true
-rm -rf "$work/data"
-
-base_cfg >"$work/list.toml"
-cat >>"$work/list.toml" <<CONF
-[dns.lists.big]
-path = "$work/block.hosts"
-refresh = "5s"
-[[dns.policies]]
-name = "lobby"
-mode = "blocklist"
-lists = ["big"]
-block = "nxdomain"
-CONF
-t0=$(date +%s.%N)
-PORTCULLIS_ENV="$SERVER_CPU" start_portcullis "$work/list.toml"
-t1=$(date +%s.%N)
-dns=$(awk '/dns \(udp, tcp\)/ {print $NF}' "$work/up.out")
-dport=${dns##*:}
-sleep 1
-full_rss=$(rss_kb "$pid")
-awk -v a="$t0" -v b="$t1" -v e="$empty_rss" -v f="$full_rss" -v n="$D" 'BEGIN {
-  printf "portcullis: start with the list %.1f s; RSS %d MB without, %d MB with: %.0f bytes per domain\n", b - a, e / 1024, f / 1024, (f - e) * 1024 / n }'
-# Refreshes: the file changes twice; RSS after each swap (the old list is freed).
-for r in 1 2; do
-  echo "0.0.0.0 refresh-$r.example" >>"$work/block.hosts"
-  for _ in $(seq 120); do
-    dig @127.0.0.1 -p "$dport" refresh-$r.example A | grep -q "status: NXDOMAIN" && break
-    sleep 0.5
-  done
-  just=$(rss_kb "$pid")
-  sleep 10
-  echo "portcullis: refresh $r (list rebuilt and swapped): RSS $(( just / 1024 )) MB right after, $(( $(rss_kb "$pid") / 1024 )) MB 10 s later"
-done
-
-# unbound with the same names as local zones.
-ub_port=$(free_port)
-cat >"$work/unbound.conf" <<CONF
+declare -A PORT PID
+# start_servers CPU-PREFIX THREADS: unbound, dnsmasq and Portcullis (log on, log off).
+start_servers() {
+  local cpu=$1 threads=$2 t
+  PORT[unbound]=$(free_port)
+  cat >"$work/unbound.conf" <<CONF
 server:
   interface: 127.0.0.1
-  port: $ub_port
+  port: ${PORT[unbound]}
   do-daemonize: no
   username: ""
   chroot: ""
@@ -120,62 +101,104 @@ server:
   pidfile: "$work/unbound.pid"
   use-syslog: no
   verbosity: 0
-  num-threads: 1
+  num-threads: $threads
+  so-reuseport: yes
   do-ip6: no
   access-control: 127.0.0.0/8 allow
-  do-not-query-localhost: no
   module-config: "iterator"
-  include: "$work/block.unbound"
-  local-zone: "refresh-1.example." always_nxdomain
-forward-zone:
-  name: "."
-  forward-addr: 127.0.0.1@$up_port
+  include: "$work/unbound-zones.conf"
 CONF
-t0=$(date +%s.%N)
-$SERVER_CPU unbound -c "$work/unbound.conf" 2>"$work/ub.err" &
-ub=$!
-pids+=("$ub")
-for _ in $(seq 3000); do
-  dig @127.0.0.1 -p "$ub_port" +time=1 +tries=1 refresh-1.example A 2>/dev/null | grep -q "status: NXDOMAIN" && break
-  sleep 0.1
-done
-t1=$(date +%s.%N)
-ub_rss=$(rss_kb "$ub")
-awk -v a="$t0" -v b="$t1" -v f="$ub_rss" -v n="$D" 'BEGIN {
-  printf "unbound:    start with the list %.1f s; RSS %d MB: %.0f bytes per domain (whole process)\n", b - a, f / 1024, f * 1024 / n }'
+  $cpu unbound -c "$work/unbound.conf" 2>"$work/ub.err" &
+  PID[unbound]=$!
+  pids+=("${PID[unbound]}")
+  t=$(wait_nx "${PORT[unbound]}")
+  echo "unbound:              loaded in $t s, RSS $(rss_mb "${PID[unbound]}") MB"
 
-# dnsmasq with the same names as address=/<d>/ lines.
-dm_port=$(free_port)
-echo "address=/refresh-1.example/" >>"$work/block.dnsmasq"
-t0=$(date +%s.%N)
-$SERVER_CPU dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$dm_port" --listen-address=127.0.0.1 \
-  --bind-interfaces --server="127.0.0.1#$up_port" --conf-file="$work/block.dnsmasq" --cache-size=10000 \
-  --pid-file="$work/dm.pid" 2>"$work/dm.err" &
-dm=$!
-pids+=("$dm")
-dm_ok=0
-for _ in $(seq $((DNSMASQ_WAIT * 5))); do
-  if dig @127.0.0.1 -p "$dm_port" +time=1 +tries=1 refresh-1.example A 2>/dev/null | grep -q "status: NXDOMAIN"; then dm_ok=1; break; fi
-  sleep 0.2
-done
-t1=$(date +%s.%N)
-if [ "$dm_ok" = 1 ]; then
-  dm_rss=$(rss_kb "$dm")
-  awk -v a="$t0" -v b="$t1" -v f="$dm_rss" -v n="$D" 'BEGIN {
-    printf "dnsmasq:    start with the list %.1f s; RSS %d MB: %.0f bytes per domain (whole process)\n", b - a, f / 1024, f * 1024 / n }'
-else
-  echo "dnsmasq:    not answering NXDOMAIN for a listed name after ${DNSMASQ_WAIT} s; left out ($(tail -1 "$work/dm.err"))"
-fi
+  PORT[dnsmasq]=$(free_port)
+  $cpu dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="${PORT[dnsmasq]}" --listen-address=127.0.0.1 \
+    --bind-interfaces --conf-file="$work/dnsmasq-all.conf" --cache-size=10000 --pid-file="$work/dm.pid" 2>"$work/dm.err" &
+  PID[dnsmasq]=$!
+  pids+=("${PID[dnsmasq]}")
+  t=$(wait_nx "${PORT[dnsmasq]}")
+  echo "dnsmasq:              loaded in $t s, RSS $(rss_mb "${PID[dnsmasq]}") MB"
 
-echo "== dnsperf, $T s each, queries: half blocked, half allowed (cached after the first)"
-run() {
-  $CLIENT_CPU dnsperf -s 127.0.0.1 -p "$2" -d "$work/queries.txt" -l "$T" -c 8 -Q 200000 -q 500 2>&1 |
-    awk -v name="$1" '/Queries per second/ {q=$4} /Average Latency/ {lat=$4} /Queries lost/ {lost=$3}
-      END {printf "%-34s %10.0f queries/s  avg latency %.3f ms  lost %s\n", name, q, lat * 1000, lost}'
+  local log
+  for log in on off; do
+    cat >"$work/pc-$log.toml" <<CONF
+[device]
+workers = $threads
+[dns]
+upstreams = ["127.0.0.1:$up_port"]
+unknown_clients = "lobby"
+per_client = { per_second = 100000000, burst = 100000000 }
+log_queries = $([ "$log" = on ] && echo true || echo false)
+[dns.lists.big]
+path = "$work/block.txt"
+match = "subtree"
+[[dns.policies]]
+name = "lobby"
+mode = "blocklist"
+lists = ["big"]
+block = "nxdomain"
+CONF
+    rm -rf "$work/datapc-$log"
+    INSTANCE=pc-$log PORTCULLIS_ENV="$cpu" BENCH_LOG=${BENCH_LOG:-info} start_portcullis "$work/pc-$log.toml"
+    PORT[pc-$log]=${dns##*:}
+    PID[pc-$log]=$pid
+    ADM[pc-$log]=$adm
+    t=$(wait_nx "${PORT[pc-$log]}")
+    echo "portcullis (log $log): loaded in $t s, RSS $(rss_mb "$pid") MB"
+  done
 }
-for r in 1 2 3; do
-  [ "$dm_ok" = 1 ] && run "[$r] dnsmasq (address=)" "$dm_port"
-  run "[$r] unbound (local zones)" "$ub_port"
-  run "[$r] portcullis (blocklist policy)" "$dport"
+declare -A ADM
+stop_servers() {
+  local k
+  for k in "${!PID[@]}"; do kill "${PID[$k]}" 2>/dev/null || true; wait "${PID[$k]}" 2>/dev/null || true; done
+}
+
+# perf CPU-PREFIX SERVER: queries/s, avg latency (ms), lost.
+perf() {
+  $1 dnsperf -s 127.0.0.1 -p "${PORT[$2]}" -d "$work/queries.txt" -l "$T" -c 8 -q 200 2>&1 |
+    awk '/Queries per second/ {q=$4} /Average Latency/ {lat=$4} /Queries lost/ {lost=$3}
+      END {printf "%.0f %.3f %s\n", q, lat * 1000, lost}'
+}
+# p99 CPU-PREFIX SERVER: the 99th percentile of per-query latency (ms) at 20,000 queries/s.
+p99() {
+  $1 dnsperf -s 127.0.0.1 -p "${PORT[$2]}" -d "$work/queries.txt" -l 3 -c 8 -q 200 -Q 20000 -v 2>/dev/null |
+    awk '$1 == ">" {print $NF}' | sort -g | awk '{a[NR] = $1} END {if (NR) printf "%.3f", a[int(NR * 0.99)] * 1000; else printf "-"}'
+}
+dropped() {
+  curl -s -H "Authorization: Bearer $(cat "$work/datapc-on/metrics.token" 2>/dev/null || echo none)" "http://${ADM[pc-on]}/metrics" |
+    awk '/^portcullis_dns_query_log_dropped_total/ {print $2}'
+}
+
+servers="unbound dnsmasq pc-off pc-on"
+for mode in $MODES; do
+  if [ "$mode" = pinned ]; then srv="taskset -c 1"; cli="taskset -c 0"; threads=1; else srv=""; cli=""; threads=2; fi
+  echo "== $mode: servers $([ "$mode" = pinned ] && echo "on CPU 1, one thread each; dnsperf on CPU 0" || echo "with 2 threads; nothing pinned")"
+  start_servers "$srv" "$threads"
+  for s in $servers; do perf "$cli" "$s" >/dev/null; done # warm-up: caches filled
+  : >"$work/results-$mode"
+  for r in $(seq "$ROUNDS"); do
+    set -- $servers
+    for _ in $(seq $(( (r - 1) % 4 ))); do set -- "${@:2}" "$1"; done
+    for s in "$@"; do
+      read -r q lat lost < <(perf "$cli" "$s")
+      printf '[%s %d] %-10s %9.0f queries/s  avg %6.3f ms  lost %s\n' "$mode" "$r" "$s" "$q" "$lat" "$lost"
+      echo "$s $q" >>"$work/results-$mode"
+    done
+  done
+  for s in $servers; do printf '%-10s p99 %s ms at 20,000 queries/s\n' "$s" "$(p99 "$cli" "$s")"; done
+  echo "portcullis (log on): query-log entries dropped during the benchmark: $(dropped)"
+  for s in $servers; do printf '%-10s RSS after the benchmark %s MB\n' "$s" "$(rss_mb "${PID[$s]}")"; done
+  awk -v mode="$mode" '
+    function median(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+    { n[$1]++; v[$1, n[$1]] = $2 }
+    END {
+      split("unbound dnsmasq pc-off pc-on", order, " ")
+      for (k = 1; k <= 4; k++) { s = order[k]; for (i = 1; i <= n[s]; i++) a[i] = v[s, i]; m[s] = median(a, n[s]) }
+      for (k = 1; k <= 4; k++) { s = order[k]; printf "median %-8s %-10s %9.0f queries/s  %.2fx unbound\n", mode, s, m[s], m[s] / m["unbound"] }
+    }' "$work/results-$mode"
+  stop_servers
 done
-echo "portcullis after the benchmark: RSS $(( $(rss_kb "$pid") / 1024 )) MB"

@@ -354,7 +354,10 @@ impl DomainSet {
     /// True if the (normalized, lower-case, no trailing dot) `name` is in the set and not
     /// excepted.
     pub fn matches(&self, name: &str) -> bool {
-        if self.except_exact.contains(name) || suffixes(name).any(|s| self.except_subtree.contains(s)) {
+        let excepted_below = || {
+            !self.except_subtree.table.is_empty() && suffixes(name).any(|s| self.except_subtree.contains(s))
+        };
+        if self.except_exact.contains(name) || excepted_below() {
             return false;
         }
         if self.exact.contains(name) {

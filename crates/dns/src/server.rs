@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, HINFO};
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use portcullis_net::conns::{ConnLimits, ConnMetrics, Conns, Slot};
 use portcullis_net::{Limiter, Rate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,13 +74,13 @@ pub struct QueryEvent {
     /// The name asked (lower case, no trailing dot).
     pub name: String,
     /// Its type.
-    pub qtype: String,
+    pub qtype: RecordType,
     /// `allowed`, `blocked`, `refused` or `failed`.
     pub action: &'static str,
     /// The rule or reason.
     pub reason: String,
     /// The response code sent.
-    pub rcode: String,
+    pub rcode: ResponseCode,
     /// Time the upstream took, when one was asked.
     pub upstream_us: Option<u64>,
 }
@@ -297,7 +297,7 @@ impl Resolver {
         };
 
         let table = self.current();
-        let name = query.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        let name = normalized_name(&query.name);
         let client = match who {
             Attribution::ByAddress => (self.identify)(src),
             Attribution::Device(c) => Some(c),
@@ -315,10 +315,10 @@ impl Resolver {
                     client: src,
                     device,
                     name,
-                    qtype: query.query_type.to_string(),
+                    qtype: query.query_type,
                     action: "refused",
                     reason,
-                    rcode: ResponseCode::Refused.to_string(),
+                    rcode: ResponseCode::Refused,
                     upstream_us: None,
                 });
                 return resp;
@@ -329,10 +329,10 @@ impl Resolver {
                 client: src,
                 device: client.as_ref().map(|c| c.device.clone()),
                 name: name.clone(),
-                qtype: query.query_type.to_string(),
+                qtype: query.query_type,
                 action,
                 reason,
-                rcode: rcode.to_string(),
+                rcode,
                 upstream_us,
             }
         };
@@ -362,7 +362,7 @@ impl Resolver {
         if let Verdict::Block(rule) = verdict {
             bump(&self.stats.blocked);
             block(&mut resp, query, policy.block);
-            self.emit(event("blocked", rule.to_string(), resp.metadata.response_code, None));
+            self.emit(event("blocked", rule.to_text(), resp.metadata.response_code, None));
             return resp;
         }
         if query.query_type == RecordType::ANY {
@@ -425,7 +425,10 @@ impl Resolver {
             }
         }
         let upstream_us = (!cached).then(|| started.elapsed().as_micros() as u64);
-        let reason = if cached { format!("{} (cached)", verdict.rule()) } else { verdict.rule().to_string() };
+        let mut reason = verdict.rule().to_text();
+        if cached {
+            reason.push_str(" (cached)");
+        }
         self.emit(event("allowed", reason, upstream.metadata.response_code, upstream_us));
         resp.metadata.response_code = upstream.metadata.response_code;
         resp.metadata.authentic_data = upstream.metadata.authentic_data;
@@ -692,6 +695,24 @@ impl Resolver {
 }
 
 /// Fills `resp` with the policy's answer for a blocked name.
+/// The name as policies and the log read it: lower case, no trailing dot. Plain
+/// letter-digit-hyphen(-underscore) labels are copied in one pass; anything else takes
+/// hickory's presentation form (escapes, IDNA), as before.
+fn normalized_name(name: &Name) -> String {
+    let plain = |l: &[u8]| l.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if !name.iter().all(plain) {
+        return name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    }
+    let mut out = String::with_capacity(name.len());
+    for label in name.iter() {
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+    }
+    out
+}
+
 fn block(resp: &mut Message, query: &Query, how: BlockResponse) {
     match how {
         BlockResponse::Nxdomain => resp.metadata.response_code = ResponseCode::NXDomain,
@@ -786,5 +807,27 @@ mod tests {
         let mut r = q;
         r[2] |= 0x80;
         assert!(formerr(&r).is_none());
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn normalized_names_are_hickorys_presentation_form_lowercased() {
+        for text in
+            [".", "Example.COM.", "a-b_c.x1.test", "xn--bcher-kva.example", "ExAmPlE", "_dmarc.Example.org."]
+        {
+            let name = Name::from_ascii(text).unwrap();
+            assert_eq!(
+                normalized_name(&name),
+                name.to_ascii().trim_end_matches('.').to_ascii_lowercase(),
+                "{text}"
+            );
+        }
+        // Bytes a presentation form escapes take hickory's path.
+        let odd = Name::from_labels(vec![b"a.b".to_vec(), b"C\x01".to_vec()]).unwrap();
+        assert_eq!(normalized_name(&odd), odd.to_ascii().trim_end_matches('.').to_ascii_lowercase());
     }
 }

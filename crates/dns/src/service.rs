@@ -613,13 +613,13 @@ pub(crate) fn query_log(
         }
         let rec = portcullis_store::DnsQueryRecord {
             at: time::OffsetDateTime::now_utc(),
-            client: ev.client.to_string(),
+            client: ip_text(ev.client),
             device: ev.device,
             name: ev.name,
-            qtype: ev.qtype,
-            action: ev.action.to_owned(),
+            qtype: std::borrow::Cow::Borrowed(ev.qtype.into()),
+            action: std::borrow::Cow::Borrowed(ev.action),
             reason: ev.reason,
-            rcode: ev.rcode,
+            rcode: std::borrow::Cow::Borrowed(ev.rcode.to_str()),
             upstream_us: ev.upstream_us,
         };
         if tx.try_send(rec).is_err() {
@@ -939,4 +939,41 @@ pub struct ListView {
     pub junk: u64,
     /// A few of those: line number and text.
     pub junk_examples: Vec<(usize, String)>,
+}
+
+/// An address as text for the query log, without the formatter's machinery for IPv4
+/// (a tenth of its cost; this runs for every query).
+fn ip_text(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut out = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+            out
+        }
+        v6 => v6.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod ip_text_tests {
+    #[test]
+    fn matches_the_standard_formatting() {
+        for ip in
+            ["0.0.0.0", "10.0.0.1", "127.0.0.1", "192.168.100.255", "255.255.255.255", "1.20.100.9", "::1"]
+        {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(super::ip_text(ip), ip.to_string());
+        }
+    }
 }

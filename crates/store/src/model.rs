@@ -232,13 +232,13 @@ pub struct DnsQueryRecord {
     /// The name asked (lower case, no trailing dot).
     pub name: String,
     /// The query type (`A`, `AAAA`, …).
-    pub qtype: String,
+    pub qtype: std::borrow::Cow<'static, str>,
     /// `allowed`, `blocked`, `refused` or `failed`.
-    pub action: String,
+    pub action: std::borrow::Cow<'static, str>,
     /// The rule or reason behind the action.
     pub reason: String,
     /// The response code sent.
-    pub rcode: String,
+    pub rcode: std::borrow::Cow<'static, str>,
     /// Time the upstream took, when one was asked.
     pub upstream_us: Option<u64>,
 }

@@ -11,22 +11,21 @@ use crate::*;
 impl DnsLog for SqliteStore {
     async fn log_dns_queries(&self, rows: Vec<DnsQueryRecord>) -> Result<()> {
         self.write(move |c| {
-            let mut stmt = c.prepare_cached(
-                "INSERT INTO dns_queries (at_ms, client, device_id, name, qtype, action, reason, rcode, upstream_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for r in &rows {
-                stmt.execute(params![
-                    ms(r.at),
-                    r.client,
-                    r.device,
-                    r.name,
-                    r.qtype,
-                    r.action,
-                    r.reason,
-                    r.rcode,
-                    r.upstream_us.map(|u| i64::try_from(u).unwrap_or(i64::MAX))
-                ])?;
+            // Rows go in by the chunk, one statement each: the statement's own work
+            // (step, reset) is paid once per chunk, not once per query.
+            let mut chunks = rows.chunks_exact(INSERT_CHUNK);
+            if chunks.len() > 0 {
+                let mut stmt = c.prepare_cached(&insert_sql(INSERT_CHUNK))?;
+                for chunk in &mut chunks {
+                    stmt.execute(rusqlite::params_from_iter(chunk.iter().flat_map(row_values)))?;
+                }
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut stmt = c.prepare_cached(&insert_sql(1))?;
+                for r in rest {
+                    stmt.execute(rusqlite::params_from_iter(row_values(r)))?;
+                }
             }
             Ok(())
         })
@@ -126,4 +125,47 @@ fn first_id_since(c: &rusqlite::Connection, since: Option<OffsetDateTime>) -> ru
         }
     }
     Ok(lo)
+}
+
+/// Rows per INSERT statement (9 parameters each, well under SQLite's limit).
+const INSERT_CHUNK: usize = 64;
+
+fn insert_sql(rows: usize) -> String {
+    let one = "(?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let values = vec![one; rows].join(", ");
+    format!(
+        "INSERT INTO dns_queries (at_ms, client, device_id, name, qtype, action, reason, rcode, upstream_us) VALUES {values}"
+    )
+}
+
+/// One column's value, borrowing the row's text.
+enum Cell<'a> {
+    Int(i64),
+    Text(&'a str),
+    Null,
+}
+
+impl rusqlite::ToSql for Cell<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        Ok(match self {
+            Cell::Int(i) => ToSqlOutput::Owned(Value::Integer(*i)),
+            Cell::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Cell::Null => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+fn row_values(r: &DnsQueryRecord) -> [Cell<'_>; 9] {
+    [
+        Cell::Int(ms(r.at)),
+        Cell::Text(&r.client),
+        r.device.as_deref().map_or(Cell::Null, Cell::Text),
+        Cell::Text(&r.name),
+        Cell::Text(&r.qtype),
+        Cell::Text(&r.action),
+        Cell::Text(&r.reason),
+        Cell::Text(&r.rcode),
+        r.upstream_us.map_or(Cell::Null, |u| Cell::Int(i64::try_from(u).unwrap_or(i64::MAX))),
+    ]
 }

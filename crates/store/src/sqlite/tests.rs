@@ -149,7 +149,7 @@ async fn dns_query_log_is_pruned_by_age_and_row_count() {
         device: Some("cam-01".into()),
         name: name.into(),
         qtype: "A".into(),
-        action: action.into(),
+        action: action.to_owned().into(),
         reason: "r".into(),
         rcode: "NXDomain".into(),
         upstream_us: None,
