@@ -69,9 +69,9 @@ PY
 probe=$(sed -n 2p "$work/block.txt")
 
 rss_mb() { awk '/VmRSS/ {printf "%d", $2 / 1024}' "/proc/$1/status"; }
-# wait_nx PORT: seconds until a listed name gets NXDOMAIN.
+# wait_nx PORT [T0]: seconds from T0 (default: now) until a listed name gets NXDOMAIN.
 wait_nx() {
-  local t0; t0=$(date +%s.%N)
+  local t0=${2:-$(date +%s.%N)}
   for _ in $(seq 3000); do
     dig @127.0.0.1 -p "$1" +time=1 +tries=1 "$probe" A 2>/dev/null | grep -q "status: NXDOMAIN" && break
     sleep 0.1
@@ -108,18 +108,20 @@ server:
   module-config: "iterator"
   include: "$work/unbound-zones.conf"
 CONF
+  local t0; t0=$(date +%s.%N)
   $cpu unbound -c "$work/unbound.conf" 2>"$work/ub.err" &
   PID[unbound]=$!
   pids+=("${PID[unbound]}")
-  t=$(wait_nx "${PORT[unbound]}")
+  t=$(wait_nx "${PORT[unbound]}" "$t0")
   echo "unbound:              loaded in $t s, RSS $(rss_mb "${PID[unbound]}") MB"
 
   PORT[dnsmasq]=$(free_port)
+  t0=$(date +%s.%N)
   $cpu dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="${PORT[dnsmasq]}" --listen-address=127.0.0.1 \
     --bind-interfaces --conf-file="$work/dnsmasq-all.conf" --cache-size=10000 --pid-file="$work/dm.pid" 2>"$work/dm.err" &
   PID[dnsmasq]=$!
   pids+=("${PID[dnsmasq]}")
-  t=$(wait_nx "${PORT[dnsmasq]}")
+  t=$(wait_nx "${PORT[dnsmasq]}" "$t0")
   echo "dnsmasq:              loaded in $t s, RSS $(rss_mb "${PID[dnsmasq]}") MB"
 
   local log
@@ -142,11 +144,12 @@ lists = ["big"]
 block = "nxdomain"
 CONF
     rm -rf "$work/datapc-$log"
+    t0=$(date +%s.%N)
     INSTANCE=pc-$log PORTCULLIS_ENV="$cpu" BENCH_LOG=${BENCH_LOG:-info} start_portcullis "$work/pc-$log.toml"
     PORT[pc-$log]=${dns##*:}
     PID[pc-$log]=$pid
     ADM[pc-$log]=$adm
-    t=$(wait_nx "${PORT[pc-$log]}")
+    t=$(wait_nx "${PORT[pc-$log]}" "$t0")
     echo "portcullis (log $log): loaded in $t s, RSS $(rss_mb "$pid") MB"
   done
 }

@@ -1,7 +1,6 @@
 //! Answers from the upstreams, kept for their TTL (clamped), negative answers for the
 //! SOA minimum (RFC 2308), bounded in entries.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,10 @@ struct Entry {
 /// A TTL cache of upstream answers.
 pub struct Cache {
     cfg: CacheConfig,
-    map: Mutex<HashMap<Key, Entry>>,
+    /// Hashed with foldhash seeded at random per process (hashbrown's default; SipHash cost
+    /// more than the rest of a lookup), looked up for every allowed query; bounded by
+    /// `max_entries`.
+    map: Mutex<hashbrown::HashMap<Key, Entry>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -55,7 +57,7 @@ impl std::fmt::Debug for Cache {
 impl Cache {
     /// An empty cache.
     pub fn new(cfg: CacheConfig) -> Self {
-        Self { cfg, map: Mutex::new(HashMap::new()) }
+        Self { cfg, map: Mutex::new(hashbrown::HashMap::new()) }
     }
 
     /// Entries held (expired ones included until they are swept).

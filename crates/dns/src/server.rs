@@ -703,14 +703,16 @@ fn normalized_name(name: &Name) -> String {
     if !name.iter().all(plain) {
         return name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
     }
-    let mut out = String::with_capacity(name.len());
+    let mut out: Vec<u8> = Vec::with_capacity(name.len());
     for label in name.iter() {
         if !out.is_empty() {
-            out.push('.');
+            out.push(b'.');
         }
-        out.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        out.extend_from_slice(label);
     }
-    out
+    out.make_ascii_lowercase();
+    // Only ASCII letters, digits, `-`, `_` and `.` were copied.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 fn block(resp: &mut Message, query: &Query, how: BlockResponse) {
