@@ -41,7 +41,7 @@ nginx_upstream_conf "$up_port"
 $CLIENT_CPU nginx -c "$work/up/nginx.conf" -g 'daemon off;' &
 pids+=("$!")
 $CLIENT_CPU dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$dns_up" --listen-address=127.0.0.1 \
-  --bind-interfaces --address=/example.net/192.0.2.1 --pid-file="$work/dm.pid" 2>/dev/null &
+  --bind-interfaces --local-ttl=3600 --address=/example.net/192.0.2.1 --pid-file="$work/dm.pid" 2>/dev/null &
 pids+=("$!")
 
 python3 - "$work" <<'PY'
