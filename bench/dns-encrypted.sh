@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# DNS over TLS and DNS over HTTPS, side by side in one run: Portcullis (its DoT port and
+# DoH on the device port; with a device certificate, which attributes every query to the
+# device, and without one, attributed by address) against unbound 1.17 (DoT and DoH,
+# Debian's build has nghttp2; no client certificates). The data and query mix of
+# bench/dns.sh (1,000,000 listed names, subtree match, half listed, half cached allowed
+# names); Portcullis with its defaults (query log on). dnsperf 2.10 `-m dot` / `-m doh`
+# (POST), 8 clients, 200 outstanding, keep-alive connections, SECONDS per run, ROUNDS
+# rounds. dnsperf has no client-certificate option: bench/h2load-clientcert.c, preloaded,
+# gives its TLS contexts the device's chain and key.
+#   [ROUNDS=3] bench/dns-encrypted.sh [DOMAINS] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${1:-1000000}
+T=${2:-10}
+ROUNDS=${ROUNDS:-3}
+given_bin=${PORTCULLIS_BIN:-}
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+need dnsmasq dnsmasq-base
+need unbound unbound
+need dnsperf dnsperf
+need gcc gcc
+need openssl openssl
+[ -n "$given_bin" ] || cargo build --release -q -p portcullis -p portcullis-agent
+gcc -shared -fPIC -O2 -o "$work/clientcert.so" bench/h2load-clientcert.c -ldl
+
+python3 - "$D" "$work" <<'PY'
+import random, sys
+n, work = int(sys.argv[1]), sys.argv[2]
+random.seed(7)
+words = ["ads", "track", "metric", "pixel", "beacon", "cdn", "stat", "log", "tag", "promo"]
+tlds = ["com", "net", "org", "io", "biz", "info"]
+names = [f"{random.choice(words)}{i}-{random.randrange(1 << 30):x}.{random.choice(words)}.{random.choice(tlds)}" for i in range(n)]
+allowed = [(f"host{i}.example.net", f"192.0.2.{i % 250 + 1}") for i in range(1000)]
+with open(f"{work}/block.txt", "w") as f:
+    f.writelines(f"{d}\n" for d in names)
+with open(f"{work}/unbound-zones.conf", "w") as f:
+    f.writelines(f'  local-zone: "{d}." always_nxdomain\n' for d in names)
+    for a, ip in allowed:
+        f.write(f'  local-data: "{a}. 3600 IN A {ip}"\n')
+    f.write('  local-zone: "." refuse\n')
+with open(f"{work}/dnsmasq-allowed.conf", "w") as f:
+    f.writelines(f"address=/{a}/{ip}\n" for a, ip in allowed)
+with open(f"{work}/queries.txt", "w") as f:
+    for i in range(200000):
+        if i % 2:
+            d = random.choice(names)
+            if random.random() < 0.1:
+                d = f"x{random.randrange(1 << 20):x}.{d}"
+            f.write(f"{d} A\n")
+        else:
+            f.write(f"{allowed[(i // 2) % 1000][0]} A\n")
+PY
+
+up_port=$(free_port)
+dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$up_port" --listen-address=127.0.0.1 \
+  --bind-interfaces --local-ttl=3600 --conf-file="$work/dnsmasq-allowed.conf" --pid-file="$work/up.pid" 2>/dev/null &
+pids+=("$!")
+
+cat >"$work/pc.toml" <<CONF
+[dns]
+upstreams = ["127.0.0.1:$up_port"]
+unknown_clients = "lobby"
+per_client = { per_second = 100000000, burst = 100000000 }
+[dns.lists.big]
+path = "$work/block.txt"
+match = "subtree"
+[[dns.policies]]
+name = "lobby"
+groups = ["default"]
+mode = "blocklist"
+lists = ["big"]
+block = "nxdomain"
+CONF
+start_portcullis "$work/pc.toml"
+dot=$(awk '/dns over tls/ {print $NF}' "$work/up.out")
+enroll_bench_cam
+
+# unbound with DoT and DoH on a self-signed certificate.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+  -keyout "$work/ub.key" -out "$work/ub.pem" 2>/dev/null
+ub_dot=$(free_port); ub_doh=$(free_port)
+cat >"$work/unbound.conf" <<CONF
+server:
+  interface: 127.0.0.1@$ub_dot
+  interface: 127.0.0.1@$ub_doh
+  tls-port: $ub_dot
+  https-port: $ub_doh
+  tls-service-key: "$work/ub.key"
+  tls-service-pem: "$work/ub.pem"
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "$work"
+  pidfile: "$work/unbound.pid"
+  use-syslog: no
+  verbosity: 0
+  num-threads: 2
+  so-reuseport: yes
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  module-config: "iterator"
+  incoming-num-tcp: 1000
+  include: "$work/unbound-zones.conf"
+CONF
+unbound -c "$work/unbound.conf" 2>"$work/ub.err" &
+pids+=("$!")
+for _ in $(seq 300); do
+  dnsperf -m dot -s 127.0.0.1 -p "$ub_dot" -d "$work/queries.txt" -n 1 -c 1 -q 1 -l 1 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+
+# run LABEL MODE PORT [cert]: queries/s.
+run() {
+  local args=(-m "$2" -s 127.0.0.1 -p "$3" -d "$work/queries.txt" -l "$T" -c 8 -q 200)
+  [ "$2" = doh ] && args+=(-O doh-method=POST -O "doh-uri=https://127.0.0.1:$3/dns-query")
+  local env=()
+  [ "${4:-}" = cert ] && env=(H2LOAD_CERT="$work/agent/chain.pem" H2LOAD_KEY="$work/agent/key.pem" LD_PRELOAD="$work/clientcert.so")
+  env "${env[@]}" dnsperf "${args[@]}" 2>&1 |
+    awk -v name="$1" '/Queries per second/ {q=$4} /Average Latency/ {lat=$4} /Queries lost/ {lost=$3}
+      END {printf "%-44s %9.0f queries/s  avg %6.3f ms  lost %s\n", name, q, lat * 1000, lost}'
+}
+dev_port=${dev##*:}
+echo "== DoT and DoH, $T s per run, $ROUNDS rounds (query log on for Portcullis)"
+for r in $(seq "$ROUNDS"); do
+  run "[$r] unbound DoT" dot "$ub_dot"
+  run "[$r] portcullis DoT, no client certificate" dot "${dot##*:}"
+  run "[$r] portcullis DoT, device certificate" dot "${dot##*:}" cert
+  run "[$r] unbound DoH (POST)" doh "$ub_doh"
+  run "[$r] portcullis DoH (POST), no client certificate" doh "$dev_port"
+  run "[$r] portcullis DoH (POST), device certificate" doh "$dev_port" cert
+done
