@@ -26,33 +26,7 @@ need h2load nghttp2-client
 [ -n "$given_bin" ] || cargo build --release -q -p portcullis -p portcullis-agent
 gcc -shared -fPIC -O2 -o "$work/clientcert.so" bench/h2load-clientcert.c -ldl
 
-python3 - "$D" "$work" <<'PY'
-import random, sys
-n, work = int(sys.argv[1]), sys.argv[2]
-random.seed(7)
-words = ["ads", "track", "metric", "pixel", "beacon", "cdn", "stat", "log", "tag", "promo"]
-tlds = ["com", "net", "org", "io", "biz", "info"]
-names = [f"{random.choice(words)}{i}-{random.randrange(1 << 30):x}.{random.choice(words)}.{random.choice(tlds)}" for i in range(n)]
-allowed = [(f"host{i}.example.net", f"192.0.2.{i % 250 + 1}") for i in range(1000)]
-with open(f"{work}/block.txt", "w") as f:
-    f.writelines(f"{d}\n" for d in names)
-with open(f"{work}/unbound-zones.conf", "w") as f:
-    f.writelines(f'  local-zone: "{d}." always_nxdomain\n' for d in names)
-    for a, ip in allowed:
-        f.write(f'  local-data: "{a}. 3600 IN A {ip}"\n')
-    f.write('  local-zone: "." refuse\n')
-with open(f"{work}/dnsmasq-allowed.conf", "w") as f:
-    f.writelines(f"address=/{a}/{ip}\n" for a, ip in allowed)
-with open(f"{work}/queries.txt", "w") as f:
-    for i in range(200000):
-        if i % 2:
-            d = random.choice(names)
-            if random.random() < 0.1:
-                d = f"x{random.randrange(1 << 20):x}.{d}"
-            f.write(f"{d} A\n")
-        else:
-            f.write(f"{allowed[(i // 2) % 1000][0]} A\n")
-PY
+dns_bench_data "$D"
 
 up_port=$(free_port)
 dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$up_port" --listen-address=127.0.0.1 \
