@@ -81,29 +81,10 @@ impl AdminClient {
         matches!(self.target, Target::Remote(_))
     }
 
-    /// GET `path`, untyped JSON (for endpoints without a typed method).
-    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        let body = self.call(Method::GET, path, None).await?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
-    }
-
     /// GET `path` as text (PEM endpoints).
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let body = self.call(Method::GET, path, None).await?;
         String::from_utf8(body.to_vec()).map_err(|e| ClientError::Http(e.to_string()))
-    }
-
-    /// POST `body` as JSON to `path`, the answer untyped.
-    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        let body =
-            self.call(Method::POST, path, Some((Bytes::from(body.to_string()), "application/json"))).await?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
-    }
-
-    /// POST raw bytes (an upload) to `path`; the JSON answer.
-    pub async fn post_bytes(&self, path: &str, body: Bytes) -> Result<Value, ClientError> {
-        let body = self.call(Method::POST, path, Some((body, "application/octet-stream"))).await?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Http(e.to_string()))
     }
 
     /// GET `path`, read as `T`.

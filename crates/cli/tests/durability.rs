@@ -12,15 +12,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use harness::*;
 use portcullis_agent::EstClient;
 use portcullis_core::{DeviceId, Serial, Token};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 async fn register(s: &Server, prefix: &str, n: usize) -> Vec<(DeviceId, Token)> {
     let admin = s.admin_client();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("{prefix}-{i:05}");
-        let r = admin.post("/v1/devices", &json!({ "id": id })).await.expect("register");
-        out.push((DeviceId::try_new(id).unwrap(), Token::from_presented(r["token"].as_str().unwrap())));
+        let r = admin.register_device(&id, None, None).await.expect("register");
+        out.push((DeviceId::try_new(id).unwrap(), Token::from_presented(&r.token)));
     }
     out
 }
@@ -38,8 +38,8 @@ fn serial_of(der: &[u8]) -> Serial {
 }
 
 async fn stored_serials(s: &Server) -> HashSet<String> {
-    let v: Value = s.admin_client().get("/v1/certificates").await.unwrap();
-    v["certificates"].as_array().unwrap().iter().map(|c| c["serial"].as_str().unwrap().to_owned()).collect()
+    let list = s.admin_client().certificates(None).await.unwrap();
+    list.certificates.iter().map(|c| c.serial.to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +69,7 @@ async fn concurrent_enrollments_get_unique_serials_and_all_are_stored() {
     let unique: HashSet<String> = serials.iter().map(|s| s.to_string()).collect();
     assert_eq!(unique.len(), 200, "duplicate serials");
     assert_eq!(stored_serials(&s).await, unique);
-    let events: Value = s.admin_client().get("/v1/events?limit=10000").await.unwrap();
+    let events: Value = s.admin_client().get_as("/v1/events?limit=10000").await.unwrap();
     let issued =
         events["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "certificate.issued").count();
     assert_eq!(issued, 200);

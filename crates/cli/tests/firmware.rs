@@ -314,8 +314,8 @@ async fn fleet(s: &Server, prefix: &str, group: &str, n: usize) -> Vec<PathBuf> 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let id = format!("{prefix}-{i:04}");
-        let r = admin.post("/v1/devices", &json!({ "id": id, "group": group })).await.unwrap();
-        let token = portcullis_core::Token::from_presented(r["token"].as_str().unwrap());
+        let r = admin.register_device(&id, Some(group), None).await.unwrap();
+        let token = portcullis_core::Token::from_presented(&r.token);
         let dir = s.path(&id);
         dirs.push(dir.clone());
         let (url, root_pem) = (s.url(), root_pem.clone());

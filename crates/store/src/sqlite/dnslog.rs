@@ -15,14 +15,17 @@ impl DnsLog for SqliteStore {
             // (step, reset) is paid once per chunk, not once per query.
             let mut chunks = rows.chunks_exact(INSERT_CHUNK);
             if chunks.len() > 0 {
-                let mut stmt = c.prepare_cached(&insert_sql(INSERT_CHUNK))?;
+                static CHUNK_SQL: std::sync::LazyLock<String> =
+                    std::sync::LazyLock::new(|| insert_sql(INSERT_CHUNK));
+                let mut stmt = c.prepare_cached(&CHUNK_SQL)?;
                 for chunk in &mut chunks {
                     stmt.execute(rusqlite::params_from_iter(chunk.iter().flat_map(row_values)))?;
                 }
             }
             let rest = chunks.remainder();
             if !rest.is_empty() {
-                let mut stmt = c.prepare_cached(&insert_sql(1))?;
+                static ONE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_sql(1));
+                let mut stmt = c.prepare_cached(&ONE_SQL)?;
                 for r in rest {
                     stmt.execute(rusqlite::params_from_iter(row_values(r)))?;
                 }
